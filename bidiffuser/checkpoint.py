@@ -1,0 +1,123 @@
+"""Reading and writing weight files safely.
+
+Every weight file a user hands us is untrusted: pickles are read with ``weights_only=True``,
+safetensors are preferred for what we write, and writes are atomic (temp file + rename) so a crash
+never leaves a half-written file under the final name.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+import zipfile
+from pathlib import Path
+from typing import Iterator, Mapping
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from .errors import CheckpointError
+
+StateDict = dict[str, torch.Tensor]
+
+
+def require_file(path: str | os.PathLike, what: str = "file") -> Path:
+    """Return ``path`` as a Path, or raise a one-line error if it is not an existing file."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"{what} not found: {path}")
+    if not path.is_file():
+        raise CheckpointError(f"{what} is not a file: {path}")
+    return path
+
+
+def read_state_dict(path: str | os.PathLike, what: str = "checkpoint") -> StateDict:
+    """Load a flat name -> tensor mapping from ``.safetensors`` or a torch pickle (``.pth/.pt/.bin``).
+
+    Pickles go through ``torch.load(weights_only=True)``; a checkpoint nested under
+    ``state_dict`` / ``model`` / ``module`` is unwrapped. Anything unreadable is a CheckpointError.
+    """
+    path = require_file(path, what)
+    try:
+        if path.suffix == ".safetensors":
+            sd = load_file(str(path), device="cpu")
+        else:
+            sd = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as e:  # corrupt, truncated, or not a weight file at all
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"cannot read {what} {path}: {first[:200]}") from None
+    for wrapper in ("state_dict", "model", "module"):
+        if isinstance(sd, Mapping) and wrapper in sd and isinstance(sd[wrapper], Mapping):
+            sd = sd[wrapper]
+    if not isinstance(sd, Mapping) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise CheckpointError(f"{what} {path} does not hold a state dict of tensors")
+    return dict(sd)
+
+
+def strip_prefix(sd: Mapping[str, torch.Tensor], prefix: str = "module.") -> StateDict:
+    """Drop ``prefix`` from every key that has it (DDP checkpoints save as ``module.*``)."""
+    return {k[len(prefix):] if k.startswith(prefix) else k: v for k, v in sd.items()}
+
+
+def _summarise(keys: list[str], limit: int = 6) -> str:
+    shown = ", ".join(keys[:limit])
+    return shown + (f", ... (+{len(keys) - limit} more)" if len(keys) > limit else "")
+
+
+def check_state_dict(expected: Mapping[str, torch.Tensor], got: Mapping[str, torch.Tensor],
+                     source: str | os.PathLike) -> None:
+    """Raise a CheckpointError naming missing, unexpected and mis-shaped keys, if there are any."""
+    missing = [k for k in expected if k not in got]
+    unexpected = [k for k in got if k not in expected]
+    misshaped = [f"{k} {tuple(got[k].shape)} vs model {tuple(v.shape)}"
+                 for k, v in expected.items() if k in got and tuple(got[k].shape) != tuple(v.shape)]
+    problems = []
+    if missing:
+        problems.append(f"missing keys: {_summarise(missing)}")
+    if unexpected:
+        problems.append(f"unexpected keys: {_summarise(unexpected)}")
+    if misshaped:
+        problems.append(f"mis-shaped keys: {_summarise(misshaped, 3)}")
+    if problems:
+        raise CheckpointError(f"checkpoint {source} does not match the model config: " + "; ".join(problems))
+
+
+def load_strict(module: torch.nn.Module, sd: Mapping[str, torch.Tensor], source: str | os.PathLike) -> None:
+    """``load_state_dict(strict=True)`` with a readable error listing every mismatch."""
+    check_state_dict(module.state_dict(), sd, source)
+    module.load_state_dict(sd, strict=True)
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path next to ``path``; on success rename it onto ``path``, else delete it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def save_safetensors(sd: Mapping[str, torch.Tensor], path: str | os.PathLike,
+                     metadata: dict[str, str] | None = None) -> None:
+    """Write a state dict as safetensors, atomically (tensors made contiguous, shared storage split)."""
+    tensors = {k: v.detach().contiguous().clone() for k, v in sd.items()}
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata=metadata)
+
+
+def save_torch(obj, path: str | os.PathLike) -> None:
+    """``torch.save`` atomically: used only to write files in the official ``.pth`` formats."""
+    with atomic_path(path) as tmp:
+        torch.save(obj, str(tmp))
+
+
+def is_torch_zip(path: str | os.PathLike) -> bool:
+    """True for files written by torch.save / torch.jit.save (both are zip archives)."""
+    return zipfile.is_zipfile(path)

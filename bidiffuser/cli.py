@@ -1,0 +1,123 @@
+"""``bidiffuser`` command line: init / assemble a model directory, sample in any UniDiffuser mode."""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Sequence
+
+from .cliutil import DTYPES, add_device_args, positive_int, progress_bar, resolve_device, run_main
+from .errors import BiDiffuserError
+from .images import save_png
+from .pipeline import MODES
+
+MODE_HELP = ("t2i: text to image | i2t: image to text | joint: image and text together | i: image only | "
+             "t: text only | i2t2i: image variation | t2i2t: text variation")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="bidiffuser", description="BiDiffuser (UniDiffuser-v1) diffusion tools")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("init", help="write a random-initialised model directory (official file formats)")
+    s.add_argument("out", type=Path, help="directory to create")
+    s.add_argument("--preset", choices=["tiny"], default="tiny",
+                   help="network sizes (only 'tiny': real sizes come from the official weights via assemble)")
+    s.add_argument("--resolution", type=positive_int, default=32, help="image side in pixels")
+    s.add_argument("--seed", type=int, default=0)
+
+    s = sub.add_parser("assemble", help="make a model directory from the official UniDiffuser-v1 downloads")
+    s.add_argument("out", type=Path, help="directory to create")
+    s.add_argument("--uvit", required=True, help="uvit_v1.pth (or EasyGen's uvit_bi.pth)")
+    s.add_argument("--caption-decoder", required=True, help="caption_decoder.pth")
+    s.add_argument("--autoencoder", required=True, help="autoencoder_kl.pth")
+    s.add_argument("--clip-image", required=True,
+                   help="CLIP ViT-B/32: a transformers directory or OpenAI's ViT-B-32.pt")
+    s.add_argument("--clip-text", required=True, help="CLIP ViT-L/14: a transformers directory (with tokenizer)")
+    s.add_argument("--gpt2-tokenizer", required=True, help="the GPT-2 tokenizer directory")
+    s.add_argument("--copy", action="store_true", help="copy the files instead of symlinking them")
+
+    s = sub.add_parser("sample", help="sample in one of the seven UniDiffuser modes")
+    s.add_argument("--model", required=True, type=Path, help="BiDiffuser model directory")
+    s.add_argument("--mode", required=True, choices=MODES, help=MODE_HELP)
+    s.add_argument("--prompt", action="append", help="text prompt (t2i, t2i2t); may repeat")
+    s.add_argument("--image", action="append", help="input image (i2t, i2t2i); may repeat")
+    s.add_argument("--steps", type=positive_int, default=50, help="DPM-Solver++ steps (default 50)")
+    s.add_argument("--scale", type=float, default=7.0, help="classifier-free guidance scale (default 7)")
+    s.add_argument("--seed", type=int, default=1234, help="random seed (same seed, same output)")
+    s.add_argument("--n-samples", type=positive_int, default=1, help="samples per prompt (t2i, t2i2t, joint, i, t)")
+    s.add_argument("--out", type=Path, default=Path("out"), help="directory for PNG outputs (default ./out)")
+    s.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_device_args(s)
+    return p
+
+
+def _sample(args) -> int:
+    from .pipeline import BiDiffuser
+
+    needs_prompt, needs_image = args.mode in ("t2i", "t2i2t"), args.mode in ("i2t", "i2t2i")
+    if needs_prompt and not args.prompt:
+        raise BiDiffuserError(f"--mode {args.mode} needs --prompt")
+    if needs_image and not args.image:
+        raise BiDiffuserError(f"--mode {args.mode} needs --image")
+    if args.prompt and not needs_prompt:
+        raise BiDiffuserError(f"--prompt is not used by --mode {args.mode}")
+    if args.image and not needs_image:
+        raise BiDiffuserError(f"--image is not used by --mode {args.mode}")
+    if any(not p.strip() for p in args.prompt or []):
+        raise BiDiffuserError("--prompt is empty")
+
+    pipe = BiDiffuser.from_pretrained(args.model, device=resolve_device(args.device), dtype=DTYPES[args.dtype])
+    if args.image:  # fail on a bad image before loading any network
+        from .images import load_image
+        images = [load_image(p) for p in args.image]
+    update, close = progress_bar(f"{args.mode} sampling", disable=args.quiet)
+    common = dict(steps=args.steps, seed=args.seed, progress=update)
+    guided = dict(common, scale=args.scale)
+    try:
+        if args.mode == "t2i":
+            out = pipe.text_to_image(args.prompt, n_samples=args.n_samples, **guided)
+        elif args.mode == "t2i2t":
+            out = pipe.text_variation(args.prompt, n_samples=args.n_samples, **guided)
+        elif args.mode == "i2t":
+            out = pipe.image_to_text(images, **guided)
+        elif args.mode == "i2t2i":
+            out = pipe.image_variation(images, **guided)
+        elif args.mode == "joint":
+            out = pipe.joint(n_samples=args.n_samples, **guided)
+        elif args.mode == "i":
+            out = pipe.image(n_samples=args.n_samples, **common)
+        else:
+            out = pipe.text(n_samples=args.n_samples, **common)
+    finally:
+        close()
+    for i, text in enumerate(out.texts or []):
+        print(f"text[{i}]: {text}")
+    for i, image in enumerate(out.images or []):
+        print(f"image[{i}]: {save_png(image, args.out / f'{args.mode}-{args.seed}-{i}.png')}")
+    return 0
+
+
+def _main(argv: Sequence[str] | None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "init":
+        from .model_dir import init_tiny
+        init_tiny(args.out, seed=args.seed, resolution=args.resolution)
+        print(f"wrote a random tiny BiDiffuser directory to {args.out}")
+        return 0
+    if args.command == "assemble":
+        from .model_dir import assemble
+        assemble(args.out, uvit=args.uvit, caption_decoder=args.caption_decoder, autoencoder=args.autoencoder,
+                 clip_image=args.clip_image, clip_text=args.clip_text, gpt2_tokenizer=args.gpt2_tokenizer,
+                 copy=args.copy)
+        print(f"wrote BiDiffuser directory {args.out}")
+        return 0
+    return _sample(args)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return run_main("bidiffuser", _main, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,67 @@
+"""Shared command-line plumbing: user errors become one line on stderr and exit code 2."""
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Callable, Sequence
+
+import torch
+from tqdm import tqdm
+
+from .errors import BiDiffuserError
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def add_device_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default=None, help="cpu or cuda[:N] (default: cuda when available)")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="weights and activations dtype")
+
+
+def resolve_device(name: str | None) -> torch.device:
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise BiDiffuserError(f"--device: unknown device '{name}' (use cpu or cuda)") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise BiDiffuserError("--device cuda requested but no CUDA device is available")
+    return dev
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def progress_bar(desc: str, disable: bool = False) -> tuple[Callable[[int, int], None], Callable[[], None]]:
+    """A (callback, close) pair driving a tqdm bar on stderr: callback(step, total)."""
+    bar: dict[str, tqdm] = {}
+
+    def update(step: int, total: int) -> None:
+        if "bar" not in bar:
+            bar["bar"] = tqdm(total=total, desc=desc, unit="step", disable=disable, file=sys.stderr, leave=False)
+        bar["bar"].n = step
+        bar["bar"].refresh()
+
+    def close() -> None:
+        if "bar" in bar:
+            bar.pop("bar").close()
+
+    return update, close
+
+
+def run_main(prog: str, main: Callable[[Sequence[str] | None], int], argv: Sequence[str] | None = None) -> int:
+    """Call ``main``; a BiDiffuserError (or a ValueError raised while checking input) becomes
+    ``prog: error: <message>`` and exit code 2, never a traceback. Ctrl-C exits with 130."""
+    try:
+        return main(argv) or 0
+    except BiDiffuserError as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return 130

@@ -1,0 +1,189 @@
+"""The BiDiffuser model directory: one small JSON (``bidiffuser.json``) naming each component file
+and its config, so users point every command at one folder.
+
+    bidiffuser.json         {"format": "bidiffuser", "version": 1, "resolution": 512, ...}
+    uvit_v1.pth             U-ViT (official .pth, EasyGen's uvit_bi.pth, or our .safetensors)
+    caption_decoder.pth     GPT-2 prefix decoder, with its tokenizer directory
+    autoencoder_kl.pth      SD KL-f8 VAE in LDM key names
+    clip_image/, clip_text/ transformers CLIP directories (image: ViT-B/32, text: ViT-L/14)
+
+Component paths are relative to the directory (absolute paths are allowed too).
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .autoencoder import AutoencoderConfig, build_autoencoder, official_state_dict as vae_official_state_dict
+from .caption_decoder import (CaptionDecoderConfig, build_tiny_tokenizer, init_caption_decoder,
+                              official_state_dict as decoder_official_state_dict)
+from .checkpoint import atomic_path, save_torch
+from .clip import convert_openai_clip_checkpoint, init_tiny_clip
+from .errors import BiDiffuserError
+from .uvit import UViT, UViTConfig
+
+CONFIG_NAME = "bidiffuser.json"
+FORMAT_VERSION = 1
+
+
+@dataclass
+class BiDiffuserConfig:
+    """What ``bidiffuser.json`` holds. ``root`` is the directory it was read from (not saved)."""
+    root: Path
+    resolution: int                      # image side in pixels (512 for v1)
+    uvit: UViTConfig
+    caption_decoder: CaptionDecoderConfig
+    autoencoder: AutoencoderConfig
+    files: dict[str, str] = field(default_factory=dict)  # component -> path (relative to root)
+    data_type: int = 1                   # v1 samples with the "high quality" data-type token
+    clip_backend: str = "transformers"
+
+    def path(self, component: str) -> Path:
+        p = Path(self.files[component])
+        return p if p.is_absolute() else self.root / p
+
+    @property
+    def latent_size(self) -> int:
+        return self.resolution // self.autoencoder.downsample_factor
+
+    def to_json(self) -> dict:
+        return {
+            "format": "bidiffuser", "version": FORMAT_VERSION, "resolution": self.resolution,
+            "data_type": self.data_type, "clip_backend": self.clip_backend, "files": self.files,
+            "uvit": self.uvit.to_dict(), "caption_decoder": self.caption_decoder.to_dict(),
+            "autoencoder": self.autoencoder.to_dict(),
+        }
+
+    def validate(self) -> None:
+        """Cross-component consistency; each failure is one line naming both sides."""
+        u, c, a = self.uvit, self.caption_decoder, self.autoencoder
+        checks = [
+            (u.in_chans == a.embed_dim, f"uvit.in_chans={u.in_chans} but autoencoder.embed_dim={a.embed_dim}"),
+            (u.text_dim == c.hidden_dim, f"uvit.text_dim={u.text_dim} but caption_decoder.hidden_dim={c.hidden_dim}"),
+            (u.num_text_tokens == c.prefix_length,
+             f"uvit.num_text_tokens={u.num_text_tokens} but caption_decoder.prefix_length={c.prefix_length}"),
+            (self.resolution % a.downsample_factor == 0 and self.latent_size % u.patch_size == 0,
+             f"resolution {self.resolution} gives a latent of {self.resolution / a.downsample_factor:g} px, "
+             f"not a multiple of the U-ViT patch size {u.patch_size}"),
+        ]
+        for ok, msg in checks:
+            if not ok:
+                raise BiDiffuserError(f"inconsistent model config {self.root / CONFIG_NAME}: {msg}")
+        for component in ("uvit", "caption_decoder", "tokenizer", "autoencoder", "clip_image", "clip_text"):
+            if component not in self.files:
+                raise BiDiffuserError(f"{self.root / CONFIG_NAME} names no file for '{component}'")
+
+
+def read_config(directory: str | os.PathLike) -> BiDiffuserConfig:
+    """Read and validate ``DIR/bidiffuser.json``."""
+    root = Path(directory)
+    cfg_path = root / CONFIG_NAME
+    if not root.is_dir():
+        raise BiDiffuserError(f"BiDiffuser model directory not found: {root}")
+    if not cfg_path.is_file():
+        raise BiDiffuserError(f"{root} is not a BiDiffuser model directory (no {CONFIG_NAME}); "
+                              f"create one with `bidiffuser init` or `bidiffuser assemble`")
+    try:
+        raw = json.loads(cfg_path.read_text())
+        if raw.get("format") != "bidiffuser":
+            raise ValueError("'format' is not 'bidiffuser'")
+        if raw.get("version") != FORMAT_VERSION:
+            raise ValueError(f"unsupported version {raw.get('version')!r} (expected {FORMAT_VERSION})")
+        cfg = BiDiffuserConfig(
+            root=root, resolution=int(raw["resolution"]), files=dict(raw["files"]),
+            uvit=UViTConfig.from_dict(raw["uvit"]),
+            caption_decoder=CaptionDecoderConfig.from_dict(raw["caption_decoder"]),
+            autoencoder=AutoencoderConfig.from_dict(raw["autoencoder"]),
+            data_type=int(raw.get("data_type", 1)), clip_backend=raw.get("clip_backend", "transformers"))
+    except json.JSONDecodeError as e:
+        raise BiDiffuserError(f"{cfg_path}: invalid JSON at line {e.lineno}: {e.msg}") from None
+    except (KeyError, TypeError, ValueError) as e:
+        raise BiDiffuserError(f"{cfg_path}: bad config: {e}") from None
+    cfg.validate()
+    return cfg
+
+
+def write_config(cfg: BiDiffuserConfig) -> Path:
+    path = Path(cfg.root) / CONFIG_NAME
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(cfg.to_json(), indent=2) + "\n")
+    return path
+
+
+OFFICIAL_FILES = {
+    "uvit": "uvit_v1.pth", "caption_decoder": "caption_decoder.pth", "tokenizer": "gpt2_tokenizer",
+    "autoencoder": "autoencoder_kl.pth", "clip_image": "clip_image", "clip_text": "clip_text",
+}
+
+
+def init_tiny(directory: str | os.PathLike, seed: int = 0, resolution: int = 32) -> BiDiffuserConfig:
+    """Write a complete random-initialised tiny BiDiffuser directory in the official file formats."""
+    root = Path(directory)
+    root.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+    tokenizer = build_tiny_tokenizer(root / OFFICIAL_FILES["tokenizer"])
+    vae_cfg = AutoencoderConfig.tiny()
+    dec_cfg = CaptionDecoderConfig.tiny(vocab_size=len(tokenizer))
+    clip_image_dim, clip_text_dim = init_tiny_clip(root / OFFICIAL_FILES["clip_image"],
+                                                   root / OFFICIAL_FILES["clip_text"], tokenizer, seed)
+    if clip_text_dim != dec_cfg.n_embd:
+        raise AssertionError("tiny CLIP text width must equal the tiny caption decoder width")
+    uvit_cfg = UViTConfig.tiny()
+    uvit_cfg.img_size = resolution // vae_cfg.downsample_factor
+    uvit_cfg.clip_img_dim = clip_image_dim
+    uvit_cfg.in_chans = vae_cfg.embed_dim
+    uvit_cfg.text_dim = dec_cfg.hidden_dim
+    save_torch(UViT(uvit_cfg).state_dict(), root / OFFICIAL_FILES["uvit"])
+    decoder = init_caption_decoder(dec_cfg, tokenizer, seed)
+    save_torch(decoder_official_state_dict(decoder), root / OFFICIAL_FILES["caption_decoder"])
+    save_torch(vae_official_state_dict(build_autoencoder(vae_cfg), vae_cfg), root / OFFICIAL_FILES["autoencoder"])
+    cfg = BiDiffuserConfig(root=root, resolution=resolution, uvit=uvit_cfg, caption_decoder=dec_cfg,
+                           autoencoder=vae_cfg, files=dict(OFFICIAL_FILES))
+    cfg.validate()
+    write_config(cfg)
+    return cfg
+
+
+def assemble(directory: str | os.PathLike, *, uvit: str, caption_decoder: str, autoencoder: str,
+             clip_image: str, clip_text: str, gpt2_tokenizer: str, copy: bool = False) -> BiDiffuserConfig:
+    """Build a v1 directory from the official downloads.
+
+    ``.pth`` files are symlinked (or copied with ``copy=True``); an OpenAI CLIP checkpoint file for
+    the image encoder is converted to a transformers directory; HF directories are linked as they are.
+    """
+    root = Path(directory)
+    root.mkdir(parents=True, exist_ok=True)
+    sources = {"uvit": uvit, "caption_decoder": caption_decoder, "autoencoder": autoencoder,
+               "clip_image": clip_image, "clip_text": clip_text, "tokenizer": gpt2_tokenizer}
+    for name, src in sources.items():
+        if not Path(src).exists():
+            raise BiDiffuserError(f"--{name.replace('_', '-')}: not found: {src}")
+    files = {}
+    for name, src in sources.items():
+        src = Path(src).resolve()
+        if name in ("clip_image", "clip_text") and src.is_file():
+            dst = root / OFFICIAL_FILES[name]
+            convert_openai_clip_checkpoint(src, dst, part="visual" if name == "clip_image" else "text")
+        else:
+            dst = root / (src.name if src.is_file() else OFFICIAL_FILES[name])
+            if dst.exists() or dst.is_symlink():
+                if dst.is_dir() and not dst.is_symlink():
+                    shutil.rmtree(dst)
+                else:
+                    dst.unlink()
+            if copy:
+                (shutil.copytree if src.is_dir() else shutil.copy2)(src, dst)
+            else:
+                dst.symlink_to(src, target_is_directory=src.is_dir())
+        files[name] = dst.name
+    cfg = BiDiffuserConfig(root=root, resolution=512, uvit=UViTConfig.v1(),
+                           caption_decoder=CaptionDecoderConfig.official(), autoencoder=AutoencoderConfig.sd(),
+                           files=files)
+    cfg.validate()
+    write_config(cfg)
+    return cfg

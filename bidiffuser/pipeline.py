@@ -1,0 +1,285 @@
+"""The BiDiffuser pipeline: every UniDiffuser sampling mode over one model directory.
+
+Modes: ``text_to_image`` (t2i), ``image_to_text`` (i2t), ``joint``, ``image`` (i), ``text`` (t),
+``image_variation`` (i2t2i), ``text_variation`` (t2i2t), plus ``image_to_text_latents`` (the
+77 x text_dim latents EasyGen feeds its LLM, without decoding captions).
+
+Guidance is UniDiffuser's "true uncond": the unconditional branch sees the other modality as pure
+noise at t = N. Conditional and unconditional branches run in ONE batched forward.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from functools import cached_property
+from typing import Callable, Sequence
+
+import torch
+from PIL import Image
+
+from .autoencoder import decode_latents, encode_image, load_autoencoder
+from .caption_decoder import load_caption_decoder
+from .clip import load_clip_image_encoder, load_clip_text_encoder
+from .errors import BiDiffuserError
+from .images import ImageInput, as_pil, center_crop_resize, pil_to_tensor, tensor_to_pil
+from .model_dir import BiDiffuserConfig, read_config
+from .sampler import NoiseSchedule, dpm_solver_pp_sample
+from .uvit import load_uvit
+
+MODES = ("t2i", "i2t", "joint", "i", "t", "i2t2i", "t2i2t")
+Progress = Callable[[int, int], None]
+
+
+@dataclass
+class BiDiffuserOutput:
+    """What a sampling call returns; fields a mode does not produce are None."""
+    images: list[Image.Image] | None = None
+    texts: list[str] | None = None
+    text_latents: torch.Tensor | None = None   # B x 77 x text_dim
+    image_latents: torch.Tensor | None = None  # B x C x h x w (scaled VAE latents)
+    clip_image: torch.Tensor | None = None     # B x 1 x clip_img_dim
+
+
+def make_generator(seed: int | None) -> torch.Generator:
+    """A CPU generator: noise is drawn on the CPU so a seed gives the same result on any device."""
+    g = torch.Generator("cpu")
+    g.manual_seed(seed if seed is not None else torch.seed())
+    return g
+
+
+class BiDiffuser:
+    """Components load lazily, so ``image_to_text_latents`` never loads the CLIP text encoder."""
+
+    def __init__(self, config: BiDiffuserConfig, device: str | torch.device = "cpu",
+                 dtype: torch.dtype = torch.float32):
+        self.config = config
+        self.device = torch.device(device)
+        self.dtype = dtype
+        self.schedule = NoiseSchedule.stable_diffusion()
+
+    @classmethod
+    def from_pretrained(cls, directory: str | os.PathLike, device="cpu", dtype=torch.float32) -> "BiDiffuser":
+        return cls(read_config(directory), device=device, dtype=dtype)
+
+    # -- components ---------------------------------------------------------------------------
+    @cached_property
+    def uvit(self):
+        return load_uvit(self.config.path("uvit"), self.config.uvit, self.device, self.dtype)
+
+    @cached_property
+    def caption_decoder(self):
+        cfg = self.config
+        return load_caption_decoder(cfg.path("caption_decoder"), cfg.caption_decoder, cfg.path("tokenizer"),
+                                    self.device, self.dtype)
+
+    @cached_property
+    def autoencoder(self):
+        return load_autoencoder(self.config.path("autoencoder"), self.config.autoencoder, self.device, self.dtype)
+
+    @cached_property
+    def clip_image(self):
+        return load_clip_image_encoder(self.config.path("clip_image"), self.device, self.dtype,
+                                       backend=self.config.clip_backend)
+
+    @cached_property
+    def clip_text(self):
+        return load_clip_text_encoder(self.config.path("clip_text"), self.device, self.dtype,
+                                      backend=self.config.clip_backend)
+
+    # -- shapes and noise -----------------------------------------------------------------------
+    @property
+    def _N(self) -> int:
+        return self.schedule.N
+
+    def _shapes(self, n: int) -> dict[str, tuple[int, ...]]:
+        u, s = self.config.uvit, self.config.latent_size
+        return {"img": (n, u.in_chans, s, s), "clip": (n, 1, u.clip_img_dim),
+                "text": (n, u.num_text_tokens, u.text_dim)}
+
+    def _randn(self, shape, generator: torch.Generator) -> torch.Tensor:
+        return torch.randn(shape, generator=generator).to(self.device)
+
+    def _nnet(self, img, clip, text, t_img, t_text):
+        """One U-ViT call in the model dtype; outputs back in float32 for the solver."""
+        dt = self.dtype
+        outs = self.uvit(img.to(dt), clip.to(dt), text.to(dt), t_img, t_text, self.config.data_type)
+        return [o.float() for o in outs]
+
+    def _sample(self, x: torch.Tensor, model_fn, steps: int, progress: Progress | None) -> torch.Tensor:
+        if steps < 1:
+            raise BiDiffuserError(f"--steps must be at least 1 (got {steps})")
+        with torch.inference_mode():
+            return dpm_solver_pp_sample(model_fn, x, steps=steps, schedule=self.schedule, progress=progress)
+
+    # -- the four noise predictors ------------------------------------------------------------------
+    def _sample_text(self, img, clip, n, steps, scale, g, progress) -> torch.Tensor:
+        """Text latents conditioned on (clean) image latents; img=None samples unconditionally (t)."""
+        shapes, N = self._shapes(n), self._N
+
+        def model_fn(x, t):
+            t = t * N
+            text = x.view(shapes["text"])
+            zeros, full = torch.zeros_like(t), torch.full_like(t, N)
+            if img is None:  # mode t: the image side is pure noise at t = N
+                _, _, eps = self._nnet(self._randn(shapes["img"], g), self._randn(shapes["clip"], g),
+                                       text, full, t)
+                return eps.flatten(1)
+            if scale == 0:
+                return self._nnet(img, clip, text, zeros, t)[2].flatten(1)
+            both = lambda a, b: torch.cat([a, b])  # noqa: E731  conditional rows, then unconditional
+            _, _, eps = self._nnet(both(img, self._randn(shapes["img"], g)),
+                                   both(clip, self._randn(shapes["clip"], g)),
+                                   both(text, text), both(zeros, full), both(t, t))
+            cond, uncond = eps.chunk(2)
+            return (cond + scale * (cond - uncond)).flatten(1)
+
+        x = self._randn(shapes["text"], g).flatten(1)
+        return self._sample(x, model_fn, steps, progress).view(shapes["text"])
+
+    def _split_image(self, x, n):
+        shapes = self._shapes(n)
+        n_img = shapes["img"][1] * shapes["img"][2] * shapes["img"][3]
+        img, clip = x.split([n_img, x.shape[1] - n_img], dim=1)
+        return img.reshape(shapes["img"]), clip.reshape(shapes["clip"])
+
+    def _sample_image(self, text, n, steps, scale, g, progress):
+        """Image latents + CLIP image embedding conditioned on text latents; text=None is mode i."""
+        shapes, N = self._shapes(n), self._N
+
+        def model_fn(x, t):
+            t = t * N
+            img, clip = self._split_image(x, n)
+            zeros, full = torch.zeros_like(t), torch.full_like(t, N)
+            if text is None:
+                img_eps, clip_eps, _ = self._nnet(img, clip, self._randn(shapes["text"], g), t, full)
+                return torch.cat([img_eps.flatten(1), clip_eps.flatten(1)], dim=1)
+            if scale == 0:
+                img_eps, clip_eps, _ = self._nnet(img, clip, text, t, zeros)
+            else:
+                both = lambda a, b: torch.cat([a, b])  # noqa: E731
+                img_eps, clip_eps, _ = self._nnet(both(img, img), both(clip, clip),
+                                                  both(text, self._randn(shapes["text"], g)),
+                                                  both(t, t), both(zeros, full))
+                (ic, iu), (cc, cu) = img_eps.chunk(2), clip_eps.chunk(2)
+                img_eps, clip_eps = ic + scale * (ic - iu), cc + scale * (cc - cu)
+            return torch.cat([img_eps.flatten(1), clip_eps.flatten(1)], dim=1)
+
+        x = torch.cat([self._randn(shapes["img"], g).flatten(1), self._randn(shapes["clip"], g).flatten(1)], dim=1)
+        return self._split_image(self._sample(x, model_fn, steps, progress), n)
+
+    def _sample_joint(self, n, steps, scale, g, progress):
+        """Image, CLIP embedding and text sampled together (one timestep for all)."""
+        shapes, N = self._shapes(n), self._N
+        sizes = [int(torch.tensor(shapes[k][1:]).prod()) for k in ("img", "clip", "text")]
+
+        def unpack(x):
+            a, b, c = x.split(sizes, dim=1)
+            return a.reshape(shapes["img"]), b.reshape(shapes["clip"]), c.reshape(shapes["text"])
+
+        def pack(img, clip, text):
+            return torch.cat([img.flatten(1), clip.flatten(1), text.flatten(1)], dim=1)
+
+        def model_fn(x, t):
+            t = t * N
+            img, clip, text = unpack(x)
+            if scale == 0:
+                return pack(*self._nnet(img, clip, text, t, t))
+            full = torch.full_like(t, N)
+            # rows: joint | text-only (image is noise at N) | image-only (text is noise at N)
+            outs = self._nnet(torch.cat([img, self._randn(shapes["img"], g), img]),
+                              torch.cat([clip, self._randn(shapes["clip"], g), clip]),
+                              torch.cat([text, text, self._randn(shapes["text"], g)]),
+                              torch.cat([t, full, t]), torch.cat([t, t, full]))
+            (ij, _, iu), (cj, _, cu), (tj, tu, _) = (o.chunk(3) for o in outs)
+            return pack(ij + scale * (ij - iu), cj + scale * (cj - cu), tj + scale * (tj - tu))
+
+        x = pack(*(self._randn(shapes[k], g) for k in ("img", "clip", "text")))
+        return unpack(self._sample(x, model_fn, steps, progress))
+
+    # -- encoding / decoding ------------------------------------------------------------------------
+    def encode_images(self, images: Sequence[ImageInput], generator: torch.Generator):
+        """Images -> (scaled VAE latents sampled from the posterior, CLIP image embeddings B x 1 x D)."""
+        if not images:
+            raise BiDiffuserError("no images given")
+        pils = [center_crop_resize(as_pil(im), self.config.resolution) for im in images]
+        with torch.inference_mode():
+            pixels = pil_to_tensor(pils).to(self.device, self.dtype)
+            z = encode_image(self.autoencoder, pixels, generator=generator).float()
+            clip = self.clip_image.encode(pils).float()
+        return z, clip
+
+    def encode_prompts(self, prompts: Sequence[str]) -> torch.Tensor:
+        """Prompts -> CLIP text features -> caption decoder encode_prefix -> B x 77 x text_dim."""
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        with torch.inference_mode():
+            return self.caption_decoder.encode_prefix(self.clip_text.encode(list(prompts)).to(self.dtype)).float()
+
+    def decode_images(self, z: torch.Tensor) -> list[Image.Image]:
+        with torch.inference_mode():
+            return tensor_to_pil(decode_latents(self.autoencoder, z.to(self.dtype)))
+
+    def decode_texts(self, text_latents: torch.Tensor) -> list[str]:
+        return self.caption_decoder.generate_captions(text_latents.to(self.dtype))
+
+    # -- public modes -----------------------------------------------------------------------------------
+    def image_to_text_latents(self, images: Sequence[ImageInput], steps: int = 50, scale: float = 7.0,
+                              seed: int | None = None, generator: torch.Generator | None = None,
+                              progress: Progress | None = None) -> torch.Tensor:
+        """B x 77 x text_dim text latents for the images (EasyGen's LLM input before decode_prefix)."""
+        g = generator or make_generator(seed)
+        z, clip = self.encode_images(images, g)
+        return self._sample_text(z, clip, len(images), steps, scale, g, progress)
+
+    def image_to_text(self, images, steps=50, scale=7.0, seed=None, generator=None, progress=None) -> BiDiffuserOutput:
+        lat = self.image_to_text_latents(images, steps, scale, seed, generator, progress)
+        return BiDiffuserOutput(texts=self.decode_texts(lat), text_latents=lat)
+
+    def text_to_image(self, prompts, n_samples: int = 1, steps=50, scale=7.0, seed=None, generator=None,
+                      progress=None) -> BiDiffuserOutput:
+        """``n_samples`` images per prompt."""
+        g = generator or make_generator(seed)
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        text = self.encode_prompts(prompts).repeat_interleave(n_samples, dim=0)
+        return self._text_latents_to_image(text, steps, scale, g, progress)
+
+    def _text_latents_to_image(self, text, steps, scale, g, progress) -> BiDiffuserOutput:
+        z, clip = self._sample_image(text, text.shape[0], steps, scale, g, progress)
+        return BiDiffuserOutput(images=self.decode_images(z), image_latents=z, clip_image=clip, text_latents=text)
+
+    def joint(self, n_samples: int = 1, steps=50, scale=7.0, seed=None, generator=None, progress=None):
+        g = generator or make_generator(seed)
+        z, clip, text = self._sample_joint(n_samples, steps, scale, g, progress)
+        return BiDiffuserOutput(images=self.decode_images(z), texts=self.decode_texts(text),
+                                text_latents=text, image_latents=z, clip_image=clip)
+
+    def image(self, n_samples: int = 1, steps=50, seed=None, generator=None, progress=None) -> BiDiffuserOutput:
+        """Unconditional images (mode i)."""
+        g = generator or make_generator(seed)
+        z, clip = self._sample_image(None, n_samples, steps, 0.0, g, progress)
+        return BiDiffuserOutput(images=self.decode_images(z), image_latents=z, clip_image=clip)
+
+    def text(self, n_samples: int = 1, steps=50, seed=None, generator=None, progress=None) -> BiDiffuserOutput:
+        """Unconditional captions (mode t)."""
+        g = generator or make_generator(seed)
+        lat = self._sample_text(None, None, n_samples, steps, 0.0, g, progress)
+        return BiDiffuserOutput(texts=self.decode_texts(lat), text_latents=lat)
+
+    def image_variation(self, images, steps=50, scale=7.0, seed=None, generator=None, progress=None):
+        """i2t2i: image -> text latents -> new image (the caption is decoded too, for display)."""
+        g = generator or make_generator(seed)
+        lat = self.image_to_text_latents(images, steps, scale, generator=g, progress=progress)
+        out = self._text_latents_to_image(lat, steps, scale, g, progress)
+        out.texts = self.decode_texts(lat)
+        return out
+
+    def text_variation(self, prompts, n_samples: int = 1, steps=50, scale=7.0, seed=None, generator=None,
+                       progress=None):
+        """t2i2t: prompt -> image latents -> new caption."""
+        g = generator or make_generator(seed)
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        text = self.encode_prompts(prompts).repeat_interleave(n_samples, dim=0)
+        z, clip = self._sample_image(text, text.shape[0], steps, scale, g, progress)
+        lat = self._sample_text(z, clip, text.shape[0], steps, scale, g, progress)
+        return BiDiffuserOutput(texts=self.decode_texts(lat), text_latents=lat, image_latents=z, clip_image=clip,
+                                images=self.decode_images(z))

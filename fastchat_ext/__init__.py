@@ -1,0 +1,1 @@
+"""What plugs EasyGen into FastChat: the conversation template, terminal chat IO, model adapter."""

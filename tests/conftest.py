@@ -1,0 +1,41 @@
+"""Shared fixtures: a tiny BiDiffuser directory in the official formats, and small test images."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+FORMATS = Path(__file__).resolve().parents[2] / "shared" / "formats"
+
+
+def official_format(name: str) -> dict:
+    """Key -> shape of an official checkpoint, from ../shared/formats (skip when absent)."""
+    path = FORMATS / f"{name}.json"
+    if not path.exists():
+        pytest.skip(f"{path} is not present (the shared/ folder sits beside the repository in CI)")
+    return {k: tuple(v) for k, v in json.loads(path.read_text())["keys"].items()}
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory) -> Path:
+    """`bidiffuser init --preset tiny` output, written once per test session."""
+    from bidiffuser.model_dir import init_tiny
+    root = tmp_path_factory.mktemp("tiny_bidiffuser")
+    init_tiny(root, seed=0)
+    return root
+
+
+def make_image(path: Path, size=(40, 30), color=(220, 40, 40)) -> Path:
+    """A small RGB image with a coloured rectangle on white."""
+    a = np.full((size[1], size[0], 3), 255, np.uint8)
+    a[size[1] // 4: 3 * size[1] // 4, size[0] // 4: 3 * size[0] // 4] = color
+    Image.fromarray(a).save(path)
+    return path
+
+
+@pytest.fixture
+def red_image(tmp_path) -> Path:
+    return make_image(tmp_path / "red.png")
