@@ -23,7 +23,7 @@ import torch
 from diffusers import AutoencoderKL
 
 from .checkpoint import StateDict, check_state_dict, read_state_dict
-from .errors import BiDiffuserError, CheckpointError
+from .errors import BiDiffuserError
 
 # Attention projections: 1x1 convolutions in LDM, linear layers in diffusers.
 _ATTN_LDM_TO_DIFFUSERS = {"norm": "group_norm", "q": "to_q", "k": "to_k", "v": "to_v",
@@ -185,8 +185,9 @@ def ldm_to_diffusers(sd: Mapping[str, torch.Tensor], config: AutoencoderConfig) 
     return out
 
 
-def _is_ldm_naming(sd: Mapping[str, torch.Tensor]) -> bool:
-    return any(re.match(r"(encoder\.down\.|decoder\.up\.|(encoder|decoder)\.mid\.)", k) for k in sd)
+def _is_diffusers_naming(sd: Mapping[str, torch.Tensor]) -> bool:
+    """Anything else is read as LDM, the official naming, so errors use the names users know."""
+    return any(re.match(r"(encoder|decoder)\.(down_blocks|up_blocks|mid_block)\.", k) for k in sd)
 
 
 def _upgrade_old_diffusers(sd: Mapping[str, torch.Tensor]) -> StateDict:
@@ -220,11 +221,11 @@ def load_autoencoder(path: str | os.PathLike, config: AutoencoderConfig | None =
 
     with torch.device("meta"):
         expected = build_autoencoder(config).state_dict()
-    if _is_ldm_naming(sd):
+    if _is_diffusers_naming(sd):
+        sd = _upgrade_old_diffusers(sd)
+    else:
         check_state_dict(diffusers_to_ldm(expected, config), sd, path)
         sd = ldm_to_diffusers(sd, config)
-    else:
-        sd = _upgrade_old_diffusers(sd)
     check_state_dict(expected, sd, path)
 
     vae = build_autoencoder(config)

@@ -102,13 +102,15 @@ class CaptionDecoder(nn.Module):
         """
         prefix = self.decode_prefix(self.encode_prefix(prefix_embeds))
         embeds = torch.cat([prefix, self.gpt.transformer.wte(tokens)], dim=1)
-        ignore = torch.full(prefix.shape[:2], -100, dtype=tokens.dtype, device=tokens.device)
-        labels = tokens if attention_mask is None else tokens.masked_fill(attention_mask == 0, -100)
+        L = prefix.shape[1]
         mask = None
         if attention_mask is not None:
-            mask = torch.cat([torch.ones_like(ignore), attention_mask.to(ignore.dtype)], dim=1)
-        return self.gpt(inputs_embeds=embeds, attention_mask=mask,
-                        labels=torch.cat([ignore, labels], dim=1)).loss
+            mask = torch.cat([attention_mask.new_ones(prefix.shape[:2]), attention_mask], dim=1)
+        logits = self.gpt(inputs_embeds=embeds, attention_mask=mask).logits
+        targets = tokens if attention_mask is None else tokens.masked_fill(attention_mask == 0, -100)
+        # Position L-1+i (last prefix slot, then each token) predicts caption token i.
+        return F.cross_entropy(logits[:, L - 1:-1].flatten(0, 1).float(), targets.flatten(),
+                               ignore_index=-100)
 
     # ---------------------------------------------------------------- generation
 

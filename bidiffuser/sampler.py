@@ -23,6 +23,7 @@ Conventions (the same as UniDiffuser v1 / EasyGen's BiDiffuser):
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Callable, List, Optional, Sequence, Union
 
 import torch
@@ -101,6 +102,11 @@ class NoiseSchedule:
     ) -> "NoiseSchedule":
         """The schedule UniDiffuser v1 was trained with (the default everywhere here)."""
         return cls(stable_diffusion_betas(linear_start, linear_end, num_timesteps))
+
+    @property
+    def N(self) -> int:
+        """The number of discrete timesteps (1000); alias of ``num_timesteps``."""
+        return self.num_timesteps
 
     @property
     def t_min(self) -> float:
@@ -240,6 +246,7 @@ def dpm_solver_pp_sample(
     t_end: Optional[float] = None,
     progress: Optional[ProgressFn] = None,
     lower_order_final: bool = True,
+    skip_type: str = "time_uniform",
 ) -> torch.Tensor:
     """Solve the probability-flow ODE from ``t_start`` to ``t_end`` with DPM-Solver++.
 
@@ -248,8 +255,7 @@ def dpm_solver_pp_sample(
             ``t`` (a float32 tensor of shape ``(x.shape[0],)`` on ``x.device``, values in
             ``[t_end, t_start]``).  Call the network with ``continuous_to_model_time(t)``.
         x: the start, e.g. ``torch.randn`` noise at ``t_start``; any shape, floating dtype.
-        steps: the number of network evaluations (NFE); the time grid has ``steps + 1`` points
-            uniform in ``t`` ("time_uniform", as UniDiffuser).
+        steps: the number of network evaluations (NFE); the time grid has ``steps + 1`` points.
         schedule: defaults to :meth:`NoiseSchedule.stable_diffusion`.
         order: 1, 2 or 3.
         method: ``"singlestep"`` (default, UniDiffuser's ``method='fast'``: blocks from
@@ -261,6 +267,9 @@ def dpm_solver_pp_sample(
         progress: optional ``progress(done, total)``, called after each network evaluation with
             ``done`` in ``1..steps`` and ``total = steps``.
         lower_order_final: see ``method`` (multistep only).
+        skip_type: spacing of the time grid: ``"time_uniform"`` (default, UniDiffuser's) or
+            ``"logSNR"`` (uniform in ``lambda``; DPM-Solver's recommendation).  Uniform ``t`` takes
+            large ``lambda`` steps near ``t_end`` (``lambda`` grows like ``-log(t)/2`` there).
 
     Returns:
         ``x`` at ``t_end`` (the denoised sample), same shape and dtype as the input.
@@ -271,19 +280,27 @@ def dpm_solver_pp_sample(
     schedule = schedule if schedule is not None else NoiseSchedule.stable_diffusion()
     t_end = schedule.t_min if t_end is None else float(t_end)
     t_start = float(t_start)
-    if not isinstance(steps, int) or steps < 1:
+    if not isinstance(steps, numbers.Integral) or isinstance(steps, bool) or steps < 1:
         raise ValueError(f"steps must be a positive int, got {steps!r}")
+    steps = int(steps)
     if order not in (1, 2, 3):
         raise ValueError(f"order must be 1, 2 or 3, got {order!r}")
     if method not in ("singlestep", "multistep"):
         raise ValueError(f"method must be 'singlestep' or 'multistep', got {method!r}")
     if not 0.0 < t_end < t_start:
         raise ValueError(f"need 0 < t_end < t_start, got t_start={t_start}, t_end={t_end}")
+    if skip_type not in ("time_uniform", "logSNR"):
+        raise ValueError(f"skip_type must be 'time_uniform' or 'logSNR', got {skip_type!r}")
     if not x.is_floating_point():
         raise ValueError(f"x must be a floating tensor, got {x.dtype}")
 
     # Coefficients on the time grid, as Python floats (float64), computed once.
-    ts64 = torch.linspace(t_start, t_end, steps + 1, dtype=torch.float64)
+    if skip_type == "time_uniform":
+        ts64 = torch.linspace(t_start, t_end, steps + 1, dtype=torch.float64)
+    else:
+        lam_ends = schedule.marginal_lambda(torch.tensor([t_start, t_end], dtype=torch.float64)).tolist()
+        ts64 = schedule.inverse_lambda(torch.linspace(lam_ends[0], lam_ends[1], steps + 1, dtype=torch.float64))
+        ts64[0], ts64[-1] = t_start, t_end  # exact ends despite the round trip
     log_alpha = schedule.marginal_log_mean_coeff(ts64)
     log_sigma = 0.5 * torch.log(-torch.expm1(2.0 * log_alpha))
     ts = ts64.tolist()

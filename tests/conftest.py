@@ -6,7 +6,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
+
+# Tiny models: extra threads only add contention on a 2-core CI machine.
+torch.set_num_threads(1)
 
 FORMATS = Path(__file__).resolve().parents[2] / "shared" / "formats"
 
