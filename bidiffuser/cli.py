@@ -6,13 +6,9 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from .cliutil import DTYPES, add_device_args, positive_int, progress_bar, resolve_device, run_main
+from .cliutil import add_device_args, positive_int, progress_bar, resolve_device, run_main, torch_dtype
 from .errors import BiDiffuserError
-from .images import save_png
-from .pipeline import MODES
-
-MODE_HELP = ("t2i: text to image | i2t: image to text | joint: image and text together | i: image only | "
-             "t: text only | i2t2i: image variation | t2i2t: text variation")
+from .modes import MODE_HELP, MODES
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -53,6 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _sample(args) -> int:
+    from .images import load_image, save_png
     from .pipeline import BiDiffuser
 
     needs_prompt, needs_image = args.mode in ("t2i", "t2i2t"), args.mode in ("i2t", "i2t2i")
@@ -67,9 +64,8 @@ def _sample(args) -> int:
     if any(not p.strip() for p in args.prompt or []):
         raise BiDiffuserError("--prompt is empty")
 
-    pipe = BiDiffuser.from_pretrained(args.model, device=resolve_device(args.device), dtype=DTYPES[args.dtype])
+    pipe = BiDiffuser.from_pretrained(args.model, device=resolve_device(args.device), dtype=torch_dtype(args.dtype))
     if args.image:  # fail on a bad image before loading any network
-        from .images import load_image
         images = [load_image(p) for p in args.image]
     update, close = progress_bar(f"{args.mode} sampling", disable=args.quiet)
     common = dict(steps=args.steps, seed=args.seed, progress=update)

@@ -5,20 +5,23 @@ import argparse
 import sys
 from typing import Callable, Sequence
 
-import torch
-from tqdm import tqdm
-
 from .errors import BiDiffuserError
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPE_NAMES = ("float32", "bfloat16", "float16")
 
 
 def add_device_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, help="cpu or cuda[:N] (default: cuda when available)")
-    p.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="weights and activations dtype")
+    p.add_argument("--dtype", choices=DTYPE_NAMES, default="float32", help="weights and activations dtype")
 
 
-def resolve_device(name: str | None) -> torch.device:
+def torch_dtype(name: str):
+    import torch
+    return getattr(torch, name)
+
+
+def resolve_device(name: str | None):
+    import torch
     if name is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
@@ -39,7 +42,8 @@ def positive_int(text: str) -> int:
 
 def progress_bar(desc: str, disable: bool = False) -> tuple[Callable[[int, int], None], Callable[[], None]]:
     """A (callback, close) pair driving a tqdm bar on stderr: callback(step, total)."""
-    bar: dict[str, tqdm] = {}
+    from tqdm import tqdm
+    bar: dict = {}
 
     def update(step: int, total: int) -> None:
         if "bar" not in bar:

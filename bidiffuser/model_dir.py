@@ -11,6 +11,7 @@ Component paths are relative to the directory (absolute paths are allowed too).
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -22,7 +23,7 @@ import torch
 from .autoencoder import AutoencoderConfig, build_autoencoder, official_state_dict as vae_official_state_dict
 from .caption_decoder import (CaptionDecoderConfig, build_tiny_tokenizer, init_caption_decoder,
                               official_state_dict as decoder_official_state_dict)
-from .checkpoint import atomic_path, save_torch
+from .checkpoint import atomic_path, fingerprint_file, save_torch
 from .clip import convert_openai_clip_checkpoint, init_tiny_clip
 from .errors import BiDiffuserError
 from .uvit import UViT, UViTConfig
@@ -46,6 +47,31 @@ class BiDiffuserConfig:
     def path(self, component: str) -> Path:
         p = Path(self.files[component])
         return p if p.is_absolute() else self.root / p
+
+    def fingerprint(self) -> str:
+        """sha256 (hex) identifying this checkpoint by content, for cache keys and result files.
+
+        Covers the canonical JSON of the config and ``fingerprint_file`` of every component file
+        (a directory: every file inside, by relative path, skipping dot-entries such as download
+        caches). The component paths themselves are left out, so a copied, moved or renamed model
+        directory keeps its fingerprint; changing any weight file or config value changes it.
+        """
+        h = hashlib.sha256()
+        config = {k: v for k, v in self.to_json().items() if k != "files"}
+        h.update(json.dumps(config, sort_keys=True, separators=(",", ":")).encode())
+        for component in sorted(self.files):
+            path = self.path(component)
+            if not path.is_dir():
+                entries = [("", fingerprint_file(path))]
+            else:
+                entries = []
+                for parent, dirs, names in os.walk(path, followlinks=True):
+                    dirs[:] = [d for d in dirs if not d.startswith(".")]  # e.g. .cache/huggingface
+                    entries += [(Path(parent, n).relative_to(path).as_posix(), fingerprint_file(Path(parent, n)))
+                                for n in names if not n.startswith(".")]
+                entries.sort()
+            h.update(json.dumps([component, entries]).encode())
+        return h.hexdigest()
 
     @property
     def latent_size(self) -> int:

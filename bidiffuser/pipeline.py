@@ -23,11 +23,14 @@ from .clip import load_clip_image_encoder, load_clip_text_encoder
 from .errors import BiDiffuserError
 from .images import ImageInput, as_pil, center_crop_resize, pil_to_tensor, tensor_to_pil
 from .model_dir import BiDiffuserConfig, read_config
+from .modes import MODES  # noqa: F401  (re-exported)
 from .sampler import NoiseSchedule, dpm_solver_pp_sample
 from .uvit import load_uvit
 
-MODES = ("t2i", "i2t", "joint", "i", "t", "i2t2i", "t2i2t")
 Progress = Callable[[int, int], None]
+# One generator for the whole batch, or (as in diffusers) a list with one generator per sample (batch
+# row), so that a sample's noise, and hence its result, does not depend on what else is in the batch.
+Generators = torch.Generator | list[torch.Generator]
 
 
 @dataclass
@@ -45,6 +48,12 @@ def make_generator(seed: int | None) -> torch.Generator:
     g = torch.Generator("cpu")
     g.manual_seed(seed if seed is not None else torch.seed())
     return g
+
+
+def _check_generators(generators: Sequence[torch.Generator], batch_size: int) -> None:
+    if len(generators) != batch_size:
+        raise BiDiffuserError(f"got {len(generators)} generators for a batch of {batch_size} samples: "
+                              f"pass one generator, or one per sample")
 
 
 class BiDiffuser:
@@ -96,7 +105,11 @@ class BiDiffuser:
         return {"img": (n, u.in_chans, s, s), "clip": (n, 1, u.clip_img_dim),
                 "text": (n, u.num_text_tokens, u.text_dim)}
 
-    def _randn(self, shape, generator: torch.Generator) -> torch.Tensor:
+    def _randn(self, shape, generator: Generators) -> torch.Tensor:
+        """Noise drawn on the CPU; with a generator list, row i comes from ``generator[i]`` alone."""
+        if isinstance(generator, (list, tuple)):
+            _check_generators(generator, shape[0])
+            return torch.stack([torch.randn(shape[1:], generator=g) for g in generator]).to(self.device)
         return torch.randn(shape, generator=generator).to(self.device)
 
     def _nnet(self, img, clip, text, t_img, t_text):
@@ -197,10 +210,17 @@ class BiDiffuser:
         return unpack(self._sample(x, model_fn, steps, progress))
 
     # -- encoding / decoding ------------------------------------------------------------------------
-    def encode_images(self, images: Sequence[ImageInput], generator: torch.Generator):
-        """Images -> (scaled VAE latents sampled from the posterior, CLIP image embeddings B x 1 x D)."""
+    def encode_images(self, images: Sequence[ImageInput], generator: Generators):
+        """Images -> (scaled VAE latents sampled from the posterior, CLIP image embeddings B x 1 x D).
+
+        With a generator list, image i's posterior sample uses ``generator[i]`` only (diffusers'
+        ``randn_tensor``, behind the posterior's ``sample``, draws row by row from a list).
+        """
         if not images:
             raise BiDiffuserError("no images given")
+        if isinstance(generator, (list, tuple)):
+            _check_generators(generator, len(images))
+            generator = list(generator)
         pils = [center_crop_resize(as_pil(im), self.config.resolution) for im in images]
         with torch.inference_mode():
             pixels = pil_to_tensor(pils).to(self.device, self.dtype)
@@ -224,10 +244,14 @@ class BiDiffuser:
 
     # -- public modes -----------------------------------------------------------------------------------
     def image_to_text_latents(self, images: Sequence[ImageInput], steps: int = 50, scale: float = 7.0,
-                              seed: int | None = None, generator: torch.Generator | None = None,
+                              seed: int | None = None, generator: Generators | None = None,
                               progress: Progress | None = None) -> torch.Tensor:
-        """B x 77 x text_dim text latents for the images (EasyGen's LLM input before decode_prefix)."""
-        g = generator or make_generator(seed)
+        """B x 77 x text_dim text latents for the images (EasyGen's LLM input before decode_prefix).
+
+        ``generator`` may be a list with one generator per image: each image's result then depends
+        only on its own generator, not on the other images in the batch.
+        """
+        g = make_generator(seed) if generator is None else generator
         z, clip = self.encode_images(images, g)
         return self._sample_text(z, clip, len(images), steps, scale, g, progress)
 
@@ -238,7 +262,7 @@ class BiDiffuser:
     def text_to_image(self, prompts, n_samples: int = 1, steps=50, scale=7.0, seed=None, generator=None,
                       progress=None) -> BiDiffuserOutput:
         """``n_samples`` images per prompt."""
-        g = generator or make_generator(seed)
+        g = make_generator(seed) if generator is None else generator
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         text = self.encode_prompts(prompts).repeat_interleave(n_samples, dim=0)
         return self._text_latents_to_image(text, steps, scale, g, progress)
@@ -248,26 +272,26 @@ class BiDiffuser:
         return BiDiffuserOutput(images=self.decode_images(z), image_latents=z, clip_image=clip, text_latents=text)
 
     def joint(self, n_samples: int = 1, steps=50, scale=7.0, seed=None, generator=None, progress=None):
-        g = generator or make_generator(seed)
+        g = make_generator(seed) if generator is None else generator
         z, clip, text = self._sample_joint(n_samples, steps, scale, g, progress)
         return BiDiffuserOutput(images=self.decode_images(z), texts=self.decode_texts(text),
                                 text_latents=text, image_latents=z, clip_image=clip)
 
     def image(self, n_samples: int = 1, steps=50, seed=None, generator=None, progress=None) -> BiDiffuserOutput:
         """Unconditional images (mode i)."""
-        g = generator or make_generator(seed)
+        g = make_generator(seed) if generator is None else generator
         z, clip = self._sample_image(None, n_samples, steps, 0.0, g, progress)
         return BiDiffuserOutput(images=self.decode_images(z), image_latents=z, clip_image=clip)
 
     def text(self, n_samples: int = 1, steps=50, seed=None, generator=None, progress=None) -> BiDiffuserOutput:
         """Unconditional captions (mode t)."""
-        g = generator or make_generator(seed)
+        g = make_generator(seed) if generator is None else generator
         lat = self._sample_text(None, None, n_samples, steps, 0.0, g, progress)
         return BiDiffuserOutput(texts=self.decode_texts(lat), text_latents=lat)
 
     def image_variation(self, images, steps=50, scale=7.0, seed=None, generator=None, progress=None):
         """i2t2i: image -> text latents -> new image (the caption is decoded too, for display)."""
-        g = generator or make_generator(seed)
+        g = make_generator(seed) if generator is None else generator
         lat = self.image_to_text_latents(images, steps, scale, generator=g, progress=progress)
         out = self._text_latents_to_image(lat, steps, scale, g, progress)
         out.texts = self.decode_texts(lat)
@@ -276,7 +300,7 @@ class BiDiffuser:
     def text_variation(self, prompts, n_samples: int = 1, steps=50, scale=7.0, seed=None, generator=None,
                        progress=None):
         """t2i2t: prompt -> image latents -> new caption."""
-        g = generator or make_generator(seed)
+        g = make_generator(seed) if generator is None else generator
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         text = self.encode_prompts(prompts).repeat_interleave(n_samples, dim=0)
         z, clip = self._sample_image(text, text.shape[0], steps, scale, g, progress)

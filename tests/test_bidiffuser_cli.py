@@ -1,15 +1,37 @@
-"""Drive the real `bidiffuser` console script in a subprocess, as a user would."""
+"""The `bidiffuser` command: the installed console script in a subprocess for the main path, and
+the same `main()` in-process for the many error cases (a subprocess costs seconds of imports)."""
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from PIL import Image
 
+from bidiffuser.cli import main
+
+SCRIPT = Path(sys.executable).with_name("bidiffuser")
+
 
 def run(*args, cwd=None):
-    return subprocess.run([sys.executable, "-m", "bidiffuser.cli", *map(str, args)], capture_output=True,
-                          text=True, cwd=cwd, timeout=300)
+    """Run the installed `bidiffuser` script (or the module when not installed as a script)."""
+    cmd = [str(SCRIPT)] if SCRIPT.exists() else [sys.executable, "-m", "bidiffuser.cli"]
+    return subprocess.run([*cmd, *map(str, args)], capture_output=True, text=True, cwd=cwd, timeout=300)
+
+
+@pytest.fixture
+def cli(capsys, monkeypatch):
+    """Call main() in-process; returns returncode/stdout/stderr like subprocess.run."""
+    def call(*args, cwd=None):
+        if cwd is not None:
+            monkeypatch.chdir(cwd)
+        try:
+            code = main([str(a) for a in args])
+        except SystemExit as e:  # argparse errors and --help
+            code = e.code
+        out = capsys.readouterr()
+        return SimpleNamespace(returncode=code, stdout=out.out, stderr=out.err)
+    return call
 
 
 def test_init_then_sample_t2i_and_i2t(tmp_path):
@@ -40,27 +62,27 @@ def test_init_then_sample_t2i_and_i2t(tmp_path):
     (["--mode", "i2t", "--image", "notes.txt"], "not an image file"),
     (["--mode", "joint", "--prompt", "x"], "--prompt is not used by --mode joint"),
 ])
-def test_bad_input_is_one_line_and_exit_2(tiny_dir, tmp_path, args, message):
+def test_bad_input_is_one_line_and_exit_2(cli, tiny_dir, tmp_path, args, message):
     (tmp_path / "notes.txt").write_text("hello")
-    r = run("sample", "--model", tiny_dir, "--steps", "1", "--quiet", *args, cwd=tmp_path)
+    r = cli("sample", "--model", tiny_dir, "--steps", "1", "--quiet", *args, cwd=tmp_path)
     assert r.returncode == 2
     assert message in r.stderr
     assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
 
 
-def test_unknown_mode_missing_model_dir_and_bad_config(tmp_path, tiny_dir):
-    r = run("sample", "--model", tiny_dir, "--mode", "x2y")
+def test_unknown_mode_missing_model_dir_and_bad_config(cli, tmp_path, tiny_dir):
+    r = cli("sample", "--model", tiny_dir, "--mode", "x2y")
     assert r.returncode == 2 and "invalid choice: 'x2y'" in r.stderr
-    r = run("sample", "--model", tmp_path / "nope", "--mode", "t", "--steps", "1")
+    r = cli("sample", "--model", tmp_path / "nope", "--mode", "t", "--steps", "1")
     assert r.returncode == 2 and "model directory not found" in r.stderr
     broken = tmp_path / "broken"
     broken.mkdir()
     (broken / "bidiffuser.json").write_text("{not json")
-    r = run("sample", "--model", broken, "--mode", "t")
+    r = cli("sample", "--model", broken, "--mode", "t")
     assert r.returncode == 2 and "invalid JSON at line 1" in r.stderr and "Traceback" not in r.stderr
 
 
-def test_mismatched_config_names_both_sides(tmp_path, tiny_dir):
+def test_mismatched_config_names_both_sides(cli, tmp_path, tiny_dir):
     import json
     import shutil
     bad = tmp_path / "bad"
@@ -68,18 +90,18 @@ def test_mismatched_config_names_both_sides(tmp_path, tiny_dir):
     cfg = json.loads((bad / "bidiffuser.json").read_text())
     cfg["uvit"]["text_dim"] += 1
     (bad / "bidiffuser.json").write_text(json.dumps(cfg))
-    r = run("sample", "--model", bad, "--mode", "t", "--steps", "1")
+    r = cli("sample", "--model", bad, "--mode", "t", "--steps", "1")
     assert r.returncode == 2 and "uvit.text_dim" in r.stderr and "caption_decoder.hidden_dim" in r.stderr
     # a config that agrees with itself but not with the weights: the checkpoint error lists the keys
     cfg = json.loads((tiny_dir / "bidiffuser.json").read_text())
     cfg["uvit"]["embed_dim"] *= 2
     (bad / "bidiffuser.json").write_text(json.dumps(cfg))
-    r = run("sample", "--model", bad, "--mode", "t", "--steps", "1", "--quiet")
+    r = cli("sample", "--model", bad, "--mode", "t", "--steps", "1", "--quiet")
     assert r.returncode == 2 and "mis-shaped keys" in r.stderr and "Traceback" not in r.stderr
 
 
-def test_help_lists_every_mode():
-    r = run("sample", "--help")
+def test_help_lists_every_mode(cli):
+    r = cli("sample", "--help")
     assert r.returncode == 0
     for mode in ("t2i", "i2t", "joint", "i2t2i", "t2i2t"):
         assert mode in r.stdout

@@ -111,3 +111,19 @@ def test_odd_image_sizes_are_cropped_and_resized(pipe, tmp_path):
     for size in [(7, 300), (300, 7), (1, 1), (33, 31)]:
         path = make_image(tmp_path / f"{size[0]}x{size[1]}.png", size=size)
         assert pipe.image_to_text_latents([path], steps=1, seed=0).shape[0] == 1
+
+
+def test_one_generator_per_image_makes_results_independent_of_the_batch(pipe, red_image, tmp_path):
+    """A generator list seeds each batch row on its own (as in diffusers): an image's latents are the
+    same alone or beside another image, up to float rounding of the batched kernels."""
+    from bidiffuser.pipeline import make_generator as g
+    from .conftest import make_image
+    blue = make_image(tmp_path / "blue.png", size=(33, 50), color=(10, 30, 200))
+    both = pipe.image_to_text_latents([red_image, blue], steps=STEPS, generator=[g(1), g(2)])
+    alone = [pipe.image_to_text_latents([im], steps=STEPS, generator=[g(seed)])
+             for im, seed in [(red_image, 1), (blue, 2)]]
+    torch.testing.assert_close(both, torch.cat(alone))
+    swapped = pipe.image_to_text_latents([red_image, blue], steps=STEPS, generator=[g(2), g(1)])
+    assert not torch.allclose(both[0], swapped[0])  # each row really uses its own generator
+    with pytest.raises(BiDiffuserError, match="got 1 generators for a batch of 2"):
+        pipe.image_to_text_latents([red_image, blue], steps=STEPS, generator=[g(1)])

@@ -1,0 +1,160 @@
+"""``Assistant``: one conversation with EasyGen. The CLI, the evaluation and any server are thin
+layers over it.
+
+A turn: the user's text and images -> the prompt (FastChat template, image slots) -> BiDiffuser
+features for every image in the kept history -> streamed generation -> any ``<Img>...</Img>`` in
+the answer drawn by BiDiffuser and saved as PNG.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+from transformers import TextStreamer
+
+from bidiffuser.images import load_image
+
+from .builder import LoadedModel
+from .errors import EasyGenError
+from .features import ImageFeatureExtractor
+from .image_reply import find_image_requests, render_image_replies
+
+
+@dataclass
+class GenerationSettings:
+    temperature: float = 0.2     # 0 = greedy
+    top_p: float = 1.0
+    max_new_tokens: int = 512
+    num_beams: int = 1
+    seed: int | None = None      # set for reproducible sampling
+    image_steps: int = 50        # BiDiffuser steps for image replies
+    image_scale: float = 7.0
+
+
+@dataclass
+class Reply:
+    text: str
+    image_paths: list[Path] = field(default_factory=list)
+    notices: list[str] = field(default_factory=list)  # e.g. "dropped 1 old turn to fit the context"
+
+
+class _CallbackStreamer(TextStreamer):
+    """Hands each finished piece of text to a callback (the prompt is never streamed)."""
+
+    def __init__(self, tokenizer, callback: Callable[[str], None]):
+        super().__init__(tokenizer, skip_prompt=True, skip_special_tokens=True)
+        self.callback = callback
+
+    def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
+        if text:
+            self.callback(text)
+
+
+class Assistant:
+    def __init__(self, loaded: LoadedModel, settings: GenerationSettings | None = None,
+                 out_dir: str | os.PathLike = "easygen-images", features: ImageFeatureExtractor | None = None,
+                 feature_cache: str | os.PathLike | None = None):
+        self.model, self.processor, self.pipe = loaded.model, loaded.processor, loaded.bidiffuser
+        self.settings = settings or GenerationSettings()
+        self.out_dir = Path(out_dir)
+        if features is None and self.pipe is not None:
+            features = ImageFeatureExtractor(self.pipe, cache_dir=feature_cache)
+        self.features = features
+        self.messages: list[dict] = []  # {"role": "user"|"assistant", "content": str, "images": [path]}
+        self._feature_memo: dict[str, torch.Tensor] = {}
+
+    def reset(self) -> None:
+        self.messages.clear()
+
+    @property
+    def context_limit(self) -> int:
+        """Prompt tokens allowed: the model's context minus room for the answer."""
+        return self.model.config.max_position_embeddings - self.settings.max_new_tokens
+
+    def _prompt_ids(self) -> list[int]:
+        msgs = [{"role": m["role"], "content": m["content"], "num_images": len(m["images"])} if m["role"] == "user"
+                else {"role": m["role"], "content": m["content"]} for m in self.messages]
+        return self.processor.tokenize_prompt(self.processor.build_prompt(msgs))
+
+    def _fit_context(self) -> tuple[list[int], list[str]]:
+        """Drop the oldest exchanges until the prompt fits; the new message alone must fit."""
+        notices, dropped = [], 0
+        ids = self._prompt_ids()
+        while len(ids) > self.context_limit and len(self.messages) > 1:
+            del self.messages[:2]  # one user turn and its answer
+            dropped += 1
+            ids = self._prompt_ids()
+        if len(ids) > self.context_limit:
+            self.messages.pop()
+            raise EasyGenError(f"message too long: the prompt is {len(ids)} tokens but the context allows "
+                               f"{self.context_limit} (context {self.model.config.max_position_embeddings} "
+                               f"minus max_new_tokens {self.settings.max_new_tokens})")
+        if dropped:
+            notices.append(f"dropped the {dropped} oldest exchange{'s' * (dropped > 1)} to fit the context")
+        return ids, notices
+
+    def _image_features(self) -> torch.Tensor | None:
+        paths = [p for m in self.messages for p in m["images"]]
+        if not paths:
+            return None
+        missing = [p for p in dict.fromkeys(paths) if p not in self._feature_memo]
+        if missing:
+            self._feature_memo.update(zip(missing, self.features(missing)))
+        return torch.stack([self._feature_memo[p] for p in paths])
+
+    def send(self, text: str, images: list[str | os.PathLike] = (), on_token: Callable[[str], None] | None = None,
+             on_image_progress: Callable[[int, int], None] | None = None) -> Reply:
+        """Add a user turn (text and/or images), generate the answer (streamed to ``on_token``),
+        draw any requested images. On any error the conversation is left as it was."""
+        text = text.strip()
+        if not text and not images:
+            raise EasyGenError("empty message")
+        if images and self.features is None:
+            raise EasyGenError("images need a BiDiffuser model directory (--bidiffuser)")
+        paths = []
+        for p in images:
+            load_image(p)  # a bad file fails now, with its name, before anything changes
+            paths.append(str(Path(p).resolve()))
+        self.messages.append({"role": "user", "content": text, "images": paths})
+        try:
+            ids, notices = self._fit_context()
+            answer = self._generate(ids, self._image_features(), on_token)
+        except BaseException:  # includes Ctrl-C: the session stays as it was before this turn
+            if self.messages and self.messages[-1]["role"] == "user":
+                self.messages.pop()
+            raise
+        self.messages.append({"role": "assistant", "content": answer, "images": []})
+        reply = Reply(answer, notices=notices)
+        requests = find_image_requests(answer)
+        if requests:
+            if self.pipe is None:
+                reply.notices.append("the answer asks for an image but no BiDiffuser is loaded")
+            else:
+                s = self.settings
+                reply.image_paths = render_image_replies(self.pipe, requests, self.out_dir, s.image_steps,
+                                                         s.image_scale, s.seed, on_image_progress)
+        return reply
+
+    def _generate(self, ids: list[int], features: torch.Tensor | None, on_token) -> str:
+        s = self.settings
+        device = self.model.device
+        input_ids = torch.tensor([ids], device=device)
+        kwargs = dict(max_new_tokens=s.max_new_tokens, num_beams=s.num_beams,
+                      pad_token_id=self.processor.pad_token_id)
+        if s.temperature > 0:
+            kwargs.update(do_sample=True, temperature=s.temperature, top_p=s.top_p)
+        else:
+            kwargs.update(do_sample=False)
+        if on_token is not None and s.num_beams == 1:
+            kwargs["streamer"] = _CallbackStreamer(self.processor.tokenizer, on_token)
+        if s.seed is not None:
+            torch.manual_seed(s.seed)
+        out = self.model.generate(input_ids, image_features=features, attention_mask=torch.ones_like(input_ids),
+                                  **kwargs)
+        answer = self.processor.decode(out[0]).strip()
+        if on_token is not None and s.num_beams > 1:  # beam search cannot stream: hand over the whole answer
+            on_token(answer)
+        return answer

@@ -1,0 +1,249 @@
+"""The one model loader, used by the CLI, the evaluation and any server (as LLaVA's builder is).
+
+``load_pretrained`` understands four layouts:
+
+(a) our EasyGen directory: config.json with ``model_type: "easygen"``, safetensors, tokenizer;
+(b) a base LLaMA/Vicuna HF directory plus a projector file (``projector=``);
+(c) a base (a or b) plus a PEFT LoRA adapter directory (``lora=``, or ``model_path`` is the adapter
+    and ``model_base`` the base, as in LLaVA); the adapter directory may carry the projector that
+    was trained with it as ``projector.safetensors``; ``merge_lora`` folds the adapter in;
+(d) EasyGen's released checkpoints: config.json with ``model_type: "diffllama"``, HF shards with
+    the projector under ``model.fastchat_proj.fc1/fc2``.
+
+The BiDiffuser directory comes from ``bidiffuser=`` or, when absent, ``MODEL_DIR/bidiffuser``.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoTokenizer
+from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+from bidiffuser.checkpoint import CheckpointError, load_strict, read_state_dict, save_safetensors, strip_prefix
+from bidiffuser.cliutil import resolve_device, torch_dtype
+from bidiffuser.errors import BiDiffuserError
+from bidiffuser.pipeline import BiDiffuser
+
+from .model import EasyGenConfig, EasyGenForCausalLM
+from .processor import EasyGenProcessor
+
+PROJECTOR_FILE = "projector.safetensors"
+# Where each known layout keeps the projector: EasyGen's release, then ours.
+PROJECTOR_PREFIXES = ("model.fastchat_proj.", "projector.")
+# Keys of the original code's unused variant head (DESIGN.md section 4): dropped on load.
+UNUSED_PREFIXES = ("model.clip_proj.",)
+# config.json fields that describe a file, not a model.
+CONFIG_NOISE = ("model_type", "architectures", "transformers_version", "_name_or_path", "auto_map")
+
+
+@dataclass
+class LoadedModel:
+    model: EasyGenForCausalLM
+    tokenizer: object
+    processor: EasyGenProcessor
+    bidiffuser: BiDiffuser | None
+    layout: str  # which of the four layouts was read (for logs and result files)
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise BiDiffuserError(f"not found: {path}") from None
+    except json.JSONDecodeError as e:
+        raise BiDiffuserError(f"{path}: invalid JSON at line {e.lineno}: {e.msg}") from None
+
+
+def read_hf_weights(directory: Path) -> dict[str, torch.Tensor]:
+    """All tensors of an HF model directory: ``*.safetensors`` shards, else ``pytorch_model*.bin``
+    (read with weights_only=True)."""
+    files = sorted(directory.glob("*.safetensors")) or sorted(directory.glob("pytorch_model*.bin"))
+    files = [f for f in files if f.name != PROJECTOR_FILE]
+    if not files:
+        raise CheckpointError(f"no model weights (*.safetensors or pytorch_model*.bin) in {directory}")
+    sd: dict[str, torch.Tensor] = {}
+    for f in files:
+        sd.update(read_state_dict(f, "model weights"))
+    return sd
+
+
+def _projector_key(key: str, bare_ok: bool = False) -> str | None:
+    """``fc1.weight`` etc. when ``key`` belongs to the projector, else None."""
+    for prefix in PROJECTOR_PREFIXES:
+        if key.startswith(prefix):
+            key = key[len(prefix):]
+            break
+    else:
+        if not bare_ok:
+            return None
+    return key if key.startswith(("fc1.", "fc2.")) else None
+
+
+def split_projector(sd: dict[str, torch.Tensor]) -> tuple[dict, dict]:
+    """(LLM weights, projector weights named fc1.* / fc2.*), whichever naming the file used."""
+    llm, proj = {}, {}
+    for k, v in sd.items():
+        if k.startswith(UNUSED_PREFIXES):
+            continue
+        name = _projector_key(k)
+        (proj if name else llm)[name or k] = v
+    return llm, proj
+
+
+def read_projector(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """A projector file in any known naming (ours, EasyGen's ``model.fastchat_proj.*``, bare fc1/fc2)."""
+    sd = strip_prefix(read_state_dict(path, "projector"))
+    proj = {_projector_key(k, bare_ok=True): v for k, v in sd.items()}
+    unexpected = [k for k in sd if _projector_key(k, bare_ok=True) is None]
+    if unexpected or "fc1.weight" not in proj:
+        raise CheckpointError(f"{path} is not a projector file (expected fc1.* / fc2.* keys; "
+                              f"got {', '.join(list(sd)[:4])})")
+    return proj
+
+
+def projector_sizes(proj: dict[str, torch.Tensor]) -> dict:
+    """Projector type and sizes read off the weight shapes."""
+    fc1 = proj["fc1.weight"]
+    if "fc2.weight" in proj:
+        return {"projector_type": "mlp", "mm_hidden_size": fc1.shape[1], "projector_hidden_size": fc1.shape[0]}
+    return {"projector_type": "linear", "mm_hidden_size": fc1.shape[1]}
+
+
+def _config_from_json(raw: dict, **overrides) -> EasyGenConfig:
+    fields = {k: v for k, v in raw.items() if k not in CONFIG_NOISE}
+    fields.update(overrides)
+    try:
+        return EasyGenConfig(**fields)
+    except (TypeError, ValueError) as e:
+        raise BiDiffuserError(f"bad model config: {e}") from None
+
+
+def _build(config: EasyGenConfig, llm: dict, proj: dict, source, dtype: torch.dtype) -> EasyGenForCausalLM:
+    """Build on the meta device and adopt the loaded tensors: no random init, no second copy."""
+    sd = {k: v.to(dtype) for k, v in llm.items()}
+    sd.update({f"projector.{k}": v.to(dtype) for k, v in proj.items()})
+    if config.tie_word_embeddings and "lm_head.weight" not in sd and "model.embed_tokens.weight" in sd:
+        sd["lm_head.weight"] = sd["model.embed_tokens.weight"]
+    with torch.device("meta"):
+        model = EasyGenForCausalLM(config)
+    load_strict(model, sd, source, assign=True)
+    # Rotary frequencies are a non-persistent buffer: not in any file, so rebuild it off meta.
+    model.model.rotary_emb = LlamaRotaryEmbedding(config=config)
+    if config.tie_word_embeddings:
+        model.tie_weights()
+    return model.eval()
+
+
+def _load_llm(path: Path, projector: str | None, dtype: torch.dtype) -> tuple[EasyGenForCausalLM, str]:
+    """Layouts (a), (b), (d): a model directory, with the projector inside it or in ``projector``."""
+    if not path.is_dir():
+        raise BiDiffuserError(f"model directory not found: {path}")
+    raw = _read_json(path / "config.json")
+    model_type = raw.get("model_type")
+    llm, proj = split_projector(read_hf_weights(path))
+    if projector is not None:
+        proj = read_projector(projector)
+    elif not proj and (path / PROJECTOR_FILE).exists():
+        proj = read_projector(path / PROJECTOR_FILE)
+    if model_type == "easygen":
+        layout = "easygen"
+    elif model_type in ("diffllama", "llama"):
+        layout = "easygen-released" if model_type == "diffllama" else "llama+projector"
+        if not proj:
+            raise BiDiffuserError(f"{path} is a plain LLaMA directory: give the projector file "
+                                  f"(--projector) or a LoRA adapter that carries one")
+    else:
+        raise BiDiffuserError(f"{path}/config.json: model_type {model_type!r} is not easygen, diffllama or llama")
+    overrides = projector_sizes(proj) if proj and model_type != "easygen" else {}
+    config = _config_from_json(raw, **overrides)
+    return _build(config, llm, proj, path, dtype), layout
+
+
+def _apply_lora(model, adapter: Path, merge: bool, dtype: torch.dtype):
+    from peft import PeftModel
+
+    if not (adapter / "adapter_config.json").is_file():
+        raise BiDiffuserError(f"not a PEFT LoRA adapter directory (no adapter_config.json): {adapter}")
+    if (adapter / PROJECTOR_FILE).exists():
+        load_strict(model.projector, {k: v.to(dtype) for k, v in read_projector(adapter / PROJECTOR_FILE).items()},
+                    adapter / PROJECTOR_FILE)
+    model = PeftModel.from_pretrained(model, str(adapter), is_trainable=False)
+    return model.merge_and_unload() if merge else model
+
+
+def _tokenizer(*candidates: Path):
+    for d in candidates:
+        if d is not None and any((d / f).exists() for f in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")):
+            return AutoTokenizer.from_pretrained(str(d))
+    raise BiDiffuserError(f"no tokenizer found in {', '.join(str(c) for c in candidates if c)}")
+
+
+def load_pretrained(model_path: str | os.PathLike, model_base: str | os.PathLike | None = None,
+                    lora: str | os.PathLike | None = None, projector: str | os.PathLike | None = None,
+                    merge_lora: bool = False, bidiffuser: str | os.PathLike | None = None,
+                    device: str | torch.device | None = None, dtype: str | torch.dtype = "float32",
+                    load_bidiffuser: bool = True) -> LoadedModel:
+    """Load an EasyGen model in any of the four layouts (see the module docstring)."""
+    device = resolve_device(device) if not isinstance(device, torch.device) else device
+    dtype = torch_dtype(dtype) if isinstance(dtype, str) else dtype
+    model_path = Path(model_path)
+    adapter = Path(lora) if lora else None
+    base = model_path
+    if adapter is None and (model_path / "adapter_config.json").is_file():
+        adapter = model_path
+        if model_base is None:
+            raise BiDiffuserError(f"{model_path} is a LoRA adapter: give its base model with --model-base")
+        base = Path(model_base)
+    elif model_base is not None and adapter is None:
+        raise BiDiffuserError("--model-base is only used with a LoRA adapter (--lora or an adapter --model-path)")
+
+    model, layout = _load_llm(base, projector, dtype)
+    if adapter is not None:
+        model = _apply_lora(model, adapter, merge_lora, dtype)
+        layout += "+lora" + ("(merged)" if merge_lora else "")
+    model = model.to(device).eval()
+    tokenizer = _tokenizer(adapter, base)
+    processor = EasyGenProcessor(tokenizer, num_image_tokens=model.config.num_image_tokens)
+
+    pipe = None
+    bidiffuser_dir = Path(bidiffuser) if bidiffuser else next(
+        (d / "bidiffuser" for d in (adapter, base) if d is not None and (d / "bidiffuser").is_dir()), None)
+    if load_bidiffuser and bidiffuser_dir is not None:
+        pipe = BiDiffuser.from_pretrained(bidiffuser_dir, device=device, dtype=dtype)
+        width = pipe.config.caption_decoder.n_embd
+        if width != model.config.mm_hidden_size:
+            raise BiDiffuserError(f"BiDiffuser {bidiffuser_dir} gives {width}-d image features but the model's "
+                                  f"projector expects {model.config.mm_hidden_size}")
+    return LoadedModel(model, tokenizer, processor, pipe, layout)
+
+
+def save_pretrained(model: EasyGenForCausalLM, tokenizer, out_dir: str | os.PathLike,
+                    bidiffuser_dir: str | os.PathLike | None = None) -> Path:
+    """Write a standalone EasyGen directory (layout a) atomically: built in a temporary sibling
+    directory and renamed into place, so a crash never leaves a half-written model."""
+    out = Path(out_dir)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        model.save_pretrained(str(tmp))
+        tokenizer.save_pretrained(str(tmp))
+        if bidiffuser_dir is not None:
+            (tmp / "bidiffuser").symlink_to(Path(bidiffuser_dir).resolve(), target_is_directory=True)
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def save_projector(model: EasyGenForCausalLM, path: str | os.PathLike) -> None:
+    """The projector alone (stage 1's output; what a LoRA adapter directory carries)."""
+    save_safetensors(model.projector.state_dict(), path)

@@ -1,0 +1,72 @@
+"""The "easygen" FastChat conversation template and the helper that writes image slots.
+
+EasyGen talks in Vicuna v1.1 style with an empty system message::
+
+     USER: <Img><ImageHere></Img> What is in the picture? ASSISTANT: A red circle.</s>USER: ...
+
+Every prompt in the project is produced by FastChat's ``Conversation.get_prompt()`` on this
+template, so training, generation and evaluation agree on the exact characters.
+"""
+from __future__ import annotations
+
+from fastchat.conversation import (
+    Conversation,
+    SeparatorStyle,
+    conv_templates,
+    get_conv_template,
+    register_conv_template,
+)
+
+from easygen.constants import IMAGE_PLACEHOLDER, IMAGE_SLOT
+
+TEMPLATE_NAME = "easygen"
+LLAVA_IMAGE_TOKEN = "<image>"  # how LLaVA-style conversation data marks an image
+
+
+def _template() -> Conversation:
+    # Same fields as FastChat's "vicuna_v1.1", except the system message, which the original
+    # EasyGen leaves empty (so a prompt starts with " USER: ").
+    return Conversation(
+        name=TEMPLATE_NAME,
+        system_message="",
+        roles=("USER", "ASSISTANT"),
+        sep_style=SeparatorStyle.ADD_COLON_TWO,
+        sep=" ",
+        sep2="</s>",
+        messages=[],  # a list, as get_conv_template's copies have: the registered entry compares equal
+    )
+
+
+def register_template() -> None:
+    """Register the "easygen" template with FastChat; calling it again changes nothing."""
+    template = _template()
+    if conv_templates.get(TEMPLATE_NAME) != template:
+        # override=True: a stale or foreign "easygen" entry must not win over ours.
+        register_conv_template(template, override=True)
+
+
+def new_conversation() -> Conversation:
+    """A fresh, empty EasyGen conversation (a copy: safe to append to)."""
+    return get_conv_template(TEMPLATE_NAME)
+
+
+def user_message(text: str, num_images: int = 0) -> str:
+    """The content of a user turn holding ``num_images`` images, as EasyGen writes it.
+
+    Without an explicit placeholder, the slots go first: ``<Img><ImageHere></Img> question``.
+    When the text already marks its images (``<ImageHere>``, or LLaVA's ``<image>``, which is
+    rewritten to the full slot), the marks are kept where they are and no slot is added; a
+    non-zero ``num_images`` must then match the number of marks.
+    """
+    text = text.replace(LLAVA_IMAGE_TOKEN, IMAGE_SLOT)
+    marked = text.count(IMAGE_PLACEHOLDER)
+    if marked:
+        if num_images and num_images != marked:
+            raise ValueError(
+                f"user message marks {marked} image(s) but num_images={num_images}: {text[:80]!r}")
+        return text
+    slots = IMAGE_SLOT * num_images
+    return f"{slots} {text}" if slots and text else slots + text
+
+
+register_template()
