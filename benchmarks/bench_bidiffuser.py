@@ -57,7 +57,7 @@ PRESETS = {
     "mid": Preset("mid", UViTConfig(img_size=32, embed_dim=512, depth=12, num_heads=8, text_dim=64,
                                     clip_img_dim=512),
                   dict(n_positions=160, n_embd=512, n_layer=6, n_head=8, hidden_dim=64),
-                  i2t_steps=10, solver_steps=3, repeat_scale=0.3),
+                  i2t_steps=10, solver_steps=3, repeat_scale=0.2),
 }
 
 
@@ -231,7 +231,8 @@ def machine_info(device) -> dict:
     cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                 if line.startswith("model name")), platform.processor())
     info = {"cpu": cpu, "nproc": len(os.sched_getaffinity(0)), "torch": torch.__version__,
-            "threads": torch.get_num_threads(), "device": str(device), "python": platform.python_version()}
+            "threads": torch.get_num_threads(), "device": str(device), "python": platform.python_version(),
+            "loadavg_1min": round(os.getloadavg()[0], 2)}  # other processes on the machine skew timings
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
     return info
@@ -249,7 +250,7 @@ def markdown_table(rows: list[dict]) -> str:
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--configs", default="tiny,mid", help="comma-separated presets: " + ", ".join(PRESETS))
-    ap.add_argument("--repeat", type=int, default=10, help="timed runs per figure (mid runs 30%% of them)")
+    ap.add_argument("--repeat", type=int, default=10, help="timed runs per figure (mid runs 20%% of them)")
     ap.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's choice)")
     ap.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     ap.add_argument("--json", type=Path, help="also write the results here")
@@ -271,7 +272,9 @@ def main(argv=None) -> None:
         for name in names:
             repeat = max(1, round(args.repeat * PRESETS[name].repeat_scale))
             rows += run_preset(PRESETS[name], repeat, device, tokenizer, Path(tmp))
-    print(f"\n{markdown_table(rows)}\n\ntotal {time.perf_counter() - start:.0f} s")
+    info["loadavg_1min_end"] = round(os.getloadavg()[0], 2)
+    print(f"\n{markdown_table(rows)}\n\ntotal {time.perf_counter() - start:.0f} s, "
+          f"1-min load average {info['loadavg_1min']} at start, {info['loadavg_1min_end']} at end")
     if args.json:
         args.json.write_text(json.dumps({"machine": info, "argv": sys.argv, "results": rows}, indent=2) + "\n")
 

@@ -74,30 +74,29 @@ class Assistant:
         """Prompt tokens allowed: the model's context minus room for the answer."""
         return self.model.config.max_position_embeddings - self.settings.max_new_tokens
 
-    def _prompt_ids(self) -> list[int]:
+    def _prompt_ids(self, messages: list[dict]) -> list[int]:
         msgs = [{"role": m["role"], "content": m["content"], "num_images": len(m["images"])} if m["role"] == "user"
-                else {"role": m["role"], "content": m["content"]} for m in self.messages]
+                else {"role": m["role"], "content": m["content"]} for m in messages]
         return self.processor.tokenize_prompt(self.processor.build_prompt(msgs))
 
-    def _fit_context(self) -> tuple[list[int], list[str]]:
-        """Drop the oldest exchanges until the prompt fits; the new message alone must fit."""
-        notices, dropped = [], 0
-        ids = self._prompt_ids()
-        while len(ids) > self.context_limit and len(self.messages) > 1:
-            del self.messages[:2]  # one user turn and its answer
+    def _fit_context(self, messages: list[dict]) -> tuple[list[dict], list[int], list[str]]:
+        """The messages that fit (oldest exchanges dropped first), their prompt ids, and notices.
+        The new (last) message alone must fit. ``messages`` itself is not changed."""
+        dropped = 0
+        ids = self._prompt_ids(messages)
+        while len(ids) > self.context_limit and len(messages) > 1:
+            messages = messages[2:]  # one user turn and its answer
             dropped += 1
-            ids = self._prompt_ids()
+            ids = self._prompt_ids(messages)
         if len(ids) > self.context_limit:
-            self.messages.pop()
             raise EasyGenError(f"message too long: the prompt is {len(ids)} tokens but the context allows "
                                f"{self.context_limit} (context {self.model.config.max_position_embeddings} "
                                f"minus max_new_tokens {self.settings.max_new_tokens})")
-        if dropped:
-            notices.append(f"dropped the {dropped} oldest exchange{'s' * (dropped > 1)} to fit the context")
-        return ids, notices
+        notices = [f"dropped the {dropped} oldest exchange{'s' * (dropped > 1)} to fit the context"] if dropped else []
+        return messages, ids, notices
 
-    def _image_features(self) -> torch.Tensor | None:
-        paths = [p for m in self.messages for p in m["images"]]
+    def _image_features(self, messages: list[dict]) -> torch.Tensor | None:
+        paths = [p for m in messages for p in m["images"]]
         if not paths:
             return None
         missing = [p for p in dict.fromkeys(paths) if p not in self._feature_memo]
@@ -118,15 +117,11 @@ class Assistant:
         for p in images:
             load_image(p)  # a bad file fails now, with its name, before anything changes
             paths.append(str(Path(p).resolve()))
-        self.messages.append({"role": "user", "content": text, "images": paths})
-        try:
-            ids, notices = self._fit_context()
-            answer = self._generate(ids, self._image_features(), on_token)
-        except BaseException:  # includes Ctrl-C: the session stays as it was before this turn
-            if self.messages and self.messages[-1]["role"] == "user":
-                self.messages.pop()
-            raise
-        self.messages.append({"role": "assistant", "content": answer, "images": []})
+        user = {"role": "user", "content": text, "images": paths}
+        # Work on a new list: an error or Ctrl-C leaves the session as it was before this turn.
+        kept, ids, notices = self._fit_context(self.messages + [user])
+        answer = self._generate(ids, self._image_features(kept), on_token)
+        self.messages = kept + [{"role": "assistant", "content": answer, "images": []}]
         reply = Reply(answer, notices=notices)
         requests = find_image_requests(answer)
         if requests:

@@ -165,14 +165,9 @@ def _load_llm(path: Path, projector: str | None, dtype: torch.dtype) -> tuple[Ea
     return _build(config, llm, proj, path, dtype), layout
 
 
-def _apply_lora(model, adapter: Path, merge: bool, dtype: torch.dtype):
+def _apply_lora(model, adapter: Path, merge: bool):
     from peft import PeftModel
 
-    if not (adapter / "adapter_config.json").is_file():
-        raise BiDiffuserError(f"not a PEFT LoRA adapter directory (no adapter_config.json): {adapter}")
-    if (adapter / PROJECTOR_FILE).exists():
-        load_strict(model.projector, {k: v.to(dtype) for k, v in read_projector(adapter / PROJECTOR_FILE).items()},
-                    adapter / PROJECTOR_FILE)
     model = PeftModel.from_pretrained(model, str(adapter), is_trainable=False)
     return model.merge_and_unload() if merge else model
 
@@ -203,9 +198,15 @@ def load_pretrained(model_path: str | os.PathLike, model_base: str | os.PathLike
     elif model_base is not None and adapter is None:
         raise BiDiffuserError("--model-base is only used with a LoRA adapter (--lora or an adapter --model-path)")
 
+    if adapter is not None:
+        if not (adapter / "adapter_config.json").is_file():
+            raise BiDiffuserError(f"not a PEFT LoRA adapter directory (no adapter_config.json): {adapter}")
+        if projector is None and (adapter / PROJECTOR_FILE).exists():
+            projector = adapter / PROJECTOR_FILE  # trained with the adapter: supersedes the base's
+
     model, layout = _load_llm(base, projector, dtype)
     if adapter is not None:
-        model = _apply_lora(model, adapter, merge_lora, dtype)
+        model = _apply_lora(model, adapter, merge_lora)
         layout += "+lora" + ("(merged)" if merge_lora else "")
     model = model.to(device).eval()
     tokenizer = _tokenizer(adapter, base)

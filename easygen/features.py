@@ -89,7 +89,9 @@ class ImageFeatureExtractor:
     def _metadata(self, image_sha256: str) -> dict[str, str]:
         """Everything a result depends on (safetensors metadata values must be strings)."""
         return {"format": CACHE_FORMAT, "image_sha256": image_sha256, "bidiffuser": self.bidiffuser_fingerprint,
-                "steps": str(self.steps), "scale": repr(self.scale), "seed": str(self.seed)}
+                "steps": str(self.steps), "scale": repr(self.scale), "seed": str(self.seed),
+                # a bf16 GPU pass and an fp32 CPU pass give different latents: never mix them
+                "dtype": str(self.bidiffuser.dtype).removeprefix("torch.")}
 
     def cache_path(self, key: str) -> Path | None:
         return None if self.cache_dir is None else self.cache_dir / key[:2] / f"{key}.safetensors"

@@ -108,3 +108,31 @@ def tiny_llama_config(vocab_size: int, **overrides) -> LlamaConfig:
     )
     fields.update(overrides)
     return LlamaConfig(**fields)
+
+
+def init_tiny_easygen(out_dir: str | Path, bidiffuser_dir: str | Path | None = None, seed: int = 0,
+                      corpus: list[str] | None = None, **config_overrides) -> Path:
+    """Write a random-initialised tiny EasyGen directory (layout a of the builder).
+
+    The projector input width follows the BiDiffuser directory's caption decoder (its features'
+    width); the directory links that BiDiffuser as ``bidiffuser/`` so the builder finds it.
+    """
+    import json
+
+    import torch
+
+    from .builder import save_pretrained
+    from .model import EasyGenConfig, EasyGenForCausalLM
+
+    mm_hidden = 32
+    if bidiffuser_dir is not None:
+        mm_hidden = json.loads((Path(bidiffuser_dir) / "bidiffuser.json").read_text())["caption_decoder"]["n_embd"]
+    tokenizer = build_llama_tokenizer(None, corpus)
+    fields = tiny_llama_config(len(tokenizer)).to_dict()
+    for k in ("model_type", "architectures", "transformers_version"):
+        fields.pop(k, None)
+    fields.update(mm_hidden_size=mm_hidden, projector_hidden_size=128)
+    fields.update(config_overrides)
+    torch.manual_seed(seed)
+    model = EasyGenForCausalLM(EasyGenConfig(**fields))
+    return save_pretrained(model, tokenizer, out_dir, bidiffuser_dir)

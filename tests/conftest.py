@@ -43,3 +43,17 @@ def make_image(path: Path, size=(40, 30), color=(220, 40, 40)) -> Path:
 @pytest.fixture
 def red_image(tmp_path) -> Path:
     return make_image(tmp_path / "red.png")
+
+
+@pytest.fixture(scope="session")
+def tiny_easygen_dir(tmp_path_factory, tiny_dir) -> Path:
+    """A random tiny EasyGen directory whose `bidiffuser/` links the tiny BiDiffuser."""
+    from easygen.tiny import init_tiny_easygen
+    return init_tiny_easygen(tmp_path_factory.mktemp("tiny_easygen") / "model", tiny_dir, seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_loaded(tiny_easygen_dir):
+    """The tiny EasyGen model loaded once through the builder (read-only in tests)."""
+    from easygen.builder import load_pretrained
+    return load_pretrained(tiny_easygen_dir, device="cpu")
