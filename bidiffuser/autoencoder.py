@@ -10,7 +10,6 @@ by ``scale_factor`` (0.18215) and ``decode_latents`` divides by it before decodi
 """
 from __future__ import annotations
 
-import dataclasses
 import functools
 import json
 import os
@@ -23,6 +22,7 @@ import torch
 from diffusers import AutoencoderKL
 
 from .checkpoint import StateDict, check_state_dict, read_state_dict
+from .config_base import DictConfig
 from .errors import BiDiffuserError
 
 # Attention projections: 1x1 convolutions in LDM, linear layers in diffusers.
@@ -34,7 +34,7 @@ _OLD_DIFFUSERS_ATTN = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_at
 
 
 @dataclass
-class AutoencoderConfig:
+class AutoencoderConfig(DictConfig):
     """LDM ``ddconfig`` of the KL autoencoder (names as in ``libs/autoencoder.py``)."""
 
     ch: int
@@ -78,16 +78,7 @@ class AutoencoderConfig:
         """Image pixels per latent pixel along each side (8 for SD, 2 for tiny)."""
         return 2 ** (len(self.ch_mult) - 1)
 
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
 
-    @classmethod
-    def from_dict(cls, d: Mapping) -> "AutoencoderConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise BiDiffuserError(f"AutoencoderConfig: unknown fields {unknown}")
-        return cls(**d)
 
 
 def build_autoencoder(config: AutoencoderConfig) -> AutoencoderKL:

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .checkpoint import check_state_dict, read_state_dict, save_safetensors, strip_prefix
+from .config_base import DictConfig
 from .errors import BiDiffuserError
 
 EOS_TOKEN = "<|EOS|>"
@@ -30,7 +31,7 @@ _LM_HEAD, _WTE = "gpt.lm_head.weight", "gpt.transformer.wte.weight"
 
 
 @dataclass
-class CaptionDecoderConfig:
+class CaptionDecoderConfig(DictConfig):
     """Sizes of the caption decoder (GPT-2 plus the two prefix projections)."""
 
     vocab_size: int = 50258
@@ -53,16 +54,7 @@ class CaptionDecoderConfig:
         return cls(vocab_size=vocab_size, n_positions=160, n_embd=32, n_layer=2, n_head=2,
                    prefix_length=77, hidden_dim=8)
 
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
 
-    @classmethod
-    def from_dict(cls, d: dict) -> "CaptionDecoderConfig":
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise BiDiffuserError(f"unknown caption decoder config keys: {', '.join(unknown)}")
-        return cls(**d)
 
 
 class CaptionDecoder(nn.Module):

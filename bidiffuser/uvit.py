@@ -8,16 +8,18 @@ the second half of the blocks receives long skips from the first half (U-Net sty
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from .config_base import DictConfig
+
 
 @dataclass
-class UViTConfig:
+class UViTConfig(DictConfig):
     img_size: int = 64          # side of the (square) VAE latent the position table was trained for
     in_chans: int = 4           # latent channels
     patch_size: int = 2
@@ -44,16 +46,7 @@ class UViTConfig:
         return cls(img_size=16, patch_size=2, embed_dim=32, depth=2, num_heads=2, text_dim=8,
                    clip_img_dim=16)
 
-    def to_dict(self) -> dict:
-        return asdict(self)
 
-    @classmethod
-    def from_dict(cls, d: dict) -> "UViTConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"unknown UViTConfig fields: {', '.join(unknown)}")
-        return cls(**d)
 
     @property
     def num_patches(self) -> int:
