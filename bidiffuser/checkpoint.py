@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Iterator, Mapping
@@ -16,7 +17,7 @@ from typing import Iterator, Mapping
 import torch
 from safetensors.torch import load_file, save_file
 
-from .errors import CheckpointError
+from .errors import BiDiffuserError, CheckpointError
 
 StateDict = dict[str, torch.Tensor]
 
@@ -103,6 +104,28 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+        raise
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | os.PathLike, marker: str = "config.json") -> Iterator[Path]:
+    """Yield a temporary directory next to ``path``; on success it replaces ``path``, else it is
+    deleted. Readers never see a half-written directory. An existing non-empty directory is only
+    replaced when it holds ``marker`` (i.e. looks like an earlier output), never a user's folder."""
+    path = Path(path)
+    if path.is_dir() and not path.is_symlink() and any(path.iterdir()) and not (path / marker).exists():
+        raise BiDiffuserError(f"{path} exists and is not a model directory (no {marker}); not overwriting it")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    try:
+        yield tmp
+        if path.is_symlink() or path.is_file():
+            path.unlink()
+        elif path.exists():
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
         raise
 
 

@@ -15,8 +15,6 @@ import contextlib
 import json
 import os
 import re
-import shutil
-import tempfile
 import zipfile
 from pathlib import Path
 from typing import Mapping, Sequence, Union
@@ -27,7 +25,7 @@ from PIL import Image
 from transformers import (AutoTokenizer, CLIPConfig, CLIPTextConfig, CLIPTextModel,
                           CLIPVisionConfig, CLIPVisionModelWithProjection)
 
-from .checkpoint import StateDict, check_state_dict, read_state_dict, require_file, strip_prefix
+from .checkpoint import StateDict, atomic_dir, check_state_dict, read_state_dict, require_file, strip_prefix
 from .errors import BiDiffuserError, CheckpointError
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -458,16 +456,6 @@ def convert_openai_clip_text(sd: Mapping[str, torch.Tensor], num_heads: int | No
     return config, out
 
 
-def _remove_old_output(out_dir: Path) -> None:
-    """Make room for a new conversion, deleting only what looks like an earlier one."""
-    if out_dir.is_symlink() or out_dir.is_file():
-        out_dir.unlink()
-    elif out_dir.is_dir():
-        if any(out_dir.iterdir()) and not (out_dir / "config.json").is_file():
-            raise BiDiffuserError(f"{out_dir} exists and is not a model directory; not overwriting it")
-        shutil.rmtree(out_dir)
-
-
 def convert_openai_clip_checkpoint(src: str | os.PathLike, out_dir: str | os.PathLike,
                                    part: str = "visual", tokenizer=None,
                                    num_heads: int | None = None) -> Path:
@@ -497,17 +485,10 @@ def convert_openai_clip_checkpoint(src: str | os.PathLike, out_dir: str | os.Pat
         except Exception as e:
             raise BiDiffuserError(f"cannot load a tokenizer from {tokenizer}: {_first_line(e)}") from None
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
+    with atomic_dir(out_dir) as tmp:
         model.save_pretrained(str(tmp))
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
-        _remove_old_output(out_dir)
-        os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out_dir
 
 

@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,12 +23,15 @@ import torch
 from transformers import AutoTokenizer
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
-from bidiffuser.checkpoint import CheckpointError, load_strict, read_state_dict, save_safetensors, strip_prefix
+from bidiffuser.checkpoint import (CheckpointError, atomic_dir, load_strict, read_state_dict, save_safetensors,
+                                   strip_prefix)
 from bidiffuser.cliutil import resolve_device, torch_dtype
 from bidiffuser.errors import BiDiffuserError
+from bidiffuser.model_dir import read_config
 from bidiffuser.pipeline import BiDiffuser
 
 from .model import EasyGenConfig, EasyGenForCausalLM
+from .projector import build_projector
 from .processor import EasyGenProcessor
 
 PROJECTOR_FILE = "projector.safetensors"
@@ -140,8 +141,10 @@ def _build(config: EasyGenConfig, llm: dict, proj: dict, source, dtype: torch.dt
     return model.eval()
 
 
-def _load_llm(path: Path, projector: str | None, dtype: torch.dtype) -> tuple[EasyGenForCausalLM, str]:
-    """Layouts (a), (b), (d): a model directory, with the projector inside it or in ``projector``."""
+def _load_llm(path: Path, projector: str | None, dtype: torch.dtype,
+              new_projector: tuple[int, int] | None = None) -> tuple[EasyGenForCausalLM, str]:
+    """Layouts (a), (b), (d): a model directory, with the projector inside it or in ``projector``.
+    ``new_projector=(in_dim, hidden)`` gives a plain LLaMA a freshly initialised projector (stage 1)."""
     if not path.is_dir():
         raise BiDiffuserError(f"model directory not found: {path}")
     raw = _read_json(path / "config.json")
@@ -155,6 +158,9 @@ def _load_llm(path: Path, projector: str | None, dtype: torch.dtype) -> tuple[Ea
         layout = "easygen"
     elif model_type in ("diffllama", "llama"):
         layout = "easygen-released" if model_type == "diffllama" else "llama+projector"
+        if not proj and new_projector is not None:
+            proj = build_projector("mlp", *new_projector, raw["hidden_size"]).state_dict()
+            layout = "llama+new-projector"
         if not proj:
             raise BiDiffuserError(f"{path} is a plain LLaMA directory: give the projector file "
                                   f"(--projector) or a LoRA adapter that carries one")
@@ -183,8 +189,11 @@ def load_pretrained(model_path: str | os.PathLike, model_base: str | os.PathLike
                     lora: str | os.PathLike | None = None, projector: str | os.PathLike | None = None,
                     merge_lora: bool = False, bidiffuser: str | os.PathLike | None = None,
                     device: str | torch.device | None = None, dtype: str | torch.dtype = "float32",
-                    load_bidiffuser: bool = True) -> LoadedModel:
-    """Load an EasyGen model in any of the four layouts (see the module docstring)."""
+                    load_bidiffuser: bool = True, new_projector_hidden: int | None = None) -> LoadedModel:
+    """Load an EasyGen model in any of the four layouts (see the module docstring).
+
+    ``new_projector_hidden``: a plain LLaMA without a projector gets a new random one of this hidden
+    size, its input width read from the BiDiffuser directory (how stage 1 starts)."""
     device = resolve_device(device) if not isinstance(device, torch.device) else device
     dtype = torch_dtype(dtype) if isinstance(dtype, str) else dtype
     model_path = Path(model_path)
@@ -204,7 +213,15 @@ def load_pretrained(model_path: str | os.PathLike, model_base: str | os.PathLike
         if projector is None and (adapter / PROJECTOR_FILE).exists():
             projector = adapter / PROJECTOR_FILE  # trained with the adapter: supersedes the base's
 
-    model, layout = _load_llm(base, projector, dtype)
+    bidiffuser_dir = Path(bidiffuser) if bidiffuser else next(
+        (d / "bidiffuser" for d in (adapter, base) if d is not None and (d / "bidiffuser").is_dir()), None)
+    new_projector = None
+    if new_projector_hidden is not None:
+        if bidiffuser_dir is None:
+            raise BiDiffuserError("a new projector needs the BiDiffuser directory (--bidiffuser) for its input width")
+        new_projector = (read_config(bidiffuser_dir).caption_decoder.n_embd, new_projector_hidden)
+
+    model, layout = _load_llm(base, projector, dtype, new_projector)
     if adapter is not None:
         model = _apply_lora(model, adapter, merge_lora)
         layout += "+lora" + ("(merged)" if merge_lora else "")
@@ -213,8 +230,6 @@ def load_pretrained(model_path: str | os.PathLike, model_base: str | os.PathLike
     processor = EasyGenProcessor(tokenizer, num_image_tokens=model.config.num_image_tokens)
 
     pipe = None
-    bidiffuser_dir = Path(bidiffuser) if bidiffuser else next(
-        (d / "bidiffuser" for d in (adapter, base) if d is not None and (d / "bidiffuser").is_dir()), None)
     if load_bidiffuser and bidiffuser_dir is not None:
         pipe = BiDiffuser.from_pretrained(bidiffuser_dir, device=device, dtype=dtype)
         width = pipe.config.caption_decoder.n_embd
@@ -226,23 +241,14 @@ def load_pretrained(model_path: str | os.PathLike, model_base: str | os.PathLike
 
 def save_pretrained(model: EasyGenForCausalLM, tokenizer, out_dir: str | os.PathLike,
                     bidiffuser_dir: str | os.PathLike | None = None) -> Path:
-    """Write a standalone EasyGen directory (layout a) atomically: built in a temporary sibling
-    directory and renamed into place, so a crash never leaves a half-written model."""
-    out = Path(out_dir)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    """Write a standalone EasyGen directory (layout a), atomically: a crash never leaves a
+    half-written model. ``bidiffuser_dir`` is linked as ``bidiffuser/`` so loading finds it."""
+    with atomic_dir(out_dir) as tmp:
         model.save_pretrained(str(tmp))
         tokenizer.save_pretrained(str(tmp))
         if bidiffuser_dir is not None:
             (tmp / "bidiffuser").symlink_to(Path(bidiffuser_dir).resolve(), target_is_directory=True)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
+    return Path(out_dir)
 
 
 def save_projector(model: EasyGenForCausalLM, path: str | os.PathLike) -> None:

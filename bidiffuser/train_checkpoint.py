@@ -1,0 +1,111 @@
+"""Training checkpoints shared by both trainers: sharded ``torch.distributed.checkpoint`` (each rank
+writes its own shard of the trainable weights and optimizer state), written atomically and pruned to
+the last K, plus everything else an exact resume needs (step, scheduler, RNG of every rank).
+
+Layout of ``OUT/checkpoints/step-00000040/``:
+    .metadata, __*_*.distcp   model + optimizer shards (DCP)
+    rng-rank{R}.safetensors    each rank's torch (and CUDA) generator state
+    trainer_state.json         step, epoch, scheduler, python RNG; written last = "complete"
+A checkpoint is first written as ``.tmp-step-...`` and renamed when every rank has finished, so a
+kill never leaves a directory that looks complete.
+"""
+from __future__ import annotations
+
+import json
+import random
+import re
+import shutil
+from pathlib import Path
+
+import torch
+import torch.distributed.checkpoint as dcp
+from safetensors.torch import load_file
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_state_dict, set_state_dict)
+
+from .checkpoint import atomic_path, save_safetensors
+from .distributed import DistEnv, barrier
+
+STATE_FILE = "trainer_state.json"
+_STEP_DIR = re.compile(r"^step-(\d{8})$")
+# Frozen weights come from the model the run started from; saving them again would only cost disk.
+_OPTIONS = StateDictOptions(ignore_frozen_params=True)
+
+
+def _step_dir(root: Path, step: int) -> Path:
+    return root / f"step-{step:08d}"
+
+
+def complete_checkpoints(root: str | Path) -> list[Path]:
+    """Finished checkpoints under ``root``, oldest first."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if _STEP_DIR.match(p.name) and (p / STATE_FILE).is_file()]
+    return sorted(found, key=lambda p: int(_STEP_DIR.match(p.name).group(1)))
+
+
+def save_checkpoint(root: str | Path, step: int, model, optimizer, state: dict, env: DistEnv,
+                    keep_last: int = 2) -> Path:
+    """Collective: every rank calls it. ``state`` (JSON-able) is stored by rank 0."""
+    root = Path(root)
+    tmp = root / f".tmp-step-{step:08d}"
+    if env.is_main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    barrier()
+    model_sd, optim_sd = get_state_dict(model, optimizer, options=_OPTIONS)
+    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp))
+    rng = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.get_rng_state()
+    save_safetensors(rng, tmp / f"rng-rank{env.rank}.safetensors")
+    barrier()
+    final = _step_dir(root, step)
+    if env.is_main:
+        full_state = dict(state, step=step, world_size=env.world_size, python_rng=_python_rng())
+        with atomic_path(tmp / STATE_FILE) as p:
+            p.write_text(json.dumps(full_state, indent=1))
+        shutil.rmtree(final, ignore_errors=True)
+        tmp.rename(final)
+        for old in complete_checkpoints(root)[:-keep_last] if keep_last > 0 else []:
+            shutil.rmtree(old, ignore_errors=True)
+    barrier()
+    return final
+
+
+def load_checkpoint(path: str | Path, model, optimizer, env: DistEnv) -> dict:
+    """Collective: restore weights, optimizer and this rank's RNG; returns the trainer state."""
+    path = Path(path)
+    state = json.loads((path / STATE_FILE).read_text())
+    if state.get("world_size") != env.world_size:
+        # DCP reshards weights fine, but the data order per rank would differ from the original run.
+        raise ValueError(f"{path} was written by {state.get('world_size')} ranks; resume with the same number "
+                         f"(this run has {env.world_size}) to continue the same data order")
+    model_sd, optim_sd = get_state_dict(model, optimizer, options=_OPTIONS)
+    sd = {"model": model_sd, "optim": optim_sd}
+    dcp.load(sd, checkpoint_id=str(path))
+    set_state_dict(model, optimizer, model_state_dict=sd["model"], optim_state_dict=sd["optim"], options=_OPTIONS)
+    rng = load_file(str(path / f"rng-rank{env.rank}.safetensors"))
+    torch.set_rng_state(rng["cpu"])
+    if "cuda" in rng and torch.cuda.is_available():
+        torch.cuda.set_rng_state(rng["cuda"])
+    random.setstate(_from_json_rng(state["python_rng"]))
+    return state
+
+
+def load_weights_only(path: str | Path, model) -> None:
+    """Read a checkpoint's trainable weights into an unsharded model in ONE process (for export)."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
+    sd = get_model_state_dict(model, options=_OPTIONS)
+    dcp.load({"model": sd}, checkpoint_id=str(path), no_dist=True)
+    set_model_state_dict(model, sd, options=_OPTIONS)
+
+
+def _python_rng():
+    version, internal, gauss = random.getstate()
+    return [version, list(internal), gauss]
+
+
+def _from_json_rng(value):
+    version, internal, gauss = value
+    return version, tuple(internal), gauss

@@ -1,0 +1,233 @@
+"""The stage-1 / stage-2 training loop (one file, read top to bottom).
+
+Stage ``pretrain`` trains the projector only (every LLM weight frozen). Stage ``instruct`` trains
+the LLM and projector, fully or with LoRA, wrapped by DDP, FSDP2 (``fully_shard`` per decoder layer,
+then the root: each rank holds only its shard) or DeepSpeed ZeRO. Checkpoints are sharded DCP
+directories (DeepSpeed: its own format), and resuming from one continues the exact same run.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import signal
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+from transformers import get_cosine_schedule_with_warmup
+from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+
+from bidiffuser.distributed import DistEnv, ResumableSampler, all_reduce_sum, barrier, init_distributed
+from bidiffuser.train_checkpoint import STATE_FILE, complete_checkpoints, load_checkpoint, save_checkpoint
+
+from ..builder import load_pretrained
+from ..features import ImageFeatureExtractor
+from .batches import Batcher, to_device
+from .config import TrainConfig
+
+CHECKPOINTS = "checkpoints"
+# Tests set this to kill the process (SIGKILL, no clean-up) right after the given optimizer step.
+_KILL_AT_STEP = int(os.environ.get("EASYGEN_TEST_KILL_AT_STEP", "0"))
+
+
+def _use_bf16(cfg: TrainConfig, env: DistEnv) -> bool:
+    if cfg.precision == "auto":
+        return env.device.type == "cuda" and torch.cuda.is_bf16_supported()
+    return cfg.precision == "bf16"
+
+
+def build_model(cfg: TrainConfig, device="cpu"):
+    """The model to train, its processor and BiDiffuser (for features missing from the store)."""
+    loaded = load_pretrained(cfg.model, projector=cfg.projector, bidiffuser=cfg.bidiffuser, device=device,
+                             new_projector_hidden=cfg.projector_hidden_size if cfg.stage == "pretrain" else None)
+    model = loaded.model
+    if cfg.stage == "pretrain":
+        model.requires_grad_(False)
+        model.projector.requires_grad_(True)
+    elif cfg.lora:
+        from peft import LoraConfig, get_peft_model
+        model = get_peft_model(model, LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
+                                                 lora_dropout=cfg.lora_dropout, target_modules=cfg.lora_targets,
+                                                 modules_to_save=None))
+        model.base_model.model.projector.requires_grad_(True)  # the projector is tuned with the adapter
+    else:
+        model.requires_grad_(True)
+    if cfg.activation_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    return model.train(), loaded
+
+
+def _wrap(model, cfg: TrainConfig, env: DistEnv, bf16: bool):
+    """(model to call, optimizer, engine or None) for the chosen strategy."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    if cfg.strategy == "deepspeed":
+        import deepspeed
+        ds_config = json.loads(Path(cfg.deepspeed_config).read_text())
+        ds_config.update(train_micro_batch_size_per_gpu=cfg.micro_batch_size,
+                         gradient_accumulation_steps=cfg.grad_accum, gradient_clipping=cfg.max_grad_norm)
+        ds_config.setdefault("optimizer", {"type": "AdamW", "params": {}})["params"].update(
+            lr=cfg.lr, weight_decay=cfg.weight_decay, torch_adam=True)  # torch_adam: no C++ op build
+        ds_config["bf16"] = {"enabled": bf16}
+        engine, optimizer, _, _ = deepspeed.initialize(model=model, model_parameters=params, config=ds_config)
+        return engine, optimizer, engine
+    if cfg.strategy == "fsdp" and env.distributed:
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else MixedPrecisionPolicy()
+        for layer in [m for m in model.modules() if isinstance(m, LlamaDecoderLayer)]:
+            fully_shard(layer, mp_policy=mp)
+        fully_shard(model, mp_policy=mp)
+    elif cfg.strategy == "ddp" and env.distributed:
+        from torch.nn.parallel import DistributedDataParallel
+        model = DistributedDataParallel(model, device_ids=[env.local_rank] if env.device.type == "cuda" else None)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr,
+                                  weight_decay=cfg.weight_decay)
+    return model, optimizer, None
+
+
+def _report_shard(model, env: DistEnv) -> None:
+    """Each rank says how much of the model it holds (FSDP shards parameters; DDP replicates them)."""
+    total = local = 0
+    for p in model.parameters():
+        total += p.numel()
+        local += p.to_local().numel() if hasattr(p, "to_local") else p.numel()
+    print(f"[rank {env.rank}] holds {local:,} of {total:,} parameters ({100 * local / max(total, 1):.1f}%)", flush=True)
+
+
+def _eval_loss(model, batcher: Batcher, sampler: ResumableSampler | None, env: DistEnv, autocast) -> float | None:
+    if sampler is None:
+        return None
+    was_training = model.training
+    model.eval()
+    total = count = 0.0
+    with torch.no_grad(), autocast():
+        for indices in sampler.epoch(0):
+            batch = to_device(batcher(indices), env.device)
+            n = batch.pop("num_tokens")
+            total += model(**batch).loss.float().item() * n
+            count += n
+    model.train(was_training)
+    total, count = all_reduce_sum([total, count], env.device)
+    return total / max(count, 1.0)
+
+
+def train(cfg: TrainConfig, examples: list[dict], eval_examples: list[dict] | None = None) -> Path:
+    """Run (or resume) a training run; returns the last checkpoint directory."""
+    env = init_distributed()
+    torch.manual_seed(cfg.seed)  # same initial weights (new projector, LoRA) on every rank and every run
+    out = Path(cfg.output_dir)
+    if env.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "train_config.json").write_text(cfg.to_json())
+    bf16 = _use_bf16(cfg, env)
+
+    model, loaded = build_model(cfg, device=env.device)
+    features = None
+    if loaded.bidiffuser is not None:
+        features = ImageFeatureExtractor(loaded.bidiffuser, steps=cfg.feature_steps, scale=cfg.feature_scale,
+                                         seed=cfg.feature_seed, cache_dir=cfg.features)
+    batcher = Batcher(examples, loaded.processor, cfg.max_length, features)
+    sampler = ResumableSampler(len(examples), cfg.micro_batch_size, env, cfg.seed)
+    eval_sampler = None
+    if eval_examples and len(eval_examples) >= cfg.micro_batch_size * env.world_size:
+        eval_sampler = ResumableSampler(len(eval_examples), cfg.micro_batch_size, env, cfg.seed, shuffle=False)
+    elif eval_examples and env.is_main:
+        print(f"eval set too small ({len(eval_examples)} examples) for one micro-batch per rank: no eval loss")
+    eval_batcher = Batcher(eval_examples or [], loaded.processor, cfg.max_length, features)
+
+    steps_per_epoch = sampler.batches_per_rank // cfg.grad_accum
+    if steps_per_epoch == 0:
+        raise ValueError("grad_accum is larger than the number of micro-batches in an epoch")
+    total_steps = cfg.max_steps or steps_per_epoch * cfg.epochs
+    model, optimizer, engine = _wrap(model, cfg, env, bf16)
+    _report_shard(model, env)
+    scheduler = get_cosine_schedule_with_warmup(optimizer, math.ceil(cfg.warmup_ratio * total_steps), total_steps)
+    if engine is not None:
+        engine.lr_scheduler = scheduler  # so DeepSpeed checkpoints carry it
+    autocast = (lambda: torch.autocast(env.device.type, dtype=torch.bfloat16)) if bf16 and engine is None else nullcontext
+
+    step = 0
+    ckpt_root = out / CHECKPOINTS
+    previous = complete_checkpoints(ckpt_root) if cfg.resume else []
+    if previous:
+        if engine is not None:
+            _, client = engine.load_checkpoint(str(ckpt_root), tag=previous[-1].name)
+            step = client["step"]
+        else:
+            state = load_checkpoint(previous[-1], model, optimizer, env)
+            step = state["step"]
+            scheduler.load_state_dict(state["scheduler"])
+        if env.is_main:
+            print(f"resumed from {previous[-1]} at step {step}")
+
+    bar = tqdm(total=total_steps, initial=step, desc=f"{cfg.stage}", disable=not env.is_main, dynamic_ncols=True)
+    log_file = (out / "log.jsonl").open("a") if env.is_main else None
+    tokens_since, t0 = 0, time.perf_counter()
+    while step < total_steps:
+        epoch, in_epoch = divmod(step, steps_per_epoch)
+        micro = sampler.epoch(epoch)[in_epoch * cfg.grad_accum:(in_epoch + 1) * cfg.grad_accum]
+        losses = []
+        for k, indices in enumerate(micro):
+            batch = to_device(batcher(indices), env.device)
+            tokens_since += batch.pop("num_tokens")
+            last = k == len(micro) - 1
+            sync = nullcontext() if last or engine is not None or not hasattr(model, "no_sync") else model.no_sync()
+            with sync, autocast():
+                loss = model(**batch).loss
+            losses.append(loss.item())
+            if engine is not None:
+                engine.backward(loss)
+                engine.step()
+            else:
+                (loss / cfg.grad_accum).backward()
+        if engine is None:
+            torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], cfg.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+        step += 1
+        bar.update(1)
+
+        if step % cfg.log_every == 0 or step == total_steps:
+            loss_sum, tokens = all_reduce_sum([sum(losses) / len(losses), tokens_since], env.device)
+            elapsed = time.perf_counter() - t0
+            record = {"step": step, "loss": loss_sum / env.world_size, "lr": scheduler.get_last_lr()[0],
+                      "tokens_per_s": tokens / elapsed}
+            tokens_since, t0 = 0, time.perf_counter()
+            bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}", tok_s=f"{record['tokens_per_s']:.0f}")
+            if log_file:
+                log_file.write(json.dumps(record) + "\n")
+                log_file.flush()
+        if (cfg.eval_every and step % cfg.eval_every == 0) or step == total_steps:
+            ev = _eval_loss(model, eval_batcher, eval_sampler, env, autocast)
+            if ev is not None and env.is_main:
+                bar.write(f"step {step}: eval loss {ev:.4f}")
+                log_file.write(json.dumps({"step": step, "eval_loss": ev}) + "\n")
+        if step % cfg.save_every == 0 or step == total_steps:
+            _save(ckpt_root, step, model, optimizer, scheduler, engine, env, cfg)
+        if step == _KILL_AT_STEP:  # fault injection for the resume test: die like a killed job
+            os.kill(os.getpid(), signal.SIGKILL)
+    bar.close()
+    if log_file:
+        log_file.close()
+    barrier()
+    return complete_checkpoints(ckpt_root)[-1]
+
+
+def _save(root: Path, step: int, model, optimizer, scheduler, engine, env: DistEnv, cfg: TrainConfig) -> None:
+    if engine is None:
+        state = {"stage": cfg.stage, "scheduler": scheduler.state_dict()}
+        save_checkpoint(root, step, model, optimizer, state, env, keep_last=cfg.keep_last)
+        return
+    tag = f"step-{step:08d}"
+    engine.save_checkpoint(str(root), tag=tag, client_state={"step": step})
+    barrier()
+    if env.is_main:  # the marker goes last, so a killed save is never taken for a complete one
+        (root / tag / STATE_FILE).write_text(json.dumps({"step": step, "world_size": env.world_size}))
+        for old in complete_checkpoints(root)[:-cfg.keep_last]:
+            shutil.rmtree(old, ignore_errors=True)
+    barrier()

@@ -1,0 +1,44 @@
+"""``easygen train``: stage 1 / stage 2, under torchrun or plain python; exports OUTPUT_DIR/final at the end."""
+from __future__ import annotations
+
+import argparse
+
+
+def add_parser(sub) -> argparse.ArgumentParser:
+    p = sub.add_parser("train", help="train stage 1 (pretrain: projector) or stage 2 (instruct: LLM + projector)",
+                       description="Launch with torchrun --nproc_per_node=N (or plain python for one process). "
+                                   "Settings come from --config, then KEY=VALUE overrides (see easygen/train/config.py).")
+    p.add_argument("--stage", choices=["pretrain", "instruct"], required=True)
+    p.add_argument("--config", help="training config (JSON or YAML)")
+    p.add_argument("--strategy", choices=["ddp", "fsdp", "deepspeed"], help="overrides the config's strategy")
+    p.add_argument("--lora", action="store_true", help="train a LoRA adapter (stage instruct)")
+    p.add_argument("--no-export", action="store_true", help="skip writing OUTPUT_DIR/final at the end")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="e.g. lr=1e-4 max_steps=100")
+    return p
+
+
+def run(args) -> int:
+    import os
+    from pathlib import Path
+
+    from bidiffuser.distributed import shutdown
+
+    from .data import load_mixture
+    from .train.config import load_config
+    from .train.export import export
+    from .train.loop import train
+
+    extra = {"stage": args.stage}
+    overrides = list(args.overrides)
+    if args.strategy:
+        overrides.append(f"strategy={args.strategy}")
+    if args.lora:
+        overrides.append("lora=true")
+    cfg = load_config(args.config, overrides, **extra)
+    mixture = load_mixture(cfg.data, seed=cfg.seed)
+    last = train(cfg, mixture.train, mixture.eval)
+    shutdown()
+    if int(os.environ.get("RANK", "0")) == 0 and not args.no_export:
+        out = export(last, Path(cfg.output_dir) / "final")
+        print(f"exported {out}")
+    return 0
