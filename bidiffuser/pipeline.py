@@ -46,8 +46,22 @@ class BiDiffuserOutput:
 def make_generator(seed: int | None) -> torch.Generator:
     """A CPU generator: noise is drawn on the CPU so a seed gives the same result on any device."""
     g = torch.Generator("cpu")
-    g.manual_seed(seed if seed is not None else torch.seed())
+    if seed is None:
+        g.seed()  # a fresh random seed for this generator only; the global RNG is left alone
+    else:
+        g.manual_seed(seed)
     return g
+
+
+def _component(load):
+    """A lazily loaded component. Building a module draws random initial weights (overwritten by the
+    checkpoint); that must not shift the caller's global RNG, or a training run's dropout would
+    depend on when BiDiffuser happened to be loaded."""
+    def loader(self):
+        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+            return load(self)
+    loader.__doc__ = load.__doc__
+    return cached_property(loader)
 
 
 def _check_generators(generators: Sequence[torch.Generator], batch_size: int) -> None:
@@ -71,26 +85,26 @@ class BiDiffuser:
         return cls(read_config(directory), device=device, dtype=dtype)
 
     # -- components ---------------------------------------------------------------------------
-    @cached_property
+    @_component
     def uvit(self):
         return load_uvit(self.config.path("uvit"), self.config.uvit, self.device, self.dtype)
 
-    @cached_property
+    @_component
     def caption_decoder(self):
         cfg = self.config
         return load_caption_decoder(cfg.path("caption_decoder"), cfg.caption_decoder, cfg.path("tokenizer"),
                                     self.device, self.dtype)
 
-    @cached_property
+    @_component
     def autoencoder(self):
         return load_autoencoder(self.config.path("autoencoder"), self.config.autoencoder, self.device, self.dtype)
 
-    @cached_property
+    @_component
     def clip_image(self):
         return load_clip_image_encoder(self.config.path("clip_image"), self.device, self.dtype,
                                        backend=self.config.clip_backend)
 
-    @cached_property
+    @_component
     def clip_text(self):
         return load_clip_text_encoder(self.config.path("clip_text"), self.device, self.dtype,
                                       backend=self.config.clip_backend)

@@ -13,6 +13,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--strategy", choices=["ddp", "fsdp", "deepspeed"], help="overrides the config's strategy")
     p.add_argument("--lora", action="store_true", help="train a LoRA adapter (stage instruct)")
     p.add_argument("--no-export", action="store_true", help="skip writing OUTPUT_DIR/final at the end")
+    p.add_argument("--skip-bad-rows", action="store_true",
+                   help="leave malformed data rows out (and count them) instead of stopping at the first")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="e.g. lr=1e-4 max_steps=100")
     return p
 
@@ -35,7 +37,9 @@ def run(args) -> int:
     if args.lora:
         overrides.append("lora=true")
     cfg = load_config(args.config, overrides, **extra)
-    mixture = load_mixture(cfg.data, seed=cfg.seed)
+    mixture = load_mixture(cfg.data, on_error="skip" if args.skip_bad_rows else "raise")
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(mixture.summary())
     last = train(cfg, mixture.train, mixture.eval)
     shutdown()
     if int(os.environ.get("RANK", "0")) == 0 and not args.no_export:

@@ -5,12 +5,12 @@ import shutil
 import pytest
 import torch
 from PIL import Image
-from safetensors import safe_open
 
 from bidiffuser.checkpoint import fingerprint_file
 from bidiffuser.errors import BiDiffuserError
 from bidiffuser.model_dir import read_config
 from bidiffuser.pipeline import BiDiffuser
+from easygen.feature_store import FeatureStore
 from easygen.features import ImageFeatureExtractor
 
 from .conftest import make_image
@@ -43,11 +43,10 @@ def test_shapes_dtype_and_cache_files(pipe, images, tmp_path):
 
     buf = io.BytesIO()
     pil.convert("RGB").save(buf, format="PNG")  # an in-memory image is keyed by its PNG bytes
+    store = FeatureStore(tmp_path / "cache")  # a fresh index, read from the shards on disk
     for key in (ex.key(images[0].read_bytes()), ex.key(buf.getvalue())):
-        path = tmp_path / "cache" / key[:2] / f"{key}.safetensors"
-        with safe_open(str(path), framework="pt") as f:
-            assert f.get_tensor("latents").shape == (77, pipe.config.uvit.text_dim)
-            meta = f.metadata()
+        assert store.get(key).shape == (77, pipe.config.uvit.text_dim)
+        meta = store.metadata(key)
         assert meta["steps"] == str(STEPS) and meta["seed"] == "0" and meta["scale"] == "7.0"
         assert meta["bidiffuser"] == pipe.config.fingerprint()
     # Features feed trainable layers: they must not be inference-mode tensors.
@@ -98,19 +97,30 @@ def test_features_equal_an_independent_pipeline_computation(pipe, images):
     assert torch.equal(extractor(pipe, seed=seed, scale=scale)([red]), expected)
 
 
-def test_corrupt_cache_file_is_recomputed_and_overwritten(pipe, images, tmp_path):
+def test_corrupt_shard_is_skipped_with_a_warning_and_its_images_recomputed(pipe, images, tmp_path, caplog):
     red, green = images[:2]
     ex = extractor(pipe, cache_dir=tmp_path)
     good = ex([red])
     ex([green])
-    path, green_path = (ex.cache_path(ex.key(im.read_bytes())) for im in (red, green))
-    # empty, garbage, truncated, and a valid file of another image (metadata do not match the key)
-    for garbage in (b"", b"not a safetensors file", path.read_bytes()[:-10], green_path.read_bytes()):
+    path, green_path = ex.store.shards  # one shard per call: red's, then green's
+    assert ex.key(red.read_bytes()) in FeatureStore(tmp_path)
+    original = path.read_bytes()
+    # empty, garbage, truncated, and a valid shard of another image (red's key is not in it)
+    for garbage in (b"", b"not a safetensors file", original[:-10], green_path.read_bytes()):
+        path.write_bytes(original)
+        caplog.clear()
+        before = extractor(pipe, cache_dir=tmp_path)  # indexed red's shard while it was intact
         path.write_bytes(garbage)
-        misses = ex.misses
-        assert torch.equal(ex([red]), good) and ex.misses == misses + 1
-        ex([red])
-        assert ex.misses == misses + 1  # the rewritten file is read back
+        after = extractor(pipe, cache_dir=tmp_path)   # indexes the damaged shard
+        for reader in (before, after):
+            assert torch.equal(reader([red]), good) and reader.misses == 1
+            reader([red])
+            assert reader.misses == 1  # the recomputed latents (in a new shard) are served again
+        # one warning when `before` reads the shard; one when `after` indexes it, unless it is valid
+        warnings = caplog.text.count(f"skipping unreadable feature shard {path}")
+        assert warnings == (1 if garbage == green_path.read_bytes() else 2)
+        for shard in set(FeatureStore(tmp_path).shards) - {path, green_path}:
+            shard.unlink()  # drop the recomputed copies: the next round meets the damage again
 
 
 def test_bad_images_are_one_line_errors_naming_the_file(pipe, tmp_path):

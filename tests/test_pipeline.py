@@ -127,3 +127,16 @@ def test_one_generator_per_image_makes_results_independent_of_the_batch(pipe, re
     assert not torch.allclose(both[0], swapped[0])  # each row really uses its own generator
     with pytest.raises(BiDiffuserError, match="got 1 generators for a batch of 2"):
         pipe.image_to_text_latents([red_image, blue], steps=STEPS, generator=[g(1)])
+
+
+def test_the_global_rng_is_left_alone(tiny_dir, red_image):
+    """Loading components and sampling (seeded or not) never shift torch's global RNG: a training
+    run that computes features on the fly must see the same dropout masks as one that does not."""
+    torch.manual_seed(0)
+    expected = torch.rand(3)
+    torch.manual_seed(0)
+    pipe = BiDiffuser.from_pretrained(tiny_dir)  # fresh: the lazy loads happen inside the calls
+    pipe.image_to_text_latents([red_image], steps=2, seed=1)
+    pipe.image_to_text([red_image], steps=2)  # unseeded
+    pipe.text_to_image("x", steps=2, seed=2)
+    assert torch.equal(torch.rand(3), expected)
