@@ -1,4 +1,5 @@
-"""``bidiffuser`` command line: init / assemble a model directory, sample in any UniDiffuser mode."""
+"""``bidiffuser`` command line: init / assemble a model directory, sample in any UniDiffuser mode,
+fine-tune the U-ViT (``train``, under torchrun for several processes)."""
 from __future__ import annotations
 
 import argparse
@@ -45,7 +46,57 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", type=Path, default=Path("out"), help="directory for PNG outputs (default ./out)")
     s.add_argument("--quiet", action="store_true", help="no progress bar")
     add_device_args(s)
+
+    s = sub.add_parser("train", help="fine-tune the U-ViT with EasyGen's objective on captions (torchrun: DDP/FSDP)",
+                       description="Fine-tune the U-ViT of a BiDiffuser directory on image-caption pairs with "
+                                   "EasyGen's objective (image clean, text noised) and write a new directory. "
+                                   "Launch under torchrun for several processes; a rerun resumes from the last "
+                                   "complete checkpoint.")
+    s.add_argument("--model", required=True, help="BiDiffuser directory to start from")
+    s.add_argument("--data", required=True, help="captions TSV: image_path<TAB>caption per line")
+    s.add_argument("--image-root", help="folder that relative image paths start from (default: the TSV's folder)")
+    s.add_argument("--out", required=True, help="the new BiDiffuser directory to write")
+    s.add_argument("--run-dir", help="checkpoints and log.jsonl (default: OUT/checkpoints)")
+    length = s.add_mutually_exclusive_group()
+    length.add_argument("--steps", type=positive_int, help="optimizer steps (instead of --epochs)")
+    length.add_argument("--epochs", type=positive_int, default=1, help="passes over the data (default 1)")
+    s.add_argument("--batch-size", type=positive_int, default=4, help="micro-batch per process (default 4)")
+    s.add_argument("--grad-accum", type=positive_int, default=1, help="micro-batches per optimizer step (default 1)")
+    s.add_argument("--lr", type=float, default=1e-5, help="peak AdamW learning rate (default 1e-5)")
+    s.add_argument("--warmup-ratio", type=float, default=0.03, help="linear warm-up share of the steps, then cosine")
+    s.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay (default 0)")
+    s.add_argument("--max-grad-norm", type=float, default=0.0, help="gradient clipping (default 0: none)")
+    s.add_argument("--t2i-weight", type=float, default=0.0,
+                   help="weight of the text-to-image loss (text clean, image noised; default 0: off)")
+    s.add_argument("--ema-decay", type=float, default=0.9999,
+                   help="EMA decay (default 0.9999); the EMA weights are written")
+    s.add_argument("--no-ema", action="store_true", help="keep no EMA and write the raw weights")
+    s.add_argument("--strategy", choices=["ddp", "fsdp"], default="ddp",
+                   help="under torchrun: DDP, or FSDP2 sharding per U-ViT block (default ddp)")
+    s.add_argument("--save-every", type=positive_int, default=500, help="optimizer steps between checkpoints")
+    s.add_argument("--keep-last", type=int, default=2, help="checkpoints kept (default 2; 0 keeps all)")
+    s.add_argument("--log-every", type=positive_int, default=10, help="optimizer steps between log.jsonl records")
+    s.add_argument("--seed", type=int, default=42, help="data order and noise (default 42)")
+    s.add_argument("--activation-checkpointing", action="store_true", help="recompute block activations in backward")
+    s.add_argument("--skip-bad-rows", action="store_true", help="skip malformed TSV rows (counted) instead of failing")
+    s.add_argument("--copy", action="store_true", help="copy the unchanged components into OUT instead of symlinking")
+    s.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available; one GPU per process)")
+    s.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
+                   help="compute dtype of the U-ViT and the frozen encoders; trained weights, optimizer state "
+                        "and EMA stay float32")
     return p
+
+
+def _train(args) -> int:
+    import dataclasses
+
+    from .train import TrainConfig, train
+
+    if args.device is not None:
+        resolve_device(args.device)  # a clear error for an unknown or missing device
+    settings = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)}
+    train(TrainConfig(**{**settings, "ema_decay": None if args.no_ema else args.ema_decay}))
+    return 0
 
 
 def _sample(args) -> int:
@@ -108,6 +159,8 @@ def _main(argv: Sequence[str] | None) -> int:
                  copy=args.copy)
         print(f"wrote BiDiffuser directory {args.out}")
         return 0
+    if args.command == "train":
+        return _train(args)
     return _sample(args)
 
 

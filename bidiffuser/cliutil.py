@@ -40,14 +40,14 @@ def positive_int(text: str) -> int:
     return value
 
 
-def progress_bar(desc: str, disable: bool = False) -> tuple[Callable[[int, int], None], Callable[[], None]]:
+def progress_bar(desc: str, disable: bool = False, unit: str = "step") -> tuple[Callable[[int, int], None], Callable[[], None]]:
     """A (callback, close) pair driving a tqdm bar on stderr: callback(step, total)."""
     from tqdm import tqdm
     bar: dict = {}
 
     def update(step: int, total: int) -> None:
         if "bar" not in bar:
-            bar["bar"] = tqdm(total=total, desc=desc, unit="step", disable=disable, file=sys.stderr, leave=False)
+            bar["bar"] = tqdm(total=total, desc=desc, unit=unit, disable=disable, file=sys.stderr, leave=False)
         bar["bar"].n = step
         bar["bar"].refresh()
 
@@ -59,7 +59,7 @@ def progress_bar(desc: str, disable: bool = False) -> tuple[Callable[[int, int],
 
 
 def run_main(prog: str, main: Callable[[Sequence[str] | None], int], argv: Sequence[str] | None = None) -> int:
-    """Call ``main``; a BiDiffuserError (or a ValueError raised while checking input) becomes
+    """Call ``main``; a BiDiffuserError (every user-facing error derives from it) becomes
     ``prog: error: <message>`` and exit code 2, never a traceback. Ctrl-C exits with 130."""
     try:
         return main(argv) or 0

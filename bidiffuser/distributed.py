@@ -8,6 +8,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from .errors import BiDiffuserError
+
 
 @dataclass
 class DistEnv:
@@ -69,7 +71,7 @@ class ResumableSampler:
         self.n, self.mbs, self.env, self.seed, self.shuffle = num_examples, micro_batch_size, env, seed, shuffle
         self.batches_per_rank = num_examples // (micro_batch_size * env.world_size)
         if self.batches_per_rank == 0:
-            raise ValueError(f"{num_examples} examples are fewer than one micro-batch of {micro_batch_size} "
+            raise BiDiffuserError(f"{num_examples} examples are fewer than one micro-batch of {micro_batch_size} "
                              f"on each of {env.world_size} ranks")
 
     def epoch(self, epoch: int) -> list[list[int]]:

@@ -18,17 +18,22 @@ import shutil
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from safetensors.torch import load_file
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_state_dict, set_state_dict)
 
 from .checkpoint import atomic_path, save_safetensors
 from .distributed import DistEnv, barrier
+from .errors import BiDiffuserError
 
 STATE_FILE = "trainer_state.json"
 _STEP_DIR = re.compile(r"^step-(\d{8})$")
 # Frozen weights come from the model the run started from; saving them again would only cost disk.
 _OPTIONS = StateDictOptions(ignore_frozen_params=True)
+# Setting such a state dict must not ask for the frozen weights it leaves out (strict=True would);
+# a trainable weight missing from the checkpoint still fails, in dcp.load.
+_SET_OPTIONS = StateDictOptions(ignore_frozen_params=True, strict=False)
 
 
 def _step_dir(root: Path, step: int) -> Path:
@@ -45,8 +50,11 @@ def complete_checkpoints(root: str | Path) -> list[Path]:
 
 
 def save_checkpoint(root: str | Path, step: int, model, optimizer, state: dict, env: DistEnv,
-                    keep_last: int = 2) -> Path:
-    """Collective: every rank calls it. ``state`` (JSON-able) is stored by rank 0."""
+                    keep_last: int = 2, extra_state: dict[str, torch.Tensor] | None = None) -> Path:
+    """Collective: every rank calls it. ``state`` (JSON-able) is stored by rank 0.
+
+    ``extra_state`` holds further tensors to shard along (e.g. EMA weights, which are not
+    trainable parameters and so are not in the model's state dict); DTensors stay sharded."""
     root = Path(root)
     tmp = root / f".tmp-step-{step:08d}"
     if env.is_main:
@@ -54,7 +62,10 @@ def save_checkpoint(root: str | Path, step: int, model, optimizer, state: dict, 
         tmp.mkdir(parents=True)
     barrier()
     model_sd, optim_sd = get_state_dict(model, optimizer, options=_OPTIONS)
-    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp))
+    to_save = {"model": model_sd, "optim": optim_sd}
+    if extra_state:
+        to_save["extra"] = dict(extra_state)
+    dcp.save(to_save, checkpoint_id=str(tmp), no_dist=not dist.is_initialized())
     rng = {"cpu": torch.get_rng_state()}
     if torch.cuda.is_available():
         rng["cuda"] = torch.cuda.get_rng_state()
@@ -73,18 +84,27 @@ def save_checkpoint(root: str | Path, step: int, model, optimizer, state: dict, 
     return final
 
 
-def load_checkpoint(path: str | Path, model, optimizer, env: DistEnv) -> dict:
-    """Collective: restore weights, optimizer and this rank's RNG; returns the trainer state."""
+def load_checkpoint(path: str | Path, model, optimizer, env: DistEnv,
+                    extra_state: dict[str, torch.Tensor] | None = None) -> dict:
+    """Collective: restore weights, optimizer and this rank's RNG; returns the trainer state.
+
+    ``extra_state``: the tensors given to ``save_checkpoint``, same names and shapes, filled in place."""
     path = Path(path)
     state = json.loads((path / STATE_FILE).read_text())
     if state.get("world_size") != env.world_size:
         # DCP reshards weights fine, but the data order per rank would differ from the original run.
-        raise ValueError(f"{path} was written by {state.get('world_size')} ranks; resume with the same number "
+        raise BiDiffuserError(f"{path} was written by {state.get('world_size')} ranks; resume with the same number "
                          f"(this run has {env.world_size}) to continue the same data order")
     model_sd, optim_sd = get_state_dict(model, optimizer, options=_OPTIONS)
     sd = {"model": model_sd, "optim": optim_sd}
-    dcp.load(sd, checkpoint_id=str(path))
-    set_state_dict(model, optimizer, model_state_dict=sd["model"], optim_state_dict=sd["optim"], options=_OPTIONS)
+    if extra_state:
+        sd["extra"] = dict(extra_state)
+    dcp.load(sd, checkpoint_id=str(path), no_dist=not dist.is_initialized())
+    for name, tensor in (extra_state or {}).items():
+        if sd["extra"][name] is not tensor:  # DCP may hand back a new tensor instead of filling ours
+            tensor.copy_(sd["extra"][name])
+    set_state_dict(model, optimizer, model_state_dict=sd["model"], optim_state_dict=sd["optim"],
+                   options=_SET_OPTIONS)
     rng = load_file(str(path / f"rng-rank{env.rank}.safetensors"))
     torch.set_rng_state(rng["cpu"])
     if "cuda" in rng and torch.cuda.is_available():
@@ -98,7 +118,7 @@ def load_weights_only(path: str | Path, model) -> None:
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
     sd = get_model_state_dict(model, options=_OPTIONS)
     dcp.load({"model": sd}, checkpoint_id=str(path), no_dist=True)
-    set_model_state_dict(model, sd, options=_OPTIONS)
+    set_model_state_dict(model, sd, options=_SET_OPTIONS)
 
 
 def _python_rng():

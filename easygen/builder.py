@@ -185,6 +185,14 @@ def _tokenizer(*candidates: Path):
     raise BiDiffuserError(f"no tokenizer found in {', '.join(str(c) for c in candidates if c)}")
 
 
+def find_bidiffuser_dir(bidiffuser: str | os.PathLike | None, *model_dirs) -> Path | None:
+    """``bidiffuser`` when given, else the first ``bidiffuser/`` inside the model directories
+    (adapter first, then base), else None."""
+    if bidiffuser:
+        return Path(bidiffuser)
+    return next((Path(d) / "bidiffuser" for d in model_dirs if d and (Path(d) / "bidiffuser").is_dir()), None)
+
+
 def load_pretrained(model_path: str | os.PathLike, model_base: str | os.PathLike | None = None,
                     lora: str | os.PathLike | None = None, projector: str | os.PathLike | None = None,
                     merge_lora: bool = False, bidiffuser: str | os.PathLike | None = None,
@@ -213,8 +221,7 @@ def load_pretrained(model_path: str | os.PathLike, model_base: str | os.PathLike
         if projector is None and (adapter / PROJECTOR_FILE).exists():
             projector = adapter / PROJECTOR_FILE  # trained with the adapter: supersedes the base's
 
-    bidiffuser_dir = Path(bidiffuser) if bidiffuser else next(
-        (d / "bidiffuser" for d in (adapter, base) if d is not None and (d / "bidiffuser").is_dir()), None)
+    bidiffuser_dir = find_bidiffuser_dir(bidiffuser, adapter, base)
     new_projector = None
     if new_projector_hidden is not None:
         if bidiffuser_dir is None:

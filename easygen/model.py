@@ -45,6 +45,11 @@ class EasyGenForCausalLM(LlamaForCausalLM):
         embeds = self.get_input_embeddings()(input_ids.masked_fill(is_image, 0))
         n_positions = int(is_image.sum())
         if n_positions == 0:
+            if self.training and torch.is_grad_enabled():
+                # A text-only batch must still give the projector a (zero) gradient: DDP and FSDP
+                # reduce gradients with collectives that every rank has to join with the same tensors.
+                probe = self.projector(embeds.new_zeros(1, self.config.mm_hidden_size, dtype=self.projector_dtype))
+                embeds = embeds + 0.0 * probe.sum().to(embeds.dtype)
             return embeds
         if image_features is None:
             raise ValueError("the prompt has image positions but no image_features were given")

@@ -1,5 +1,6 @@
 """Training data: the readers, the data config (mixtures), and the sample files in data/."""
 import json
+import os
 from collections import Counter
 from pathlib import Path
 
@@ -47,7 +48,7 @@ def test_tsv_captions_become_one_exchange_with_a_brief_description_prompt(tmp_pa
 
 def test_tsv_malformed_rows_name_file_and_line_or_are_counted(tmp_path, root):
     tsv = write(tmp_path / "caps.tsv", "a.png\tfine\nb.png no tab\nc.png\t\nd.png\tx\ty\ne.png\tfine too\n")
-    with pytest.raises(EasyGenError, match=rf"caps.tsv:2: expected 'image_path<TAB>caption', got 1"):
+    with pytest.raises(EasyGenError, match=r"caps.tsv:2: expected 'image_path<TAB>caption', got 1"):
         read_tsv(tsv, root)
     bad = BadRows(skip=True)
     examples = read_tsv(tsv, root, bad_rows=bad)
@@ -193,10 +194,13 @@ def test_mixture_eval_sets_and_max_samples(tmp_path, root):
     assert mix.stats["caps"] == {"read": 4, "train": 3, "eval": 0}
     assert mix.stats["chat_eval"] == {"read": 4, "train": 0, "eval": 4}
 
-    held = load_mixture({**config, "datasets": config["datasets"][:1], "eval_fraction": 0.5}, base_dir=tmp_path)
+    # all four captions (a-d.png); with seed 2 the file-name hash holds out b and c
+    full = {k: v for k, v in config["datasets"][0].items() if k != "max_samples"}
+    held = load_mixture({**config, "seed": 2, "datasets": [full], "eval_fraction": 0.5}, base_dir=tmp_path)
     train_images = {im for ex in held.train for im in ex["images"]}
     eval_images = {im for ex in held.eval for im in ex["images"]}
-    assert held.eval and held.train and not train_images & eval_images  # whole images are held out
+    assert {os.path.basename(i) for i in eval_images} == {"b.png", "c.png"}
+    assert not train_images & eval_images  # whole images are held out
 
 
 def test_mixture_yaml_config(tmp_path, root):

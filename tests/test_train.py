@@ -27,10 +27,10 @@ def _config(tmp_path, tiny_easygen_dir, name="run", **overrides) -> Path:
     return path
 
 
-def _launch(args, nproc=1, env=None, timeout=600):
+def _launch(args, nproc=1, env=None, timeout=300):
     """`easygen train ...` in a fresh process: torchrun for several ranks, python for one."""
     if nproc > 1:
-        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--master_port=0",
+        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--standalone",
                "-m", "easygen.cli", *args]
     else:
         cmd = [sys.executable, "-m", "easygen.cli", *args]

@@ -146,8 +146,9 @@ def _subset(examples: list[dict], k: int, rng: random.Random) -> list[dict]:
 
 
 def _held_out(example: dict, seed: int, fraction: float) -> bool:
-    """Whether the example's image group goes to evaluation: a hash, so it is stable per image."""
-    group = example["images"][0] if example["images"] else example["id"]
+    """Whether the example's image group goes to evaluation: a hash of the image's file name, so it
+    is stable per image and does not change when the data set moves to another folder."""
+    group = os.path.basename(example["images"][0]) if example["images"] else example["id"]
     digest = hashlib.sha256(f"{seed}:{group}".encode()).digest()
     return int.from_bytes(digest[:8], "big") / 2**64 < fraction
 

@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from bidiffuser.captions import iter_caption_tsv
+from bidiffuser.errors import BiDiffuserError
 from easygen.constants import IMAGE_PLACEHOLDER, IMG_CLOSE, IMG_OPEN
 from easygen.errors import EasyGenError
 from easygen.eval.data import read_json, read_karpathy
@@ -89,37 +91,19 @@ def _root(path: Path, image_root: str | os.PathLike | None) -> Path:
 # ------------------------------------------------------------------------------- captions TSV
 def read_tsv(path: str | os.PathLike, image_root: str | os.PathLike | None = None,
              bad_rows: BadRows | None = None) -> list[dict]:
-    """``image_path<TAB>caption`` per line (LaVi-Bridge style). Blank lines are ignored, and so is
-    a first line that is a header (``image``/``image_path``/``path``/``file`` then ``caption``/``text``)."""
+    """``image_path<TAB>caption`` per line (LaVi-Bridge style), parsed by BiDiffuser's reader (the one
+    reader of this format): blank lines and a header line are ignored."""
     path, bad_rows = Path(path), bad_rows or BadRows()
-    root = _root(path, image_root)
     examples = []
     try:
-        with open(path, encoding="utf-8", newline="") as f:
-            lines = f.read().splitlines()
-    except FileNotFoundError:
-        raise EasyGenError(f"captions TSV not found: {path}") from None
-    except IsADirectoryError:
-        raise EasyGenError(f"captions TSV is a directory: {path}") from None
-    except UnicodeDecodeError as e:
-        raise EasyGenError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
-    for lineno, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        where = f"{path}:{lineno}"
-        fields = line.split("\t")
-        if lineno == 1 and len(fields) == 2 and fields[0].strip().lower() in ("image", "image_path", "path", "file") \
-                and fields[1].strip().lower() in ("caption", "text"):
-            continue
-        try:
-            if len(fields) != 2:
-                raise BadRow(f"expected 'image_path<TAB>caption', got {len(fields)} tab-separated field(s)")
-            image, caption = fields
-            if not caption.strip():
-                raise BadRow("empty caption")
-            examples.append(caption_example(f"{path.name}:{lineno}", _resolve(root, image), caption, where))
-        except BadRow as e:
-            bad_rows.add(where, str(e))
+        for lineno, image, caption, problem in iter_caption_tsv(path, image_root):
+            where = f"{path}:{lineno}"
+            if problem is not None:
+                bad_rows.add(where, problem)
+            else:
+                examples.append(caption_example(f"{path.name}:{lineno}", Path(image), caption, where))
+    except BiDiffuserError as e:
+        raise EasyGenError(str(e)) from None
     return examples
 
 

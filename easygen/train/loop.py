@@ -25,6 +25,7 @@ from bidiffuser.distributed import DistEnv, ResumableSampler, all_reduce_sum, ba
 from bidiffuser.train_checkpoint import STATE_FILE, complete_checkpoints, load_checkpoint, save_checkpoint
 
 from ..builder import load_pretrained
+from ..errors import EasyGenError
 from ..features import ImageFeatureExtractor
 from .batches import Batcher, to_device
 from .config import TrainConfig
@@ -62,19 +63,28 @@ def build_model(cfg: TrainConfig, device="cpu"):
     return model.train(), loaded
 
 
-def _wrap(model, cfg: TrainConfig, env: DistEnv, bf16: bool):
-    """(model to call, optimizer, engine or None) for the chosen strategy."""
-    params = [p for p in model.parameters() if p.requires_grad]
+def _wrap(model, cfg: TrainConfig, env: DistEnv, bf16: bool, total_steps: int):
+    """(model to call, optimizer, lr scheduler, DeepSpeed engine or None) for the chosen strategy."""
+    def schedule(optimizer):  # cosine with linear warm-up, stepped once per optimizer step
+        return get_cosine_schedule_with_warmup(optimizer, math.ceil(cfg.warmup_ratio * total_steps), total_steps)
+
+    def adamw(params):
+        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
     if cfg.strategy == "deepspeed":
         import deepspeed
         ds_config = json.loads(Path(cfg.deepspeed_config).read_text())
+        if "optimizer" in ds_config or "scheduler" in ds_config:
+            raise EasyGenError(f"{cfg.deepspeed_config}: leave out 'optimizer' and 'scheduler'; the trainer "
+                               f"gives DeepSpeed its AdamW (lr, weight_decay) and cosine schedule")
         ds_config.update(train_micro_batch_size_per_gpu=cfg.micro_batch_size,
-                         gradient_accumulation_steps=cfg.grad_accum, gradient_clipping=cfg.max_grad_norm)
-        ds_config.setdefault("optimizer", {"type": "AdamW", "params": {}})["params"].update(
-            lr=cfg.lr, weight_decay=cfg.weight_decay, torch_adam=True)  # torch_adam: no C++ op build
-        ds_config["bf16"] = {"enabled": bf16}
-        engine, optimizer, _, _ = deepspeed.initialize(model=model, model_parameters=params, config=ds_config)
-        return engine, optimizer, engine
+                         gradient_accumulation_steps=cfg.grad_accum, gradient_clipping=cfg.max_grad_norm,
+                         bf16={"enabled": bf16})
+        # A torch AdamW (not DeepSpeed's fused one) needs no C++ extension build.
+        engine, optimizer, _, scheduler = deepspeed.initialize(
+            model=model, optimizer=adamw([p for p in model.parameters() if p.requires_grad]),
+            lr_scheduler=schedule, config=ds_config)
+        return engine, optimizer, scheduler, engine
     if cfg.strategy == "fsdp" and env.distributed:
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
         mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else MixedPrecisionPolicy()
@@ -84,9 +94,8 @@ def _wrap(model, cfg: TrainConfig, env: DistEnv, bf16: bool):
     elif cfg.strategy == "ddp" and env.distributed:
         from torch.nn.parallel import DistributedDataParallel
         model = DistributedDataParallel(model, device_ids=[env.local_rank] if env.device.type == "cuda" else None)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr,
-                                  weight_decay=cfg.weight_decay)
-    return model, optimizer, None
+    optimizer = adamw([p for p in model.parameters() if p.requires_grad])
+    return model, optimizer, schedule(optimizer), None
 
 
 def _report_shard(model, env: DistEnv) -> None:
@@ -143,11 +152,8 @@ def train(cfg: TrainConfig, examples: list[dict], eval_examples: list[dict] | No
     if steps_per_epoch == 0:
         raise ValueError("grad_accum is larger than the number of micro-batches in an epoch")
     total_steps = cfg.max_steps or steps_per_epoch * cfg.epochs
-    model, optimizer, engine = _wrap(model, cfg, env, bf16)
+    model, optimizer, scheduler, engine = _wrap(model, cfg, env, bf16, total_steps)
     _report_shard(model, env)
-    scheduler = get_cosine_schedule_with_warmup(optimizer, math.ceil(cfg.warmup_ratio * total_steps), total_steps)
-    if engine is not None:
-        engine.lr_scheduler = scheduler  # so DeepSpeed checkpoints carry it
     autocast = (lambda: torch.autocast(env.device.type, dtype=torch.bfloat16)) if bf16 and engine is None else nullcontext
 
     step = 0

@@ -1,0 +1,383 @@
+"""``bidiffuser train``: fine-tune the U-ViT with EasyGen's BiDiffuser objective (one file, top to bottom).
+
+Per caption pair: x0 = encode_prefix(CLIP text(caption)) (77 x text_dim), z = VAE posterior sample
+of the image (scaled), clip_img = CLIP image embedding; n uniform in 1..N and eps ~ N(0, I) per
+sample (EasyGen draws one n per batch); x_n = sqrt(abar_n) x0 + sqrt(1 - abar_n) eps. The U-ViT
+sees the image clean (t_img = 0) and the text at t_text = n:
+
+    loss = MSE(text_out, eps) + MSE(img_out, 0)                       (EasyGen's ``LSimple``)
+         + t2i_weight * [MSE(img_out', eps_img) + MSE(clip_out', eps_clip)]   (text clean, image at n')
+
+VAE, CLIP and the caption decoder stay frozen and encode each micro-batch on the fly. An EMA of the
+U-ViT weights is kept (and checkpointed sharded with them); it is what the new model directory gets.
+Launch with ``torchrun`` for DDP or FSDP2 (``fully_shard`` per U-ViT block, then the root). Every
+random draw of a sample (posterior noise, n, eps) comes from a generator seeded by (seed, epoch,
+example index), so a run gives the same result whatever the batch layout, and resuming from a
+checkpoint continues exactly the uninterrupted run.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import shutil
+import signal
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+from tqdm import tqdm
+
+from .captions import read_caption_tsv
+from .checkpoint import atomic_path, save_safetensors
+from .distributed import DistEnv, ResumableSampler, all_reduce_sum, barrier, init_distributed, shutdown
+from .errors import BiDiffuserError
+from .images import load_image
+from .model_dir import CONFIG_NAME, BiDiffuserConfig, read_config, write_config
+from .sampler import NoiseSchedule
+from .train_checkpoint import complete_checkpoints, load_checkpoint, save_checkpoint
+from .uvit import UViT, load_uvit
+
+CHECKPOINTS = "checkpoints"
+UVIT_FILE = "uvit.safetensors"
+# Tests set this to kill the process (SIGKILL, no clean-up) right after the given optimizer step.
+KILL_ENV = "BIDIFFUSER_TEST_KILL_AT_STEP"
+# Settings that define the run: resuming with any of them changed would not continue the same run.
+_RUN_KEYS = ("seed", "batch_size", "grad_accum", "lr", "warmup_ratio", "weight_decay", "max_grad_norm",
+             "t2i_weight", "ema_decay")
+
+
+@dataclass
+class TrainConfig:
+    model: str                           # BiDiffuser directory to start from
+    data: str                            # captions TSV: image_path<TAB>caption
+    out: str                             # the new BiDiffuser directory
+    image_root: str | None = None        # default: the TSV's folder
+    run_dir: str | None = None           # checkpoints + log (default: OUT/checkpoints)
+    steps: int | None = None             # optimizer steps; overrides epochs
+    epochs: int = 1
+    batch_size: int = 4                  # micro-batch per rank
+    grad_accum: int = 1
+    lr: float = 1e-5
+    warmup_ratio: float = 0.03
+    weight_decay: float = 0.0
+    max_grad_norm: float = 0.0           # 0: no clipping (EasyGen's BiDiffuser training clips nothing)
+    t2i_weight: float = 0.0
+    ema_decay: float | None = 0.9999     # None: no EMA, the raw weights are written
+    strategy: str = "ddp"                # ddp | fsdp (only matters under torchrun)
+    save_every: int = 500
+    keep_last: int = 2
+    log_every: int = 10
+    seed: int = 42
+    device: str | None = None            # default: cuda when available
+    dtype: str = "float32"               # float32 | bfloat16 (autocast; weights stay float32)
+    activation_checkpointing: bool = False
+    skip_bad_rows: bool = False
+    copy: bool = False                   # copy the frozen components into OUT instead of symlinking
+
+    def validate(self) -> "TrainConfig":
+        problems = []
+        if self.strategy not in ("ddp", "fsdp"):
+            problems.append("strategy must be ddp or fsdp")
+        if self.dtype not in ("float32", "bfloat16"):
+            problems.append("dtype must be float32 or bfloat16 (float16 would need loss scaling)")
+        for name in ("epochs", "batch_size", "grad_accum", "save_every", "log_every"):
+            if getattr(self, name) < 1:
+                problems.append(f"{name} must be at least 1")
+        if self.steps is not None and self.steps < 1:
+            problems.append("steps must be at least 1")
+        if self.keep_last < 0:
+            problems.append("keep_last must be >= 0 (0 keeps every checkpoint)")
+        if self.ema_decay is not None and not 0.0 <= self.ema_decay < 1.0:
+            problems.append("ema_decay must lie in [0, 1)")
+        if self.lr <= 0 or not 0.0 <= self.warmup_ratio <= 1.0 or self.t2i_weight < 0:
+            problems.append("lr must be > 0, warmup_ratio in [0, 1], t2i_weight >= 0")
+        if problems:
+            raise BiDiffuserError("bad training settings: " + "; ".join(problems))
+        return self
+
+    @property
+    def run_path(self) -> Path:
+        return Path(self.run_dir) if self.run_dir else Path(self.out) / CHECKPOINTS
+
+
+# ------------------------------------------------------------------------------------------ data
+def sample_generator(seed: int, epoch: int, index: int) -> torch.Generator:
+    """The CPU generator behind every random draw for example ``index`` in ``epoch``."""
+    digest = hashlib.sha256(f"{seed}:{epoch}:{index}".encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)
+
+
+def encode_batch(pipe, rows: list[tuple[str, str]], gens: list[torch.Generator]):
+    """Frozen encoders: (z, clip_img, x0) for the rows, as ordinary (autograd-usable) tensors."""
+    images = [load_image(path) for path, _ in rows]
+    z, clip_img = pipe.encode_images(images, generator=gens)
+    x0 = pipe.encode_prompts([caption for _, caption in rows])
+    # The pipeline encodes under inference_mode; such tensors cannot be saved for backward.
+    return z.clone(), clip_img.clone(), x0.clone()
+
+
+# ------------------------------------------------------------------------------------------ loss
+def easygen_loss(nnet, schedule: NoiseSchedule, z, clip_img, x0, gens: list[torch.Generator],
+                 t2i_weight: float = 0.0, data_type: int = 1) -> tuple[torch.Tensor, dict[str, float]]:
+    """EasyGen's BiDiffuser loss (see the module docstring); returns (loss, its terms as floats).
+
+    With a t2i term the two conditionings run as ONE batched forward (rows: i2t, then t2i).
+    """
+    B, dev = z.shape[0], z.device
+    draw = lambda shape: torch.stack([torch.randn(shape, generator=g) for g in gens]).to(dev)  # noqa: E731
+    n = torch.cat([schedule.sample_timesteps(1, g) for g in gens])
+    eps = draw(x0.shape[1:])
+    zeros = torch.zeros(B, dtype=torch.long)
+    img, clip, text = z, clip_img, schedule.add_noise(x0, eps, n)
+    t_img, t_text = zeros, n
+    if t2i_weight:
+        n2 = torch.cat([schedule.sample_timesteps(1, g) for g in gens])
+        eps_img, eps_clip = draw(z.shape[1:]), draw(clip_img.shape[1:])
+        img = torch.cat([z, schedule.add_noise(z, eps_img, n2)])
+        clip = torch.cat([clip_img, schedule.add_noise(clip_img, eps_clip, n2)])
+        text = torch.cat([text, x0])
+        t_img, t_text = torch.cat([zeros, n2]), torch.cat([n, zeros])
+    img_out, clip_out, text_out = nnet(img, clip, text, t_img.to(dev), t_text.to(dev), data_type)
+    terms = {"text": F.mse_loss(text_out[:B].float(), eps),
+             "img": img_out[:B].float().pow(2).mean()}  # drives the (clean) image's output to zero
+    loss = terms["text"] + terms["img"]
+    if t2i_weight:
+        terms["t2i"] = F.mse_loss(img_out[B:].float(), eps_img) + F.mse_loss(clip_out[B:].float(), eps_clip)
+        loss = loss + t2i_weight * terms["t2i"]
+    return loss, {k: v.item() for k, v in terms.items()}
+
+
+# ------------------------------------------------------------------------------------------ model
+class EMA:
+    """Exponential moving average of the trainable U-ViT weights: ema <- d * ema + (1 - d) * w.
+    Under FSDP the copies are DTensors sharded like the weights, and checkpoint that way."""
+
+    def __init__(self, uvit: UViT, decay: float):
+        self.decay = decay
+        self.params = {n: p for n, p in uvit.named_parameters() if p.requires_grad}
+        self.shadow = {n: p.detach().clone() for n, p in self.params.items()}
+
+    @torch.no_grad()
+    def update(self) -> None:
+        for name, p in self.params.items():
+            self.shadow[name].lerp_(p.detach(), 1.0 - self.decay)
+
+    def state(self) -> dict[str, torch.Tensor]:
+        return {f"ema.{n}": t for n, t in self.shadow.items()}
+
+
+def _wrap(uvit: UViT, cfg: TrainConfig, env: DistEnv):
+    """(model to call, optimizer) for the strategy; the U-ViT itself stays reachable as ``uvit``."""
+    model = uvit
+    if env.distributed and cfg.strategy == "fsdp":
+        mp = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+              if cfg.dtype == "bfloat16" else MixedPrecisionPolicy())
+        for block in [*uvit.in_blocks, uvit.mid_block, *uvit.out_blocks]:
+            fully_shard(block, mp_policy=mp)
+        fully_shard(uvit, mp_policy=mp)
+    elif env.distributed:
+        from torch.nn.parallel import DistributedDataParallel
+        model = DistributedDataParallel(uvit, device_ids=[env.local_rank] if env.device.type == "cuda" else None)
+    optimizer = torch.optim.AdamW([p for p in uvit.parameters() if p.requires_grad], lr=cfg.lr,
+                                  weight_decay=cfg.weight_decay)
+    return model, optimizer
+
+
+def _gradient_sync(model, uvit, enabled: bool):
+    """Skip the gradient all-reduce on all but the last micro-batch of an accumulation."""
+    if hasattr(model, "no_sync"):  # DDP
+        return nullcontext() if enabled else model.no_sync()
+    if isinstance(uvit, FSDPModule):
+        uvit.set_requires_gradient_sync(enabled)
+    return nullcontext()
+
+
+def full_state_dict(uvit: UViT, ema: EMA | None, keep: bool) -> dict[str, torch.Tensor]:
+    """Collective: the whole U-ViT state dict on the CPU (EMA weights where kept), gathered from the
+    FSDP shards one tensor at a time; only a rank with ``keep`` holds on to it (the others get {})."""
+    from torch.distributed.tensor import DTensor
+    sd = dict(uvit.state_dict())
+    if ema is not None:
+        sd.update(ema.shadow)
+    full = {}
+    for name, tensor in sd.items():
+        if isinstance(tensor, DTensor):
+            tensor = tensor.full_tensor()  # every rank takes part in the all-gather
+        if keep:
+            full[name] = tensor.detach().float().cpu()
+    return full
+
+
+def write_model_dir(source: BiDiffuserConfig, out: str | os.PathLike, uvit_sd: dict[str, torch.Tensor],
+                    copy: bool = False) -> Path:
+    """A new BiDiffuser directory: ``uvit.safetensors`` plus the unchanged components of ``source``
+    (symlinked to their resolved paths, or copied). ``bidiffuser.json`` is removed first and written
+    last (atomically), so the directory only reads as a model once it is complete. The folder is not
+    swapped as a whole because the run's checkpoints usually live inside it."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / CONFIG_NAME).unlink(missing_ok=True)
+    save_safetensors(uvit_sd, out / UVIT_FILE)
+    files = {"uvit": UVIT_FILE}
+    for component in sorted(source.files):
+        if component == "uvit":
+            continue
+        src = source.path(component).resolve()
+        name = component + ("" if src.is_dir() else src.suffix)  # distinct names by construction
+        dst = out / name
+        if dst.is_dir() and not dst.is_symlink():
+            shutil.rmtree(dst)
+        else:
+            dst.unlink(missing_ok=True)
+        if copy:
+            (shutil.copytree if src.is_dir() else shutil.copy2)(src, dst)
+        else:
+            dst.symlink_to(src, target_is_directory=src.is_dir())
+        files[component] = name
+    write_config(dataclasses.replace(source, root=out, files=files))
+    return out
+
+
+# ------------------------------------------------------------------------------------------ run
+def _check_paths(cfg: TrainConfig) -> None:
+    out, model = Path(cfg.out), Path(cfg.model)
+    if out.resolve() == model.resolve():
+        raise BiDiffuserError(f"--out {out} is the model directory being fine-tuned; write a new directory")
+    if (out.is_dir() and any(out.iterdir()) and not (out / CONFIG_NAME).exists()
+            and not cfg.run_path.is_dir()):
+        raise BiDiffuserError(f"{out} exists and is neither a BiDiffuser directory nor a training run; "
+                              f"not writing into it")
+
+
+def _run_signature(cfg: TrainConfig, rows: list[tuple[str, str]], total_steps: int) -> dict:
+    captions = hashlib.sha256("\n".join(c for _, c in rows).encode()).hexdigest()
+    return {**{k: getattr(cfg, k) for k in _RUN_KEYS}, "total_steps": total_steps,
+            "num_examples": len(rows), "captions_sha256": captions}
+
+
+def _check_resume(path: Path, saved: dict, now: dict) -> None:
+    changed = [f"{k} {saved.get(k)!r} -> {v!r}" for k, v in now.items() if saved.get(k) != v]
+    if changed:
+        raise BiDiffuserError(f"{path} belongs to a run with other settings ({'; '.join(changed)}); "
+                              f"use the same settings to resume, or a new --run-dir / --out")
+
+
+def train(cfg: TrainConfig) -> Path:
+    """Run (or resume) a fine-tuning run and write the new BiDiffuser directory; returns its path."""
+    from transformers import get_cosine_schedule_with_warmup
+
+    from .pipeline import BiDiffuser
+
+    cfg.validate()
+    _check_paths(cfg)
+    kill_at = int(os.environ.get(KILL_ENV, "0"))
+    rows, skipped = read_caption_tsv(cfg.data, cfg.image_root, "skip" if cfg.skip_bad_rows else "raise",
+                                     check_images=True)
+    env = init_distributed(cfg.device)
+    run = cfg.run_path
+    if env.is_main:
+        if skipped:
+            print(f"{cfg.data}: skipped {skipped} malformed row(s)")
+        run.mkdir(parents=True, exist_ok=True)
+        with atomic_path(run / "train_config.json") as p:
+            p.write_text(json.dumps(dataclasses.asdict(cfg), indent=1))
+
+    source = read_config(cfg.model)
+    amp = torch.bfloat16 if cfg.dtype == "bfloat16" else torch.float32
+    pipe = BiDiffuser(source, device=env.device, dtype=amp)  # frozen encoders, loaded on first use
+    uvit = load_uvit(source.path("uvit"), source.uvit, env.device, torch.float32).train()
+    # clip_img_out feeds no loss term without the t2i term: frozen, it keeps its weights (as it would
+    # with no gradient), and DDP does not wait for a gradient that never comes.
+    uvit.clip_img_out.requires_grad_(cfg.t2i_weight > 0)
+    for block in [*uvit.in_blocks, uvit.mid_block, *uvit.out_blocks]:
+        block.use_checkpoint = cfg.activation_checkpointing
+
+    try:
+        sampler = ResumableSampler(len(rows), cfg.batch_size, env, cfg.seed)
+    except BiDiffuserError as e:
+        raise BiDiffuserError(f"{cfg.data}: {e}") from None
+    steps_per_epoch = sampler.batches_per_rank // cfg.grad_accum
+    if steps_per_epoch == 0:
+        raise BiDiffuserError(f"{cfg.data}: {len(rows)} examples make fewer than one optimizer step "
+                              f"(batch size {cfg.batch_size} x {env.world_size} ranks x grad accum {cfg.grad_accum})")
+    total_steps = cfg.steps or steps_per_epoch * cfg.epochs
+    model, optimizer = _wrap(uvit, cfg, env)
+    ema = EMA(uvit, cfg.ema_decay) if cfg.ema_decay is not None else None
+    scheduler = get_cosine_schedule_with_warmup(optimizer, math.ceil(cfg.warmup_ratio * total_steps), total_steps)
+    autocast = (lambda: torch.autocast(env.device.type, dtype=torch.bfloat16)) \
+        if amp == torch.bfloat16 and not isinstance(uvit, FSDPModule) else nullcontext  # FSDP2 casts itself
+    signature = _run_signature(cfg, rows, total_steps)
+
+    step = 0
+    previous = complete_checkpoints(run)
+    if previous:
+        saved = json.loads((previous[-1] / "trainer_state.json").read_text())
+        _check_resume(previous[-1], saved.get("run", {}), signature)
+        state = load_checkpoint(previous[-1], model, optimizer, env, ema.state() if ema else None)
+        step = state["step"]
+        scheduler.load_state_dict(state["scheduler"])
+        if env.is_main:
+            print(f"resumed from {previous[-1]} at step {step}")
+
+    schedule = NoiseSchedule.stable_diffusion()
+    samples_per_step = cfg.batch_size * cfg.grad_accum * env.world_size
+    bar = tqdm(total=total_steps, initial=step, desc="bidiffuser train", disable=not env.is_main, dynamic_ncols=True)
+    log_file = (run / "log.jsonl").open("a") if env.is_main else None
+    sums, t0, steps_since = {}, time.perf_counter(), 0
+    while step < total_steps:
+        epoch, in_epoch = divmod(step, steps_per_epoch)
+        micro = sampler.epoch(epoch)[in_epoch * cfg.grad_accum:(in_epoch + 1) * cfg.grad_accum]
+        for k, indices in enumerate(micro):
+            gens = [sample_generator(cfg.seed, epoch, i) for i in indices]
+            z, clip_img, x0 = encode_batch(pipe, [rows[i] for i in indices], gens)
+            with _gradient_sync(model, uvit, k == len(micro) - 1), autocast():
+                loss, terms = easygen_loss(model, schedule, z, clip_img, x0, gens, cfg.t2i_weight, source.data_type)
+            (loss / cfg.grad_accum).backward()
+            for name, value in {"loss": loss.item(), **terms}.items():
+                sums[name] = sums.get(name, 0.0) + value / cfg.grad_accum
+        if cfg.max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_([p for p in uvit.parameters() if p.requires_grad], cfg.max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        if ema is not None:
+            ema.update()
+        step += 1
+        steps_since += 1
+        bar.update(1)
+
+        if step % cfg.log_every == 0 or step == total_steps:
+            names = sorted(sums)
+            means = all_reduce_sum([sums[n] / steps_since for n in names], env.device)
+            record = {"step": step, "epoch": epoch, **{n: v / env.world_size for n, v in zip(names, means)},
+                      "lr": scheduler.get_last_lr()[0],
+                      "samples_per_s": steps_since * samples_per_step / (time.perf_counter() - t0)}
+            sums, t0, steps_since = {}, time.perf_counter(), 0
+            bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}",
+                            samples_s=f"{record['samples_per_s']:.1f}")
+            if log_file:
+                log_file.write(json.dumps(record) + "\n")
+                log_file.flush()
+        if step % cfg.save_every == 0 or step == total_steps:
+            save_checkpoint(run, step, model, optimizer, {"scheduler": scheduler.state_dict(), "run": signature},
+                            env, keep_last=cfg.keep_last, extra_state=ema.state() if ema else None)
+        if step == kill_at:  # fault injection for the resume test: die like a killed job
+            os.kill(os.getpid(), signal.SIGKILL)
+    bar.close()
+    if log_file:
+        log_file.close()
+
+    uvit_sd = full_state_dict(uvit, ema, keep=env.is_main)
+    if env.is_main:
+        write_model_dir(source, cfg.out, uvit_sd, copy=cfg.copy)
+        print(f"wrote BiDiffuser directory {cfg.out} ({'EMA' if ema else 'raw'} U-ViT weights, step {step})")
+    barrier()
+    shutdown()
+    return Path(cfg.out)

@@ -1,0 +1,226 @@
+"""``easygen eval caption`` (COCO Karpathy: BLEU, METEOR, ROUGE-L, CIDEr) and ``easygen eval vqa``
+(VQAv2 accuracy).
+
+Both run the same way: read the benchmark, generate what the predictions file does not hold yet
+(resumable; split across ranks under torchrun), then on rank 0 score, write the results JSON
+atomically and print a one-screen summary. Defaults follow LAVIS's COCO captioning recipe (beam 5,
+8 to 30 new tokens, no sampling) and the usual short-answer VQA prompt (greedy, short answers).
+
+Only argparse and the light bidiffuser.cliutil are imported at the top (``easygen --help`` stays
+instant); torch, the model and pycocoevalcap are imported when a command runs.
+"""
+from __future__ import annotations
+
+import argparse
+
+from bidiffuser.cliutil import add_device_args, positive_int
+
+CAPTION_PROMPT = "A short image caption:"
+VQA_PROMPT = "{question}\nAnswer the question using a single word or phrase."
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser("eval", help="evaluate captioning (COCO Karpathy) or VQA (VQAv2)",
+                              description="Evaluate an EasyGen model. Launch with torchrun to split the work.")
+    tasks = p.add_subparsers(dest="eval_task", required=True, metavar="TASK")
+
+    c = tasks.add_parser("caption", help="COCO Karpathy captioning: BLEU, METEOR, ROUGE-L, CIDEr",
+                         description="Caption the images of a Karpathy split and score them with pycocoevalcap.")
+    c.add_argument("--karpathy", required=True, metavar="JSON",
+                   help="dataset_coco.json, or LAVIS coco_karpathy_test.json (one split already)")
+    c.add_argument("--gt", metavar="JSON", help="LAVIS coco_karpathy_test_gt.json: the references "
+                   "(default: the captions in the LAVIS file)")
+    c.add_argument("--split", help="Karpathy split of dataset_coco.json: test (default), val, train, restval")
+    _common(c, prompt=CAPTION_PROMPT, beam=5, max_new=30, min_new=8)
+    c.add_argument("--no-java", action="store_true",
+                   help="score without Java (simple tokenizer, no METEOR/SPICE): labelled non-comparable")
+    c.add_argument("--spice", action="store_true",
+                   help="also compute SPICE (Java; downloads Stanford CoreNLP on first use)")
+
+    v = tasks.add_parser("vqa", help="VQAv2 accuracy (official normalisation, per answer type)",
+                         description="Answer VQAv2-format questions and score them with the official VQA accuracy.")
+    v.add_argument("--questions", required=True, metavar="JSON", help="VQAv2 questions file")
+    v.add_argument("--annotations", required=True, metavar="JSON", help="VQAv2 annotations file")
+    _common(v, prompt=VQA_PROMPT, beam=1, max_new=10, min_new=1)
+    return p
+
+
+def _common(p: argparse.ArgumentParser, prompt: str, beam: int, max_new: int, min_new: int) -> None:
+    g = p.add_argument_group("model")
+    g.add_argument("--model-path", required=True, metavar="DIR",
+                   help="EasyGen model directory (or a LoRA adapter, with --model-base)")
+    g.add_argument("--model-base", metavar="DIR", help="base model of a LoRA adapter given as --model-path")
+    g.add_argument("--lora", metavar="DIR", help="PEFT LoRA adapter directory applied to --model-path")
+    g.add_argument("--projector", metavar="FILE", help="projector file for a plain LLaMA/Vicuna --model-path")
+    g.add_argument("--bidiffuser", metavar="DIR", help="BiDiffuser directory (default: MODEL/bidiffuser)")
+    add_device_args(g)
+    g = p.add_argument_group("data and output")
+    g.add_argument("--image-root", required=True, metavar="DIR", help="folder the image paths are relative to")
+    g.add_argument("--limit", type=positive_int, metavar="N", help="only the first N samples")
+    g.add_argument("--out", required=True, metavar="JSON", help="results file (written atomically)")
+    g.add_argument("--predictions", metavar="JSONL",
+                   help="predictions file, appended as they are produced; an existing one is resumed "
+                        "(default: OUT with .predictions.jsonl)")
+    g.add_argument("--quiet", action="store_true", help="no progress bar")
+    g = p.add_argument_group("generation")
+    g.add_argument("--prompt", default=prompt, help=f"user message{' template' if '{' in prompt else ''} "
+                   f"(default: {prompt!r})")
+    g.add_argument("--beam", type=positive_int, default=beam, metavar="N",
+                   help=f"beam size (default {beam}; 1 = greedy)")
+    g.add_argument("--max-new-tokens", type=positive_int, default=max_new, metavar="N", help=f"default {max_new}")
+    g.add_argument("--min-new-tokens", type=int, default=min_new, metavar="N", help=f"default {min_new}")
+    g.add_argument("--batch-size", type=positive_int, default=8, metavar="N", help="samples per batch (default 8)")
+    g.add_argument("--feature-steps", type=positive_int, default=50, metavar="N",
+                   help="BiDiffuser steps per image (default 50)")
+    g.add_argument("--feature-scale", type=float, default=7.0, metavar="S",
+                   help="BiDiffuser guidance scale (default 7)")
+    g.add_argument("--feature-seed", type=int, default=1234, metavar="N", help="BiDiffuser seed (default 1234)")
+    g.add_argument("--feature-cache", metavar="DIR", help="cache of image features (default: none)")
+
+
+def run(args: argparse.Namespace) -> int:
+    import time
+    from pathlib import Path
+
+    from bidiffuser.model_dir import read_config
+    from easygen.builder import find_bidiffuser_dir
+    from easygen.errors import EasyGenError
+
+    from . import data, runner
+
+    started = time.time()
+    if not 0 <= args.min_new_tokens <= args.max_new_tokens:
+        raise EasyGenError(f"--min-new-tokens {args.min_new_tokens} must lie between 0 and --max-new-tokens")
+    if args.eval_task == "vqa" and "{question}" not in args.prompt:
+        raise EasyGenError("--prompt for vqa must contain {question}")
+    out = Path(args.out)
+    predictions = Path(args.predictions) if args.predictions else out.with_suffix(".predictions.jsonl")
+    for flag, path in (("--out", out), ("--predictions", predictions)):
+        if path.is_dir():
+            raise EasyGenError(f"{flag} {path} is a directory; give a file name")
+
+    if args.eval_task == "caption":
+        fmt, samples = data.read_captions(args.karpathy, args.image_root, args.split, args.gt)
+        data_info = {"format": fmt, "annotations": args.karpathy, "gt": args.gt,
+                     "split": (args.split or "test") if fmt == "karpathy" else None}
+    else:
+        samples = data.read_vqa(args.questions, args.annotations, args.image_root)
+        data_info = {"format": "vqav2", "questions": args.questions, "annotations": args.annotations}
+    data_info.update(image_root=args.image_root, limit=args.limit)
+    samples = samples[:args.limit]
+    data.check_images(samples, args.image_root)
+    if args.eval_task == "vqa":  # questions about one image side by side: its features are computed once
+        samples.sort(key=lambda s: str(s.image))
+
+    decoding = {"num_beams": args.beam, "max_new_tokens": args.max_new_tokens,
+                "min_new_tokens": args.min_new_tokens, "do_sample": False}
+    features = {"steps": args.feature_steps, "scale": args.feature_scale, "seed": args.feature_seed}
+    model_fp = runner.model_fingerprint(args.model_path, args.model_base, args.lora, args.projector)
+    bidiffuser_dir = find_bidiffuser_dir(args.bidiffuser, args.lora, args.model_path, args.model_base)
+    if bidiffuser_dir is None:
+        raise EasyGenError("no BiDiffuser directory: give --bidiffuser (or put it in the model directory as bidiffuser/)")
+    # Everything the predictions depend on: a predictions file made under another header is refused.
+    header = {"task": args.eval_task, "model": model_fp, "bidiffuser": read_config(bidiffuser_dir).fingerprint(),
+              "prompt": args.prompt, "decoding": decoding, "features": features, "dtype": args.dtype}
+
+    def make_predict():
+        qa = runner.load_image_qa(args.model_path, args.model_base, args.lora, args.projector, str(bidiffuser_dir),
+                                  args.device, args.dtype, dist, args.feature_steps, args.feature_scale,
+                                  args.feature_seed, args.feature_cache, args.batch_size, decoding)
+
+        def predict(batch):
+            if args.eval_task == "caption":
+                replies = qa([args.prompt] * len(batch), [s.image for s in batch], [s.where for s in batch])
+                return [{"caption": r} for r in replies]
+            replies = qa([args.prompt.replace("{question}", s.question) for s in batch], [s.image for s in batch],
+                         [s.where for s in batch])
+            return [{"question": s.question, "answer": r} for s, r in zip(batch, replies)]
+        return predict
+
+    dist = runner.init_distributed()
+    try:
+        preds = runner.run_predictions(samples, predictions, header, make_predict, args.batch_size, dist,
+                                       desc="captioning" if args.eval_task == "caption" else "answering",
+                                       progress=not args.quiet)
+        if not dist.main:
+            return 0
+        results = {
+            "task": args.eval_task,
+            "model": {"path": args.model_path, "model_base": args.model_base, "lora": args.lora,
+                      "projector": args.projector, "fingerprint": header["model"]},
+            "bidiffuser": {"path": str(bidiffuser_dir), "fingerprint": header["bidiffuser"]},
+            "data": data_info,
+            "prompt": args.prompt, "decoding": decoding, "features": features, "dtype": args.dtype,
+            "predictions": str(predictions), "reused_predictions": preds.reused, "world_size": dist.world,
+        }
+        results.update(_score_caption(args, samples, preds.records) if args.eval_task == "caption"
+                       else _score_vqa(args, samples, preds.records))
+        results["elapsed_s"] = round(time.time() - started, 1)
+        _write_json(out, results)
+        print(summary(results, out))
+    finally:
+        dist.close()
+    return 0
+
+
+def _score_caption(args, samples, records) -> dict:
+    import sys
+
+    from . import metrics
+
+    scores = metrics.caption_scores({s.id: s.references for s in samples},
+                                    {s.id: records[s.id]["caption"] for s in samples},
+                                    metrics.SIMPLE if args.no_java else None, args.spice)
+    if scores["notes"]:
+        print(f"easygen: warning: {'; '.join(scores['notes'])}", file=sys.stderr)
+    return {"num_images": len(samples), **scores}
+
+
+def _score_vqa(args, samples, records) -> dict:
+    from . import metrics
+
+    scores = metrics.vqa_scores(samples, {s.id: records[s.id]["answer"] for s in samples})
+    scores.pop("per_question")
+    return {"num_questions": len(samples), **scores}
+
+
+def _write_json(path, obj) -> None:
+    import json
+
+    from bidiffuser.checkpoint import atomic_path
+
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+def summary(r: dict, out) -> str:
+    """The one-screen table printed at the end of a run."""
+    d, f = r["decoding"], r["features"]
+    if r["task"] == "caption":
+        where = f"Karpathy '{r['data']['split']}' split" if r["data"]["format"] == "karpathy" else "LAVIS file"
+        title = f"COCO captioning, {where}, {r['num_images']} images"
+        n = r["num_images"]
+    else:
+        title = f"VQA, {r['num_questions']} questions"
+        n = r["num_questions"]
+    lines = [f"EasyGen eval: {title}",
+             f"  model       {r['model']['path']}  (fingerprint {r['model']['fingerprint'][:12]})",
+             f"  bidiffuser  {r['bidiffuser']['path']}  (fingerprint {r['bidiffuser']['fingerprint'][:12]})",
+             f"  prompt      {r['prompt']!r}",
+             f"  decoding    beam {d['num_beams']}, {d['min_new_tokens']}-{d['max_new_tokens']} new tokens, "
+             "no sampling",
+             f"  features    BiDiffuser {f['steps']} steps, scale {f['scale']:g}, seed {f['seed']}; {r['dtype']}"]
+    if r["task"] == "caption":
+        lines.append(f"  tokenizer   {r['tokenizer']}")
+    rule = "  " + "-" * 40
+    lines.append(rule)
+    rows = dict(r["metrics"])
+    if r["task"] == "vqa":
+        rows = {"accuracy": rows["accuracy"], **{f"  {k}": v for k, v in r["per_answer_type"].items()}}
+    for name, value in rows.items():
+        lines.append(f"  {name:<14}{'n/a' if value is None else f'{value:7.2f}':>8}")
+    lines.append(rule)
+    lines.append(f"  predictions {r['predictions']}  ({r['reused_predictions']} of {n} reused)")
+    procs = f"{r['world_size']} process" + ("es" if r["world_size"] > 1 else "")
+    lines.append(f"  results     {out}  ({r['elapsed_s']} s, {procs})")
+    return "\n".join(lines)

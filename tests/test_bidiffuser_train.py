@@ -1,0 +1,209 @@
+"""`bidiffuser train` on the tiny model: the captions reader, the loss going down, the written
+directory loading and sampling, the EMA arithmetic, kill-and-resume equal to an uninterrupted run,
+and 2-process torchrun runs (FSDP2, DDP) equal to one process with the same global batch."""
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed.checkpoint as dcp
+from safetensors.torch import load_file
+
+from bidiffuser.captions import read_caption_tsv
+from bidiffuser.errors import BiDiffuserError
+from bidiffuser.model_dir import read_config
+from bidiffuser.pipeline import BiDiffuser
+from bidiffuser.train import TrainConfig, train
+from bidiffuser.train_checkpoint import complete_checkpoints, load_weights_only
+from bidiffuser.uvit import load_uvit
+
+from .conftest import make_image
+
+REPO = Path(__file__).resolve().parents[1]
+# DCP says so on every single-process save and load (see train_checkpoint.py).
+pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled:UserWarning")
+COLOURS = {"red": (220, 40, 40), "green": (40, 200, 40), "blue": (40, 40, 220), "yellow": (230, 220, 40)}
+
+
+@pytest.fixture(scope="module")
+def captions(tmp_path_factory) -> Path:
+    """8 image-caption pairs (two images per colour, different sizes) in images/ beside the TSV."""
+    root = tmp_path_factory.mktemp("captions")
+    (root / "images").mkdir()
+    lines = ["image\tcaption"]
+    for colour, rgb in COLOURS.items():
+        for k, size in enumerate([(40, 30), (32, 32)]):
+            make_image(root / "images" / f"{colour}{k}.png", size=size, color=rgb)
+            lines.append(f"images/{colour}{k}.png\ta {colour} square on white")
+    (root / "captions.tsv").write_text("\n".join(lines) + "\n")
+    return root / "captions.tsv"
+
+
+def config(tiny_dir, captions, out, **kw) -> TrainConfig:
+    settings = dict(steps=6, batch_size=2, lr=1e-3, ema_decay=0.9, log_every=1, save_every=2, seed=0)
+    return TrainConfig(model=str(tiny_dir), data=str(captions), out=str(out), **{**settings, **kw})
+
+
+def checkpoint_weights(ckpt: Path, tiny_dir: Path) -> tuple[dict, dict]:
+    """(raw trainable weights, EMA weights) stored in a training checkpoint, read in one process."""
+    uvit = load_uvit(tiny_dir / "uvit_v1.pth", read_config(tiny_dir).uvit)
+    uvit.clip_img_out.requires_grad_(False)  # as the run had it (no t2i term)
+    load_weights_only(ckpt, uvit)
+    raw = {n: p.detach().clone() for n, p in uvit.named_parameters() if p.requires_grad}
+    ema = {f"ema.{n}": torch.empty_like(t) for n, t in raw.items()}
+    dcp.load({"extra": ema}, checkpoint_id=str(ckpt), no_dist=True)
+    return raw, {k[len("ema."):]: v for k, v in ema.items()}
+
+
+def log(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+
+
+def test_read_caption_tsv_resolves_paths_and_reports_bad_rows(tmp_path):
+    tsv = tmp_path / "c.tsv"
+    tsv.write_text("image_path\tcaption\na.png\t a cat \n\n/abs/b.jpg\ta dog\nno tab here\nc.png\t  \n")
+    with pytest.raises(BiDiffuserError, match=rf"^{re.escape(str(tsv))}:5: expected 'image_path<TAB>caption', got 1 "):
+        read_caption_tsv(tsv)
+    rows, skipped = read_caption_tsv(tsv, on_error="skip")
+    assert rows == [(str(tmp_path / "a.png"), "a cat"), ("/abs/b.jpg", "a dog")] and skipped == 2
+    rows, _ = read_caption_tsv(tsv, image_root="/data", on_error="skip")
+    assert rows[0][0] == "/data/a.png"
+    missing = re.escape(f"{tsv}:2: image not found: {tmp_path / 'a.png'}")
+    with pytest.raises(BiDiffuserError, match=rf"^{missing}$"):
+        read_caption_tsv(tsv, check_images=True)
+    with pytest.raises(BiDiffuserError, match="captions TSV not found"):
+        read_caption_tsv(tmp_path / "missing.tsv")
+
+
+def test_loss_decreases_ema_is_exact_and_new_directory_samples(tiny_dir, captions, tmp_path):
+    out = tmp_path / "tuned"
+    cfg = config(tiny_dir, captions, out, steps=24, batch_size=4, save_every=1, keep_last=2)
+    assert train(cfg) == out
+
+    records = log(out / "checkpoints")
+    assert [r["step"] for r in records] == list(range(1, 25))
+    first, last = records[0], sum(r["loss"] for r in records[-6:]) / 6
+    assert last < 0.75 * first["loss"], records
+    assert sum(r["text"] for r in records[-6:]) / 6 < 0.8 * first["text"]  # the text-noise term learns too
+    assert records[-1]["img"] < 0.5 * first["img"]  # the image output is driven to zero
+
+    # The directory holds the EMA: ema_24 = d * ema_23 + (1 - d) * w_24, from the last two checkpoints.
+    (_, ema23), (raw24, ema24) = (checkpoint_weights(c, tiny_dir) for c in complete_checkpoints(out / "checkpoints"))
+    written = load_file(out / "uvit.safetensors")
+    source = torch.load(tiny_dir / "uvit_v1.pth", weights_only=True)
+    for name, w in raw24.items():
+        torch.testing.assert_close(ema24[name], 0.9 * ema23[name] + 0.1 * w, rtol=0, atol=1e-6)
+        torch.testing.assert_close(written[name], ema24[name], rtol=0, atol=0)
+    assert not torch.equal(written["text_out.weight"], source["text_out.weight"])
+    assert torch.equal(written["clip_img_out.weight"], source["clip_img_out.weight"])  # in no loss term: frozen
+
+    assert (out / "clip_text").is_symlink() and json.loads((out / "bidiffuser.json").read_text())["files"]["uvit"] \
+        == "uvit.safetensors"
+    pipe = BiDiffuser.from_pretrained(out)
+    image = pipe.text_to_image("a red square on white", steps=2, seed=0).images[0]
+    assert image.size == (32, 32)
+    assert isinstance(pipe.image_to_text([image], steps=2, seed=0).texts[0], str)
+    assert torch.equal(pipe.uvit.state_dict()["text_out.weight"], written["text_out.weight"])
+
+
+def test_t2i_term_in_bfloat16_trains_the_clip_output_and_no_ema_writes_the_raw_weights(tiny_dir, captions, tmp_path):
+    out = tmp_path / "t2i"
+    train(config(tiny_dir, captions, out, steps=2, t2i_weight=1.0, ema_decay=None, grad_accum=2, dtype="bfloat16"))
+    assert all("t2i" in r for r in log(out / "checkpoints"))
+    written = load_file(out / "uvit.safetensors")
+    source = torch.load(tiny_dir / "uvit_v1.pth", weights_only=True)
+    assert not torch.equal(written["clip_img_out.weight"], source["clip_img_out.weight"])
+    uvit = load_uvit(tiny_dir / "uvit_v1.pth", read_config(tiny_dir).uvit)
+    load_weights_only(complete_checkpoints(out / "checkpoints")[-1], uvit)
+    torch.testing.assert_close(uvit.state_dict(), written, rtol=0, atol=0)
+
+
+def _cli(*args, env=None, timeout=300):
+    return subprocess.run([sys.executable, "-m", "bidiffuser.cli", "train", *map(str, args)], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def test_kill_and_resume_equals_uninterrupted(tiny_dir, captions, tmp_path):
+    whole = tmp_path / "whole"
+    train(config(tiny_dir, captions, whole))
+
+    resumed = tmp_path / "resumed"
+    env = {**os.environ, "BIDIFFUSER_TEST_KILL_AT_STEP": "3", "OMP_NUM_THREADS": "1"}  # 1 thread, like conftest
+    killed = _cli("--model", tiny_dir, "--data", captions, "--out", resumed, "--steps", 6, "--batch-size", 2,
+                  "--lr", 1e-3, "--ema-decay", 0.9, "--log-every", 1, "--save-every", 2, "--seed", 0, env=env)
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    assert [c.name for c in complete_checkpoints(resumed / "checkpoints")] == ["step-00000002"]
+    assert not (resumed / "bidiffuser.json").exists()
+
+    train(config(tiny_dir, captions, resumed))  # step 3 is redone from the step-2 checkpoint
+    steps = [r["step"] for r in log(resumed / "checkpoints")]
+    assert steps == [1, 2, 3, 3, 4, 5, 6]
+    a, b = load_file(whole / "uvit.safetensors"), load_file(resumed / "uvit.safetensors")  # EMA weights
+    torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+    (raw_a, ema_a), (raw_b, ema_b) = (checkpoint_weights(complete_checkpoints(d / "checkpoints")[-1], tiny_dir)
+                                      for d in (whole, resumed))
+    torch.testing.assert_close(raw_a, raw_b, rtol=0, atol=1e-6)
+    torch.testing.assert_close(ema_a, ema_b, rtol=0, atol=1e-6)
+    assert log(whole / "checkpoints")[-1]["loss"] == pytest.approx(log(resumed / "checkpoints")[-1]["loss"], abs=1e-6)
+
+    # Resuming with settings that define another run is refused, naming what changed.
+    with pytest.raises(BiDiffuserError, match=r"lr 0.001 -> 0.002"):
+        train(config(tiny_dir, captions, resumed, lr=2e-3))
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--data", "missing.tsv"], "captions TSV not found: missing.tsv"),
+    (["--data", "bad.tsv"], "bad.tsv:2: expected 'image_path<TAB>caption'"),
+    (["--dtype", "float16"], "invalid choice: 'float16'"),
+    (["--steps", "0"], "must be at least 1"),
+    (["--out", "MODEL"], "is the model directory being fine-tuned"),
+])
+def test_bad_train_input_is_one_line_and_exit_2(tiny_dir, captions, tmp_path, capsys, monkeypatch, args, message):
+    from bidiffuser.cli import main
+    monkeypatch.chdir(tmp_path)
+    make_image(tmp_path / "a.png")
+    (tmp_path / "bad.tsv").write_text("a.png\tfine\njust one field\n")
+    flags = {"--model": str(tiny_dir), "--data": str(captions), "--out": "new"}  # later flags win
+    for flag, value in zip(args[::2], args[1::2]):
+        flags[flag] = str(tiny_dir) if value == "MODEL" else value
+    try:
+        code = main(["train", "--steps", "1", *[x for kv in flags.items() for x in kv]])
+    except SystemExit as e:  # argparse
+        code = e.code
+    assert code == 2
+    err = capsys.readouterr().err
+    # one error line (argparse puts its usage lines before it), never a traceback
+    assert message in err.strip().splitlines()[-1] and "error: " in err and "Traceback" not in err
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy,extra", [
+    ("fsdp", []),                                       # FSDP2 + activation checkpointing, frozen clip_img_out
+    ("ddp", ["--t2i-weight", "0.5", "--grad-accum", "2"]),  # DDP with no_sync accumulation and the t2i term
+])
+def test_torchrun_two_processes_equal_one_process_with_the_global_batch(tiny_dir, captions, tmp_path, strategy, extra):
+    """scripts/train_bidiffuser.sh with 2 gloo processes: every sample's noise comes from its own seeded
+    generator, so 2 ranks x batch 2 reproduce 1 process x batch 4 (same examples per step)."""
+    two = tmp_path / "two"
+    env = {**os.environ, "NPROC": "2", "OMP_NUM_THREADS": "1", "BATCH_SIZE": "2", "STEPS": "4", "LR": "1e-3",
+           "STRATEGY": strategy, "TORCHRUN": f"{sys.executable} -m torch.distributed.run"}
+    proc = subprocess.run(["bash", REPO / "scripts" / "train_bidiffuser.sh", tiny_dir, captions, two,
+                           "--dtype", "float32", "--ema-decay", "0.9", "--seed", "0", "--log-every", "1", *extra],
+                          env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    last = complete_checkpoints(two / "checkpoints")[-1]
+    assert json.loads((last / "trainer_state.json").read_text())["world_size"] == 2
+    assert len(list(last.glob("*.distcp"))) == 2  # one shard file per rank
+
+    one = tmp_path / "one"
+    kw = {"t2i_weight": 0.5, "grad_accum": 2} if extra else {}
+    train(config(tiny_dir, captions, one, steps=4, batch_size=4, **kw))
+    torch.testing.assert_close(load_file(two / "uvit.safetensors"), load_file(one / "uvit.safetensors"),
+                               rtol=1e-5, atol=1e-6)
+    for a, b in zip(log(two / "checkpoints"), log(one / "checkpoints"), strict=True):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
+    assert BiDiffuser.from_pretrained(two).text(steps=1, seed=0).texts
