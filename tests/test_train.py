@@ -105,10 +105,15 @@ def test_fsdp_on_two_ranks_shards_trains_and_exports(tmp_path, tiny_easygen_dir,
 
 
 @pytest.mark.slow
-def test_lora_under_fsdp_exports_merged_and_as_adapter(tmp_path, tiny_easygen_dir):
-    cfg = _config(tmp_path, tiny_easygen_dir, max_steps=4, micro_batch_size=1)
-    r = _launch(["train", "--stage", "instruct", "--strategy", "fsdp", "--lora", "--config", str(cfg)], nproc=2)
+def test_lora_under_fsdp_through_the_launch_script(tmp_path, tiny_easygen_dir):
+    """scripts/instruct_lora.sh (2 ranks, FSDP2) with tiny overrides; exports merged and as an adapter."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "NPROC": "2", "MICRO_BATCH": "1", "GRAD_ACCUM": "1",
+           "TORCHRUN": f"{sys.executable} -m torch.distributed.run"}
+    r = subprocess.run(["bash", str(REPO / "scripts" / "instruct_lora.sh"), str(tiny_easygen_dir), str(DATA),
+                        str(tmp_path / "run"), "max_steps=4", "max_length=256", "feature_steps=2",
+                        f"features={tmp_path / 'features'}"], capture_output=True, text=True, timeout=300, env=env)
     assert r.returncode == 0, r.stderr[-3000:]
+    assert json.loads((tmp_path / "run" / "train_config.json").read_text())["lora"] is True
     merged = load_pretrained(tmp_path / "run" / "final", load_bidiffuser=False)
     assert main(["export", str(tmp_path / "run"), "--out", str(tmp_path / "adapter"), "--lora-adapter"]) == 0
     adapter = load_pretrained(tmp_path / "adapter", model_base=tiny_easygen_dir, load_bidiffuser=False)
