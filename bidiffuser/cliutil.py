@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import Callable, Sequence
 
@@ -58,9 +59,19 @@ def progress_bar(desc: str, disable: bool = False, unit: str = "step") -> tuple[
     return update, close
 
 
+def quiet_libraries() -> None:
+    """Keep transformers'/diffusers' own progress bars and advisory warnings out of our output
+    (ours say what is happening). Environment variables, so they act before those libraries load;
+    a user who sets them keeps their choice."""
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+
+
 def run_main(prog: str, main: Callable[[Sequence[str] | None], int], argv: Sequence[str] | None = None) -> int:
     """Call ``main``; a BiDiffuserError (every user-facing error derives from it) becomes
     ``prog: error: <message>`` and exit code 2, never a traceback. Ctrl-C exits with 130."""
+    quiet_libraries()
     try:
         return main(argv) or 0
     except BiDiffuserError as e:
