@@ -4,23 +4,32 @@ layers over it.
 A turn: the user's text and images -> the prompt (FastChat template, image slots) -> BiDiffuser
 features for every image in the kept history -> streamed generation -> any ``<Img>...</Img>`` in
 the answer drawn by BiDiffuser and saved as PNG.
+
+A conversation saves to JSON (``save`` / ``load``, or ``to_json`` / ``from_json``) with its images
+by absolute path: user uploads under ``images``, pictures the assistant drew under ``generated``.
 """
 from __future__ import annotations
 
+import copy
+import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, NoReturn
 
 import torch
 from transformers import TextStreamer
 
+from bidiffuser.checkpoint import atomic_path
+from bidiffuser.errors import BiDiffuserError
 from bidiffuser.images import load_image
 
 from .builder import LoadedModel
 from .errors import EasyGenError
 from .features import ImageFeatureExtractor
 from .image_reply import find_image_requests, render_image_replies
+
+CONVERSATION_FORMAT, CONVERSATION_VERSION = "easygen-conversation", 1
 
 
 @dataclass
@@ -63,16 +72,24 @@ class Assistant:
         if features is None and self.pipe is not None:
             features = ImageFeatureExtractor(self.pipe, cache_dir=feature_cache)
         self.features = features
-        self.messages: list[dict] = []  # {"role": "user"|"assistant", "content": str, "images": [path]}
+        # {"role": "user"|"assistant", "content": str, "images": [path]}; assistant turns also have
+        # "generated": [png path] (their "images" stay empty: only user images feed the LLM)
+        self.messages: list[dict] = []
         self._feature_memo: dict[str, torch.Tensor] = {}
 
     def reset(self) -> None:
         self.messages.clear()
 
     @property
+    def max_new_tokens(self) -> int:
+        """The answer's budget: as asked, but never more than half the model's context, so a
+        small-context model still leaves room for the conversation."""
+        return min(self.settings.max_new_tokens, self.model.config.max_position_embeddings // 2)
+
+    @property
     def context_limit(self) -> int:
         """Prompt tokens allowed: the model's context minus room for the answer."""
-        return self.model.config.max_position_embeddings - self.settings.max_new_tokens
+        return self.model.config.max_position_embeddings - self.max_new_tokens
 
     def _prompt_ids(self, messages: list[dict]) -> list[int]:
         msgs = [{"role": m["role"], "content": m["content"], "num_images": len(m["images"])} if m["role"] == "user"
@@ -91,7 +108,7 @@ class Assistant:
         if len(ids) > self.context_limit:
             raise EasyGenError(f"message too long: the prompt is {len(ids)} tokens but the context allows "
                                f"{self.context_limit} (context {self.model.config.max_position_embeddings} "
-                               f"minus max_new_tokens {self.settings.max_new_tokens})")
+                               f"minus max_new_tokens {self.max_new_tokens})")
         notices = [f"dropped the {dropped} oldest exchange{'s' * (dropped > 1)} to fit the context"] if dropped else []
         return messages, ids, notices
 
@@ -121,7 +138,6 @@ class Assistant:
         # Work on a new list: an error or Ctrl-C leaves the session as it was before this turn.
         kept, ids, notices = self._fit_context(self.messages + [user])
         answer = self._generate(ids, self._image_features(kept), on_token)
-        self.messages = kept + [{"role": "assistant", "content": answer, "images": []}]
         reply = Reply(answer, notices=notices)
         requests = find_image_requests(answer)
         if requests:
@@ -131,13 +147,16 @@ class Assistant:
                 s = self.settings
                 reply.image_paths = render_image_replies(self.pipe, requests, self.out_dir, s.image_steps,
                                                          s.image_scale, s.seed, on_image_progress)
+        # Committed last: Ctrl-C while the picture is drawn drops the whole turn, as during generation.
+        self.messages = kept + [{"role": "assistant", "content": answer, "images": [],
+                                 "generated": [str(Path(p).resolve()) for p in reply.image_paths]}]
         return reply
 
     def _generate(self, ids: list[int], features: torch.Tensor | None, on_token) -> str:
         s = self.settings
         device = self.model.device
         input_ids = torch.tensor([ids], device=device)
-        kwargs = dict(max_new_tokens=s.max_new_tokens, num_beams=s.num_beams,
+        kwargs = dict(max_new_tokens=self.max_new_tokens, num_beams=s.num_beams,
                       pad_token_id=self.processor.pad_token_id)
         if s.temperature > 0:
             kwargs.update(do_sample=True, temperature=s.temperature, top_p=s.top_p)
@@ -153,3 +172,87 @@ class Assistant:
         if on_token is not None and s.num_beams > 1:  # beam search cannot stream: hand over the whole answer
             on_token(answer)
         return answer
+
+    # -- saving and loading -------------------------------------------------------------------------
+    def to_json(self) -> dict:
+        """The conversation as JSON-ready data; ``from_json`` reads it back."""
+        return {"format": CONVERSATION_FORMAT, "version": CONVERSATION_VERSION,
+                "messages": copy.deepcopy(self.messages)}
+
+    def from_json(self, data, source: str = "conversation", base_dir: str | os.PathLike | None = None) -> None:
+        """Replace the conversation with ``data`` (as ``to_json`` writes it). Everything is checked
+        first (roles alternate from user to assistant, user images are readable image files, relative
+        paths taken from ``base_dir``); a problem raises ``EasyGenError("source: problem")`` and
+        leaves the conversation as it was."""
+        self.messages = _parse_conversation(data, source, Path(base_dir or "."))
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write the conversation as JSON, atomically (a crash never leaves half a file)."""
+        path = Path(path)
+        if path.is_dir():
+            raise EasyGenError(f"{path}: is a directory (give a file name)")
+        try:
+            with atomic_path(path) as tmp:
+                tmp.write_text(json.dumps(self.to_json(), indent=2, ensure_ascii=False) + "\n")
+        except OSError as e:
+            raise EasyGenError(f"{path}: cannot write: {e.strerror or e}") from None
+        return path
+
+    def load(self, path: str | os.PathLike) -> None:
+        """Replace the conversation with the one saved in ``path`` (see ``from_json``)."""
+        path = Path(path)
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise EasyGenError(f"conversation file not found: {path}") from None
+        except OSError as e:
+            raise EasyGenError(f"{path}: cannot read: {e.strerror or e}") from None
+        except UnicodeDecodeError:
+            raise EasyGenError(f"{path}: not a text (UTF-8 JSON) file") from None
+        except json.JSONDecodeError as e:
+            raise EasyGenError(f"{path}: invalid JSON at line {e.lineno}: {e.msg}") from None
+        self.from_json(data, source=str(path), base_dir=path.parent)
+
+
+def _parse_conversation(data, source: str, base_dir: Path) -> list[dict]:
+    """Checked messages in ``Assistant.messages`` form, or a one-line EasyGenError naming ``source``."""
+    def fail(problem: str) -> NoReturn:
+        raise EasyGenError(f"{source}: {problem}")
+
+    if not isinstance(data, dict) or data.get("format") != CONVERSATION_FORMAT:
+        fail(f'not an EasyGen conversation (expected "format": "{CONVERSATION_FORMAT}")')
+    if data.get("version") != CONVERSATION_VERSION:
+        fail(f"unsupported version {data.get('version')!r} (this EasyGen reads version {CONVERSATION_VERSION})")
+    raw = data.get("messages")
+    if not isinstance(raw, list):
+        fail('"messages" must be a list')
+    if len(raw) % 2:
+        fail(f"{len(raw)} messages: a conversation holds user/assistant pairs")
+    messages = []
+    for i, m in enumerate(raw):
+        where, role = f"message {i + 1}", ("user", "assistant")[i % 2]
+        if not isinstance(m, dict) or m.get("role") != role:
+            fail(f"{where}: expected an object with \"role\": \"{role}\" (roles alternate, user first)")
+        content, images, generated = m.get("content"), m.get("images", []), m.get("generated", [])
+        if not isinstance(content, str):
+            fail(f'{where}: "content" must be a string')
+        for key, value in (("images", images), ("generated", generated)):
+            if not isinstance(value, list) or not all(isinstance(p, str) for p in value):
+                fail(f'{where}: "{key}" must be a list of paths')
+        if role == "assistant":
+            if images:
+                fail(f'{where}: an assistant turn has no input images (its pictures go under "generated")')
+            messages.append({"role": role, "content": content, "images": [], "generated": list(generated)})
+            continue
+        if not content.strip() and not images:
+            fail(f"{where}: empty message")
+        paths = []
+        for p in images:
+            path = (base_dir / Path(p).expanduser()).resolve()
+            try:
+                load_image(path)  # a missing image would fail every later turn: refuse it now
+            except BiDiffuserError as e:
+                fail(f"{where}: {e}")
+            paths.append(str(path))
+        messages.append({"role": role, "content": content, "images": paths})
+    return messages

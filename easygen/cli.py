@@ -14,7 +14,14 @@ from typing import Sequence
 from bidiffuser.cliutil import run_main
 
 # subcommand -> module (each capability adds its line)
-SUBCOMMANDS: dict[str, str] = {}
+SUBCOMMANDS: dict[str, str] = {
+    "init": "easygen.init_cli",
+    "chat": "easygen.chat_cli",
+    "eval": "easygen.eval.cli",
+    "features": "easygen.features_cli",
+    "train": "easygen.train_cli",
+    "export": "easygen.export_cli",
+}
 
 
 def build_parser() -> argparse.ArgumentParser:

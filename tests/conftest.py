@@ -40,6 +40,22 @@ def make_image(path: Path, size=(40, 30), color=(220, 40, 40)) -> Path:
     return path
 
 
+def overfit(loaded, messages, steps=80) -> float:
+    """Teach a (private copy of the) tiny LLM one exchange through the real forward/labels path, so
+    its greedy answer is known, e.g. one holding an <Img> tag. Returns the last loss."""
+    ex = loaded.processor.tokenize_conversation(messages)
+    ids, labels = torch.tensor([ex["input_ids"]]), torch.tensor([ex["labels"]])
+    model = loaded.model.train()
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    for _ in range(steps):
+        loss = model(input_ids=ids, labels=labels).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+    return loss.item()
+
+
 @pytest.fixture
 def red_image(tmp_path) -> Path:
     return make_image(tmp_path / "red.png")

@@ -1,6 +1,5 @@
 """easygen.Assistant: a conversation with images in, streamed text out, image replies as PNG."""
 import pytest
-import torch
 from PIL import Image
 
 from bidiffuser.errors import BiDiffuserError
@@ -9,7 +8,7 @@ from easygen.builder import load_pretrained
 from easygen.errors import EasyGenError
 from easygen.features import ImageFeatureExtractor
 
-from .conftest import make_image
+from .conftest import make_image, overfit
 
 FAST = dict(temperature=0.0, max_new_tokens=12, image_steps=2)
 
@@ -20,24 +19,9 @@ def _assistant(loaded, tmp_path, **settings):
                      features=features)
 
 
-def _overfit(loaded, messages, steps=80):
-    """Teach the tiny LLM one exchange through the real forward/labels path."""
-    ex = loaded.processor.tokenize_conversation(messages)
-    ids, labels = torch.tensor([ex["input_ids"]]), torch.tensor([ex["labels"]])
-    model = loaded.model.train()
-    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-    for _ in range(steps):
-        loss = model(input_ids=ids, labels=labels).loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    model.eval()
-    return loss.item()
-
-
 def test_image_reply_produces_a_png(tiny_easygen_dir, tmp_path):
     loaded = load_pretrained(tiny_easygen_dir)  # a private copy: this test trains it
-    loss = _overfit(loaded, [{"role": "user", "content": "draw a red circle"},
+    loss = overfit(loaded, [{"role": "user", "content": "draw a red circle"},
                              {"role": "assistant", "content": "<Img>a red circle</Img>"}])
     assert loss < 0.1
     streamed = []
