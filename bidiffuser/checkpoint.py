@@ -17,7 +17,7 @@ from typing import Iterator, Mapping
 import torch
 from safetensors.torch import load_file, save_file
 
-from .errors import BiDiffuserError, CheckpointError
+from .errors import BiDiffuserError, CheckpointError, first_line
 
 StateDict = dict[str, torch.Tensor]
 
@@ -45,8 +45,7 @@ def read_state_dict(path: str | os.PathLike, what: str = "checkpoint") -> StateD
         else:
             sd = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as e:  # corrupt, truncated, or not a weight file at all
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"cannot read {what} {path}: {first[:200]}") from None
+        raise CheckpointError(f"cannot read {what} {path}: {first_line(e)}") from None
     for wrapper in ("state_dict", "model", "module"):
         if isinstance(sd, Mapping) and wrapper in sd and isinstance(sd[wrapper], Mapping):
             sd = sd[wrapper]

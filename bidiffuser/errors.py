@@ -7,3 +7,8 @@ class BiDiffuserError(Exception):
 
 class CheckpointError(BiDiffuserError):
     """A checkpoint file that cannot be read or does not match the model it is loaded into."""
+
+
+def first_line(e: BaseException) -> str:
+    """An exception's message cut to its first line (at most 200 characters), for one-line errors."""
+    return ((str(e).strip().splitlines() or [type(e).__name__])[0])[:200]

@@ -24,7 +24,8 @@ from .autoencoder import AutoencoderConfig, build_autoencoder, official_state_di
 from .caption_decoder import (CaptionDecoderConfig, build_tiny_tokenizer, init_caption_decoder,
                               official_state_dict as decoder_official_state_dict)
 from .checkpoint import atomic_path, fingerprint_file, save_torch
-from .clip import convert_openai_clip_checkpoint, init_tiny_clip
+from .clip import init_tiny_clip
+from .clip_convert import convert_openai_clip_checkpoint
 from .errors import BiDiffuserError
 from .uvit import UViT, UViTConfig
 

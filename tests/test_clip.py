@@ -10,9 +10,10 @@ from transformers import (CLIPConfig, CLIPModel, CLIPTextConfig, CLIPTextModel, 
                           CLIPVisionModelWithProjection, PreTrainedTokenizerFast)
 
 from bidiffuser.checkpoint import save_safetensors, save_torch
-from bidiffuser.clip import (CLIP_MEAN, CLIP_STD, clip_preprocess, convert_openai_clip_checkpoint,
-                             convert_openai_clip_text, convert_openai_clip_visual, init_tiny_clip,
-                             load_clip_image_encoder, load_clip_text_encoder)
+from bidiffuser.clip import (CLIP_MEAN, CLIP_STD, clip_preprocess, init_tiny_clip, load_clip_image_encoder,
+                             load_clip_text_encoder)
+from bidiffuser.clip_convert import (convert_openai_clip_checkpoint, convert_openai_clip_text,
+                                     convert_openai_clip_visual)
 from bidiffuser.errors import BiDiffuserError, CheckpointError
 
 WORDS = "a an the cat dog sat on mat red blue photo of".split()
