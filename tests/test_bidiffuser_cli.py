@@ -105,3 +105,33 @@ def test_help_lists_every_mode(cli):
     assert r.returncode == 0
     for mode in ("t2i", "i2t", "joint", "i2t2i", "t2i2t"):
         assert mode in r.stdout
+
+
+def test_assemble_links_the_official_files_and_checks_them_on_load(cli, tiny_dir, tmp_path):
+    """`bidiffuser assemble` with files in the official formats (tiny ones here: the real ones are GBs).
+    The directory gets the v1 configs, so loading these tiny weights must fail with the mismatch listed."""
+    import json
+
+    from bidiffuser.errors import CheckpointError
+    from bidiffuser.pipeline import BiDiffuser
+
+    sources = ["--uvit", tiny_dir / "uvit_v1.pth", "--caption-decoder", tiny_dir / "caption_decoder.pth",
+               "--autoencoder", tiny_dir / "autoencoder_kl.pth", "--clip-image", tiny_dir / "clip_image",
+               "--clip-text", tiny_dir / "clip_text", "--gpt2-tokenizer", tiny_dir / "gpt2_tokenizer"]
+    out = tmp_path / "v1"
+    r = cli("assemble", out, *sources)
+    assert r.returncode == 0, r.stderr
+    cfg = json.loads((out / "bidiffuser.json").read_text())
+    assert cfg["resolution"] == 512 and cfg["uvit"]["embed_dim"] == 1536 and cfg["uvit"]["depth"] == 30
+    assert (out / "uvit_v1.pth").is_symlink() and (out / "uvit_v1.pth").resolve() == (tiny_dir / "uvit_v1.pth").resolve()
+    assert (out / "clip_text").resolve() == (tiny_dir / "clip_text").resolve()
+    with pytest.raises(CheckpointError, match="mis-shaped keys: pos_embed"):
+        BiDiffuser.from_pretrained(out).uvit
+
+    copied = tmp_path / "v1-copy"
+    assert cli("assemble", copied, *sources, "--copy").returncode == 0
+    assert not (copied / "uvit_v1.pth").is_symlink() and (copied / "clip_image" / "config.json").is_file()
+
+    missing = [str(a) if a != tiny_dir / "autoencoder_kl.pth" else str(tmp_path / "nope.pth") for a in sources]
+    r = cli("assemble", tmp_path / "v1-bad", *missing)
+    assert r.returncode == 2 and "--autoencoder: not found" in r.stderr

@@ -44,7 +44,9 @@ def _losses(run_dir: Path) -> list[float]:
 
 
 def test_stage1_changes_only_the_projector(tmp_path, tiny_easygen_dir, capsys):
-    cfg = _config(tmp_path, tiny_easygen_dir, max_steps=4)
+    # micro-batch 1: the sample mixture's one held-out example gives an eval loss
+    cfg = _config(tmp_path, tiny_easygen_dir, max_steps=4, micro_batch_size=1, keep_last=1,
+                  activation_checkpointing=True)
     assert main(["train", "--stage", "pretrain", "--config", str(cfg), "lr=1e-2"]) == 0
     before = load_file(tiny_easygen_dir / "model.safetensors")
     after = load_file(tmp_path / "run" / "final" / "model.safetensors")
@@ -52,6 +54,12 @@ def test_stage1_changes_only_the_projector(tmp_path, tiny_easygen_dir, capsys):
     changed = sorted(k for k in before if not torch.equal(before[k], after[k]))
     assert changed and all(k.startswith("projector.") for k in changed)
     assert "projector.fc1.weight" in changed and "projector.fc2.weight" in changed
+    run = tmp_path / "run"
+    assert [p.name for p in (run / "checkpoints").iterdir()] == ["step-00000004"]  # pruned to keep_last=1
+    records = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "loss" in r] == [1, 2, 3, 4]
+    assert [r["step"] for r in records if "eval_loss" in r] == [4] and records[-1]["eval_loss"] > 0
+    assert all(r["tokens_per_s"] > 0 and r["lr"] >= 0 for r in records if "loss" in r)
 
 
 def test_config_errors_are_one_line(tmp_path, tiny_easygen_dir, capsys):
