@@ -42,7 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--steps", type=positive_int, default=50, help="DPM-Solver++ steps (default 50)")
     s.add_argument("--scale", type=float, default=7.0, help="classifier-free guidance scale (default 7)")
     s.add_argument("--seed", type=int, default=1234, help="random seed (same seed, same output)")
-    s.add_argument("--n-samples", type=positive_int, default=1, help="samples per prompt (t2i, t2i2t, joint, i, t)")
+    s.add_argument("--n-samples", type=positive_int, default=1, help="samples per prompt or image (every mode)")
     s.add_argument("--out", type=Path, default=Path("out"), help="directory for PNG outputs (default ./out)")
     s.add_argument("--quiet", action="store_true", help="no progress bar")
     add_device_args(s)
@@ -116,8 +116,8 @@ def _sample(args) -> int:
         raise BiDiffuserError("--prompt is empty")
 
     pipe = BiDiffuser.from_pretrained(args.model, device=resolve_device(args.device), dtype=torch_dtype(args.dtype))
-    if args.image:  # fail on a bad image before loading any network
-        images = [load_image(p) for p in args.image]
+    if args.image:  # fail on a bad image before loading any network; n samples of each image
+        images = [im for im in (load_image(p) for p in args.image) for _ in range(args.n_samples)]
     update, close = progress_bar(f"{args.mode} sampling", disable=args.quiet)
     common = dict(steps=args.steps, seed=args.seed, progress=update)
     guided = dict(common, scale=args.scale)

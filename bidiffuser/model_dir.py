@@ -142,6 +142,24 @@ def write_config(cfg: BiDiffuserConfig) -> Path:
     return path
 
 
+def place_component(src: str | os.PathLike, dst: Path, copy: bool = False) -> None:
+    """Put a component file or directory at ``dst``: a symlink to ``src`` (or a copy).
+
+    Only what this tool put there before (a symlink) is replaced; a real file or directory at
+    ``dst`` is the user's and is never deleted. ``src`` already at ``dst`` is left as it is."""
+    src = Path(src).resolve()
+    if dst.exists() and dst.resolve() == src:
+        return
+    if dst.is_symlink():
+        dst.unlink()
+    elif dst.exists():
+        raise BiDiffuserError(f"{dst} already exists and is not a link this tool made; move it away first")
+    if copy:
+        (shutil.copytree if src.is_dir() else shutil.copy2)(src, dst)
+    else:
+        dst.symlink_to(src, target_is_directory=src.is_dir())
+
+
 OFFICIAL_FILES = {
     "uvit": "uvit_v1.pth", "caption_decoder": "caption_decoder.pth", "tokenizer": "gpt2_tokenizer",
     "autoencoder": "autoencoder_kl.pth", "clip_image": "clip_image", "clip_text": "clip_text",
@@ -152,23 +170,24 @@ def init_tiny(directory: str | os.PathLike, seed: int = 0, resolution: int = 32)
     """Write a complete random-initialised tiny BiDiffuser directory in the official file formats."""
     root = Path(directory)
     root.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(seed)
-    tokenizer = build_tiny_tokenizer(root / OFFICIAL_FILES["tokenizer"])
-    vae_cfg = AutoencoderConfig.tiny()
-    dec_cfg = CaptionDecoderConfig.tiny(vocab_size=len(tokenizer))
-    clip_image_dim, clip_text_dim = init_tiny_clip(root / OFFICIAL_FILES["clip_image"],
-                                                   root / OFFICIAL_FILES["clip_text"], tokenizer, seed)
-    if clip_text_dim != dec_cfg.n_embd:
-        raise AssertionError("tiny CLIP text width must equal the tiny caption decoder width")
-    uvit_cfg = UViTConfig.tiny()
-    uvit_cfg.img_size = resolution // vae_cfg.downsample_factor
-    uvit_cfg.clip_img_dim = clip_image_dim
-    uvit_cfg.in_chans = vae_cfg.embed_dim
-    uvit_cfg.text_dim = dec_cfg.hidden_dim
-    save_torch(UViT(uvit_cfg).state_dict(), root / OFFICIAL_FILES["uvit"])
-    decoder = init_caption_decoder(dec_cfg, tokenizer, seed)
-    save_torch(decoder_official_state_dict(decoder), root / OFFICIAL_FILES["caption_decoder"])
-    save_torch(vae_official_state_dict(build_autoencoder(vae_cfg), vae_cfg), root / OFFICIAL_FILES["autoencoder"])
+    with torch.random.fork_rng():  # reproducible weights without touching the caller's RNG
+        torch.manual_seed(seed)
+        tokenizer = build_tiny_tokenizer(root / OFFICIAL_FILES["tokenizer"])
+        vae_cfg = AutoencoderConfig.tiny()
+        dec_cfg = CaptionDecoderConfig.tiny(vocab_size=len(tokenizer))
+        clip_image_dim, clip_text_dim = init_tiny_clip(root / OFFICIAL_FILES["clip_image"],
+                                                       root / OFFICIAL_FILES["clip_text"], tokenizer, seed)
+        if clip_text_dim != dec_cfg.n_embd:
+            raise AssertionError("tiny CLIP text width must equal the tiny caption decoder width")
+        uvit_cfg = UViTConfig.tiny()
+        uvit_cfg.img_size = resolution // vae_cfg.downsample_factor
+        uvit_cfg.clip_img_dim = clip_image_dim
+        uvit_cfg.in_chans = vae_cfg.embed_dim
+        uvit_cfg.text_dim = dec_cfg.hidden_dim
+        save_torch(UViT(uvit_cfg).state_dict(), root / OFFICIAL_FILES["uvit"])
+        decoder = init_caption_decoder(dec_cfg, tokenizer, seed)
+        save_torch(decoder_official_state_dict(decoder), root / OFFICIAL_FILES["caption_decoder"])
+        save_torch(vae_official_state_dict(build_autoencoder(vae_cfg), vae_cfg), root / OFFICIAL_FILES["autoencoder"])
     cfg = BiDiffuserConfig(root=root, resolution=resolution, uvit=uvit_cfg, caption_decoder=dec_cfg,
                            autoencoder=vae_cfg, files=dict(OFFICIAL_FILES))
     cfg.validate()
@@ -198,15 +217,7 @@ def assemble(directory: str | os.PathLike, *, uvit: str, caption_decoder: str, a
             convert_openai_clip_checkpoint(src, dst, part="visual" if name == "clip_image" else "text")
         else:
             dst = root / (src.name if src.is_file() else OFFICIAL_FILES[name])
-            if dst.exists() or dst.is_symlink():
-                if dst.is_dir() and not dst.is_symlink():
-                    shutil.rmtree(dst)
-                else:
-                    dst.unlink()
-            if copy:
-                (shutil.copytree if src.is_dir() else shutil.copy2)(src, dst)
-            else:
-                dst.symlink_to(src, target_is_directory=src.is_dir())
+            place_component(src, dst, copy)
         files[name] = dst.name
     cfg = BiDiffuserConfig(root=root, resolution=512, uvit=UViTConfig.v1(),
                            caption_decoder=CaptionDecoderConfig.official(), autoencoder=AutoencoderConfig.sd(),

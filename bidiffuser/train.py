@@ -22,7 +22,6 @@ import hashlib
 import json
 import math
 import os
-import shutil
 import signal
 import time
 from contextlib import nullcontext
@@ -39,7 +38,7 @@ from .checkpoint import atomic_path, save_safetensors
 from .distributed import DistEnv, ResumableSampler, all_reduce_sum, barrier, init_distributed, shutdown
 from .errors import BiDiffuserError
 from .images import load_image
-from .model_dir import CONFIG_NAME, BiDiffuserConfig, read_config, write_config
+from .model_dir import CONFIG_NAME, BiDiffuserConfig, place_component, read_config, write_config
 from .sampler import NoiseSchedule
 from .train_checkpoint import complete_checkpoints, load_checkpoint, save_checkpoint
 from .uvit import UViT, load_uvit
@@ -231,15 +230,7 @@ def write_model_dir(source: BiDiffuserConfig, out: str | os.PathLike, uvit_sd: d
             continue
         src = source.path(component).resolve()
         name = component + ("" if src.is_dir() else src.suffix)  # distinct names by construction
-        dst = out / name
-        if dst.is_dir() and not dst.is_symlink():
-            shutil.rmtree(dst)
-        else:
-            dst.unlink(missing_ok=True)
-        if copy:
-            (shutil.copytree if src.is_dir() else shutil.copy2)(src, dst)
-        else:
-            dst.symlink_to(src, target_is_directory=src.is_dir())
+        place_component(src, out / name, copy)
         files[component] = name
     write_config(dataclasses.replace(source, root=out, files=files))
     return out

@@ -23,8 +23,10 @@ from transformers import TextStreamer
 from bidiffuser.checkpoint import atomic_path
 from bidiffuser.errors import BiDiffuserError
 from bidiffuser.images import load_image
+from fastchat_ext.conversation import LLAVA_IMAGE_TOKEN
 
 from .builder import LoadedModel
+from .constants import IMAGE_PLACEHOLDER
 from .errors import EasyGenError
 from .features import ImageFeatureExtractor
 from .image_reply import find_image_requests, render_image_replies
@@ -128,6 +130,10 @@ class Assistant:
         text = text.strip()
         if not text and not images:
             raise EasyGenError("empty message")
+        reserved = [m for m in (IMAGE_PLACEHOLDER, LLAVA_IMAGE_TOKEN) if m in text]
+        if reserved:  # in a prompt these mark image slots; typed text must not create slots
+            raise EasyGenError(f"the message contains {reserved[0]}, which marks image slots; attach images "
+                               f"as files instead")
         if images and self.features is None:
             raise EasyGenError("images need a BiDiffuser model directory (--bidiffuser)")
         paths = []

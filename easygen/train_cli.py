@@ -30,13 +30,12 @@ def run(args) -> int:
     from .train.export import export
     from .train.loop import train
 
-    extra = {"stage": args.stage}
-    overrides = list(args.overrides)
+    overrides = [f"stage={args.stage}"] + list(args.overrides)  # the flag wins over the config file
     if args.strategy:
         overrides.append(f"strategy={args.strategy}")
     if args.lora:
         overrides.append("lora=true")
-    cfg = load_config(args.config, overrides, **extra)
+    cfg = load_config(args.config, overrides)
     mixture = load_mixture(cfg.data, on_error="skip" if args.skip_bad_rows else "raise")
     if int(os.environ.get("RANK", "0")) == 0:
         print(mixture.summary())

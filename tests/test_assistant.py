@@ -85,3 +85,11 @@ def test_text_only_assistant_without_bidiffuser(tiny_easygen_dir, tmp_path):
     assert isinstance(a.send("hi").text, str)
     with pytest.raises(EasyGenError, match="need a BiDiffuser"):
         a.send("look", images=[make_image(tmp_path / "x.png")])
+
+
+def test_typed_image_markers_are_refused_not_spliced(tiny_loaded, tmp_path):
+    a = _assistant(tiny_loaded, tmp_path)
+    for text in ("what does <image> mean?", "say <ImageHere>"):
+        with pytest.raises(EasyGenError, match="marks image slots"):
+            a.send(text)
+    assert a.messages == []

@@ -135,3 +135,18 @@ def test_assemble_links_the_official_files_and_checks_them_on_load(cli, tiny_dir
     missing = [str(a) if a != tiny_dir / "autoencoder_kl.pth" else str(tmp_path / "nope.pth") for a in sources]
     r = cli("assemble", tmp_path / "v1-bad", *missing)
     assert r.returncode == 2 and "--autoencoder: not found" in r.stderr
+
+
+def test_assemble_in_the_download_folder_keeps_the_files(cli, tiny_dir, tmp_path):
+    """Users often assemble where they downloaded: the files are already in OUT under their names."""
+    import shutil
+    out = tmp_path / "models"
+    shutil.copytree(tiny_dir, out)
+    (out / "bidiffuser.json").unlink()
+    before = (out / "uvit_v1.pth").read_bytes()
+    r = cli("assemble", out, "--uvit", out / "uvit_v1.pth", "--caption-decoder", out / "caption_decoder.pth",
+            "--autoencoder", out / "autoencoder_kl.pth", "--clip-image", out / "clip_image",
+            "--clip-text", out / "clip_text", "--gpt2-tokenizer", out / "gpt2_tokenizer")
+    assert r.returncode == 0, r.stderr
+    assert not (out / "uvit_v1.pth").is_symlink() and (out / "uvit_v1.pth").read_bytes() == before
+    assert (out / "clip_text" / "config.json").is_file()

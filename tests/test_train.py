@@ -145,3 +145,20 @@ def test_deepspeed_zero2_on_two_ranks(tmp_path, tiny_easygen_dir):
     before = load_file(tiny_easygen_dir / "model.safetensors")
     after = loaded.model.state_dict()
     assert not torch.equal(before["model.layers.0.mlp.up_proj.weight"], after["model.layers.0.mlp.up_proj.weight"])
+
+
+def test_run_directory_and_feature_store_guards(tmp_path, tiny_easygen_dir, capsys):
+    cfg = _config(tmp_path, tiny_easygen_dir, max_steps=2, stage="instruct")  # the flag must win
+    assert main(["train", "--stage", "pretrain", "--config", str(cfg), "--no-export"]) == 0
+    assert json.loads((tmp_path / "run" / "train_config.json").read_text())["stage"] == "pretrain"
+    capsys.readouterr()
+
+    assert main(["train", "--stage", "pretrain", "--config", str(cfg), "micro_batch_size=1"]) == 2
+    assert "cannot resume" in capsys.readouterr().err  # a different data order is not a resume
+    assert main(["train", "--stage", "pretrain", "--config", str(cfg), "resume=false"]) == 2
+    assert "already holds checkpoints" in capsys.readouterr().err
+    assert main(["train", "--stage", "pretrain", "--config", str(cfg), f"output_dir={tmp_path / 'other'}",
+                 "feature_steps=3"]) == 2
+    assert "was made with steps=2" in capsys.readouterr().err  # not a silent BiDiffuser rerun
+    assert main(["train", "--stage", "pretrain", "--config", str(cfg), "max_grad_norm=-1"]) == 2
+    assert "max_grad_norm must be >= 0" in capsys.readouterr().err

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from ..errors import EasyGenError
 from ..features import ImageFeatureExtractor
 from ..processor import EasyGenProcessor
 
@@ -26,7 +27,8 @@ class Batcher:
         images = [p for r in rows for p in r[2]]
         if images:
             if self.features is None:
-                raise ValueError("examples hold images but no BiDiffuser / feature store is configured")
+                raise EasyGenError("the data has images but no BiDiffuser directory is configured "
+                                   "(set bidiffuser=DIR, or put it in the model directory as bidiffuser/)")
             batch["image_features"] = self.features(images)
         batch["num_tokens"] = int(batch["attention_mask"].sum())  # every position the model processes
         return batch

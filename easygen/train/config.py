@@ -8,6 +8,8 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from bidiffuser.errors import first_line
+
 from ..errors import EasyGenError
 
 STAGES = ("pretrain", "instruct")
@@ -34,7 +36,7 @@ class TrainConfig:
     lr: float = 2e-5
     weight_decay: float = 0.0
     warmup_ratio: float = 0.04
-    max_grad_norm: float = 1.0
+    max_grad_norm: float = 1.0          # 0 = no clipping
     epochs: int = 1
     max_steps: int | None = None         # optimizer steps; overrides epochs
     micro_batch_size: int = 4            # per rank
@@ -68,12 +70,23 @@ class TrainConfig:
             problems.append("lora applies to stage instruct (stage pretrain trains only the projector)")
         if self.precision not in ("auto", "bf16", "fp32"):
             problems.append("precision must be auto, bf16 or fp32")
+        if self.max_grad_norm < 0:
+            problems.append("max_grad_norm must be >= 0 (0 = no clipping)")
         for name in ("micro_batch_size", "grad_accum", "max_length", "epochs", "keep_last"):
             if getattr(self, name) < 1:
                 problems.append(f"{name} must be at least 1")
         if problems:
             raise EasyGenError("bad training config: " + "; ".join(problems))
         return self
+
+    # Settings that fix the data order and what is trained: a resumed run must keep them.
+    RESUME_KEYS = ("stage", "model", "projector", "data", "lora", "lora_r", "lora_alpha", "lora_targets",
+                   "micro_batch_size", "grad_accum", "epochs", "max_steps", "seed", "strategy", "max_length")
+
+    def resume_mismatch(self, saved: dict) -> list[str]:
+        """The resume-relevant settings that differ from a run's saved ``train_config.json``."""
+        return [f"{k} {saved.get(k)!r} -> {getattr(self, k)!r}" for k in self.RESUME_KEYS
+                if saved.get(k) != getattr(self, k)]
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=1)
@@ -102,7 +115,7 @@ def load_config(path: str | None, overrides: list[str] = (), **defaults) -> Trai
             else:
                 loaded = json.loads(text)
         except Exception as e:  # JSON or YAML syntax: one line naming the file
-            raise EasyGenError(f"{p}: cannot parse: {str(e).splitlines()[0]}") from None
+            raise EasyGenError(f"{p}: cannot parse: {first_line(e)}") from None
         if not isinstance(loaded, dict):
             raise EasyGenError(f"{p}: expected a mapping of settings")
         values.update(loaded)

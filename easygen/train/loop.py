@@ -21,8 +21,21 @@ from tqdm import tqdm
 from transformers import get_cosine_schedule_with_warmup
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 
-from bidiffuser.distributed import DistEnv, ResumableSampler, all_reduce_sum, barrier, init_distributed
-from bidiffuser.train_checkpoint import STATE_FILE, complete_checkpoints, load_checkpoint, save_checkpoint
+from bidiffuser.checkpoint import atomic_path
+from bidiffuser.distributed import (
+    DistEnv,
+    ResumableSampler,
+    all_reduce_sum,
+    barrier,
+    init_distributed,
+)
+from bidiffuser.errors import first_line
+from bidiffuser.train_checkpoint import (
+    STATE_FILE,
+    complete_checkpoints,
+    load_checkpoint,
+    save_checkpoint,
+)
 
 from ..builder import load_pretrained
 from ..errors import EasyGenError
@@ -73,7 +86,10 @@ def _wrap(model, cfg: TrainConfig, env: DistEnv, bf16: bool, total_steps: int):
 
     if cfg.strategy == "deepspeed":
         import deepspeed
-        ds_config = json.loads(Path(cfg.deepspeed_config).read_text())
+        try:
+            ds_config = json.loads(Path(cfg.deepspeed_config).read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise EasyGenError(f"deepspeed_config {cfg.deepspeed_config}: {first_line(e)}") from None
         if "optimizer" in ds_config or "scheduler" in ds_config:
             raise EasyGenError(f"{cfg.deepspeed_config}: leave out 'optimizer' and 'scheduler'; the trainer "
                                f"gives DeepSpeed its AdamW (lr, weight_decay) and cosine schedule")
@@ -96,6 +112,37 @@ def _wrap(model, cfg: TrainConfig, env: DistEnv, bf16: bool, total_steps: int):
         model = DistributedDataParallel(model, device_ids=[env.local_rank] if env.device.type == "cuda" else None)
     optimizer = adamw([p for p in model.parameters() if p.requires_grad])
     return model, optimizer, schedule(optimizer), None
+
+
+def _check_run_dir(cfg: TrainConfig, out: Path) -> None:
+    """A run directory holds one run: resuming must keep the settings that fix data order and what
+    is trained, and a fresh start (resume=false) must not mix its checkpoints with an old run's."""
+    saved_path = out / "train_config.json"
+    if not complete_checkpoints(out / CHECKPOINTS):
+        return
+    if not cfg.resume:
+        raise EasyGenError(f"{out} already holds checkpoints of a run; use another output_dir, or resume=true")
+    try:
+        saved = json.loads(saved_path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise EasyGenError(f"{saved_path}: cannot read the run's settings to resume it: {first_line(e)}") from None
+    changed = cfg.resume_mismatch(saved)
+    if changed:
+        raise EasyGenError(f"cannot resume {out} with different settings ({'; '.join(changed)}); "
+                           f"use another output_dir for a new run")
+
+
+def _check_feature_store(cfg: TrainConfig, features: ImageFeatureExtractor) -> None:
+    """A store made with other BiDiffuser settings would never hit, silently rerunning BiDiffuser for
+    every image inside training: say so instead."""
+    if features.store is None:
+        return
+    present = features.store.settings()  # shard metadata: the settings plus the store's own keys
+    if present and not any(all(m.get(k) == v for k, v in features.settings.items()) for m in present):
+        s = present[0]
+        raise EasyGenError(f"feature store {cfg.features} was made with steps={s.get('steps')} scale={s.get('scale')} "
+                           f"seed={s.get('seed')} dtype={s.get('dtype')} (or another BiDiffuser checkpoint); set "
+                           f"feature_steps/feature_scale/feature_seed to match, or use another store")
 
 
 def _report_shard(model, env: DistEnv) -> None:
@@ -129,9 +176,11 @@ def train(cfg: TrainConfig, examples: list[dict], eval_examples: list[dict] | No
     env = init_distributed()
     torch.manual_seed(cfg.seed)  # same initial weights (new projector, LoRA) on every rank and every run
     out = Path(cfg.output_dir)
+    _check_run_dir(cfg, out)
+    barrier()
     if env.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "train_config.json").write_text(cfg.to_json())
+        with atomic_path(out / "train_config.json") as p:
+            p.write_text(cfg.to_json())
     bf16 = _use_bf16(cfg, env)
 
     model, loaded = build_model(cfg, device=env.device)
@@ -139,6 +188,7 @@ def train(cfg: TrainConfig, examples: list[dict], eval_examples: list[dict] | No
     if loaded.bidiffuser is not None:
         features = ImageFeatureExtractor(loaded.bidiffuser, steps=cfg.feature_steps, scale=cfg.feature_scale,
                                          seed=cfg.feature_seed, cache_dir=cfg.features)
+        _check_feature_store(cfg, features)
     batcher = Batcher(examples, loaded.processor, cfg.max_length, features)
     sampler = ResumableSampler(len(examples), cfg.micro_batch_size, env, cfg.seed)
     eval_sampler = None
@@ -150,7 +200,8 @@ def train(cfg: TrainConfig, examples: list[dict], eval_examples: list[dict] | No
 
     steps_per_epoch = sampler.batches_per_rank // cfg.grad_accum
     if steps_per_epoch == 0:
-        raise ValueError("grad_accum is larger than the number of micro-batches in an epoch")
+        raise EasyGenError(f"{len(examples)} examples make fewer than one optimizer step (micro_batch_size "
+                           f"{cfg.micro_batch_size} x {env.world_size} ranks x grad_accum {cfg.grad_accum})")
     total_steps = cfg.max_steps or steps_per_epoch * cfg.epochs
     model, optimizer, scheduler, engine = _wrap(model, cfg, env, bf16, total_steps)
     _report_shard(model, env)
@@ -181,7 +232,9 @@ def train(cfg: TrainConfig, examples: list[dict], eval_examples: list[dict] | No
             batch = to_device(batcher(indices), env.device)
             tokens_since += batch.pop("num_tokens")
             last = k == len(micro) - 1
-            sync = nullcontext() if last or engine is not None or not hasattr(model, "no_sync") else model.no_sync()
+            if hasattr(model, "set_requires_gradient_sync"):  # FSDP2: reduce-scatter on the last micro-batch only
+                model.set_requires_gradient_sync(last)
+            sync = model.no_sync() if not last and hasattr(model, "no_sync") and engine is None else nullcontext()
             with sync, autocast():
                 loss = model(**batch).loss
             losses.append(loss.item())
@@ -191,7 +244,8 @@ def train(cfg: TrainConfig, examples: list[dict], eval_examples: list[dict] | No
             else:
                 (loss / cfg.grad_accum).backward()
         if engine is None:
-            torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], cfg.max_grad_norm)
+            if cfg.max_grad_norm > 0:
+                torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], cfg.max_grad_norm)
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
