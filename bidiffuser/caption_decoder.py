@@ -22,7 +22,7 @@ from torch import nn
 
 from .checkpoint import check_state_dict, read_state_dict, save_safetensors, strip_prefix
 from .config_base import DictConfig
-from .errors import BiDiffuserError
+from .errors import BiDiffuserError, first_line
 
 EOS_TOKEN = "<|EOS|>"
 # Per-layer causal-mask buffers that old transformers saved with GPT-2; current GPT-2 has none.
@@ -277,8 +277,7 @@ def load_tokenizer(tokenizer_dir: str | os.PathLike):
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
     except Exception as e:
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise BiDiffuserError(f"cannot load a tokenizer from {path}: {first[:200]}") from None
+        raise BiDiffuserError(f"cannot load a tokenizer from {path}: {first_line(e)}") from None
     return _ensure_eos(tokenizer)
 
 

@@ -22,16 +22,13 @@ import torch
 from safetensors import safe_open
 
 from bidiffuser.checkpoint import save_safetensors
+from bidiffuser.errors import first_line
 from easygen.errors import EasyGenError
 
 log = logging.getLogger(__name__)
 
 STORE_FORMAT = "easygen-feature-store-v1"
 SHARD_SUFFIX = ".safetensors"
-
-
-def _first_line(e: Exception) -> str:
-    return ((str(e).strip().splitlines() or [type(e).__name__])[0])[:200]
 
 
 class FeatureStore:
@@ -76,7 +73,7 @@ class FeatureStore:
                 with safe_open(str(path), framework="pt") as f:
                     keys, metadata = list(f.keys()), f.metadata() or {}
             except Exception as e:  # empty, truncated or foreign file: the store must never stop a run
-                log.warning("skipping unreadable feature shard %s: %s", path, _first_line(e))
+                log.warning("skipping unreadable feature shard %s: %s", path, first_line(e))
                 self._unreadable.add(path)
                 continue
             self._metadata[path] = metadata
@@ -123,7 +120,7 @@ class FeatureStore:
             with safe_open(str(path), framework="pt") as f:
                 return f.get_tensor(key)
         except Exception as e:  # the shard was damaged after open: forget all of it
-            log.warning("skipping unreadable feature shard %s: %s", path, _first_line(e))
+            log.warning("skipping unreadable feature shard %s: %s", path, first_line(e))
             self._unreadable.add(path)
             del self._metadata[path]
             self._index = {k: p for k, p in self._index.items() if p != path}

@@ -23,6 +23,7 @@ import re
 import shutil
 from typing import Mapping, Sequence
 
+from bidiffuser.errors import first_line
 from easygen.errors import EasyGenError
 
 # =============================================================================== captioning
@@ -120,8 +121,7 @@ def _spice(gts, res, tokenizer: str) -> tuple[float | None, str | None]:
 
         return 100 * float(Spice().compute_score(gts, res)[0]), None
     except Exception as e:  # network (CoreNLP download), Java memory, ...
-        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-        return None, f"SPICE failed ({reason}); it downloads Stanford CoreNLP on first use"
+        return None, f"SPICE failed ({first_line(e)}); it downloads Stanford CoreNLP on first use"
 
 
 # =============================================================================== VQA
