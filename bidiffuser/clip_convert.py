@@ -37,7 +37,7 @@ def read_openai_clip_state_dict(path: str | os.PathLike) -> StateDict:
     read with weights_only) or an OpenAI TorchScript archive (what ``clip.load`` downloads)."""
     path = require_file(path, "CLIP checkpoint")
     if path.suffix != ".safetensors" and _is_torchscript(path):
-        # torch.jit.load is acceptable for untrusted files where torch.load(weights_only=False) is
+        # torch.jit.load is acceptable for untrusted files where a full pickle load (weights_only=False) is
         # not: a TorchScript archive holds TorchScript IR compiled by TorchScript's own compiler
         # and pickles read by a restricted unpickler that only builds tensors and TorchScript types,
         # so no arbitrary Python runs. We only take its state_dict and never call its methods.

@@ -13,10 +13,11 @@ import shlex
 import warnings
 from pathlib import Path
 
-from bidiffuser.cliutil import add_device_args, positive_int
+from bidiffuser.cliutil import positive_int
 from bidiffuser.errors import BiDiffuserError
 
 from .errors import EasyGenError
+from .model_args import add_model_args
 
 COMMAND_HELP = """\
 in-chat commands:
@@ -53,16 +54,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         description="Chat with EasyGen: attach images with --image-file or /image, get answers streamed\n"
                     "token by token; pictures the model draws are saved as PNG under --out-dir.",
         epilog=COMMAND_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
-    g = p.add_argument_group("model")
-    g.add_argument("--model-path", required=True, metavar="DIR",
-                   help="EasyGen model directory (ours, EasyGen's release, a plain LLaMA/Vicuna with "
-                        "--projector, or a LoRA adapter with --model-base). Required for now: a built-in "
-                        "demo model will become the default")
-    g.add_argument("--model-base", metavar="DIR", help="base model directory when --model-path is a LoRA adapter")
-    g.add_argument("--lora", metavar="DIR", help="PEFT LoRA adapter directory applied on top of --model-path")
-    g.add_argument("--projector", metavar="FILE", help="projector file, for a plain LLaMA/Vicuna --model-path")
-    g.add_argument("--bidiffuser", metavar="DIR", help="BiDiffuser model directory (default: MODEL_PATH/bidiffuser)")
-    add_device_args(g)
+    add_model_args(p)  # --model-path is required for now: a built-in demo model will become the default
 
     g = p.add_argument_group("generation")
     g.add_argument("--temperature", type=_non_negative, default=0.2, metavar="T",

@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import argparse
 
-from bidiffuser.cliutil import add_device_args, positive_int
+from bidiffuser.cliutil import positive_int
+from easygen.model_args import add_model_args
 
 CAPTION_PROMPT = "A short image caption:"
 VQA_PROMPT = "{question}\nAnswer the question using a single word or phrase."
@@ -46,14 +47,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def _common(p: argparse.ArgumentParser, prompt: str, beam: int, max_new: int, min_new: int) -> None:
-    g = p.add_argument_group("model")
-    g.add_argument("--model-path", required=True, metavar="DIR",
-                   help="EasyGen model directory (or a LoRA adapter, with --model-base)")
-    g.add_argument("--model-base", metavar="DIR", help="base model of a LoRA adapter given as --model-path")
-    g.add_argument("--lora", metavar="DIR", help="PEFT LoRA adapter directory applied to --model-path")
-    g.add_argument("--projector", metavar="FILE", help="projector file for a plain LLaMA/Vicuna --model-path")
-    g.add_argument("--bidiffuser", metavar="DIR", help="BiDiffuser directory (default: MODEL/bidiffuser)")
-    add_device_args(g)
+    add_model_args(p)
     g = p.add_argument_group("data and output")
     g.add_argument("--image-root", required=True, metavar="DIR", help="folder the image paths are relative to")
     g.add_argument("--limit", type=positive_int, metavar="N", help="only the first N samples")

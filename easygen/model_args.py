@@ -1,0 +1,19 @@
+"""The model flags every EasyGen command that loads a model shares (they map onto
+``easygen.builder.load_pretrained``). Import-light: argparse only."""
+from __future__ import annotations
+
+import argparse
+
+from bidiffuser.cliutil import add_device_args
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model")
+    g.add_argument("--model-path", required=True, metavar="DIR",
+                   help="EasyGen model directory (ours, EasyGen's release, a plain LLaMA/Vicuna with "
+                        "--projector, or a LoRA adapter with --model-base)")
+    g.add_argument("--model-base", metavar="DIR", help="base model directory when --model-path is a LoRA adapter")
+    g.add_argument("--lora", metavar="DIR", help="PEFT LoRA adapter directory applied on top of --model-path")
+    g.add_argument("--projector", metavar="FILE", help="projector file, for a plain LLaMA/Vicuna --model-path")
+    g.add_argument("--bidiffuser", metavar="DIR", help="BiDiffuser model directory (default: MODEL_PATH/bidiffuser)")
+    add_device_args(g)
