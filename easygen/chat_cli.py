@@ -54,7 +54,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         description="Chat with EasyGen: attach images with --image-file or /image, get answers streamed\n"
                     "token by token; pictures the model draws are saved as PNG under --out-dir.",
         epilog=COMMAND_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_model_args(p)  # --model-path is required for now: a built-in demo model will become the default
+    add_model_args(p, ". Required for now: a built-in demo model will become the default")
 
     g = p.add_argument_group("generation")
     g.add_argument("--temperature", type=_non_negative, default=0.2, metavar="T",

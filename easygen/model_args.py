@@ -7,11 +7,11 @@ import argparse
 from bidiffuser.cliutil import add_device_args
 
 
-def add_model_args(p: argparse.ArgumentParser) -> None:
+def add_model_args(p: argparse.ArgumentParser, model_path_note: str = "") -> None:
     g = p.add_argument_group("model")
     g.add_argument("--model-path", required=True, metavar="DIR",
                    help="EasyGen model directory (ours, EasyGen's release, a plain LLaMA/Vicuna with "
-                        "--projector, or a LoRA adapter with --model-base)")
+                        "--projector, or a LoRA adapter with --model-base)" + model_path_note)
     g.add_argument("--model-base", metavar="DIR", help="base model directory when --model-path is a LoRA adapter")
     g.add_argument("--lora", metavar="DIR", help="PEFT LoRA adapter directory applied on top of --model-path")
     g.add_argument("--projector", metavar="FILE", help="projector file, for a plain LLaMA/Vicuna --model-path")
