@@ -12,8 +12,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import statistics
 import sys
 import tempfile
 import time
@@ -24,6 +22,8 @@ import torch
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without install
+
+from common import RETRIES, TIMING, median_seconds, n_params, machine_info  # noqa: E402
 
 from bidiffuser.autoencoder import AutoencoderConfig  # noqa: E402
 from bidiffuser.caption_decoder import CaptionDecoderConfig, build_tiny_tokenizer, init_caption_decoder  # noqa: E402
@@ -38,8 +38,6 @@ N_IMAGES = 2           # images per i2t call
 CAPTION_BATCH = 4      # text latents per caption call
 BEAM = 5
 CAPTION_LENGTHS = (30, 67)
-RETRIES, RETRY_PAUSE_S = 3, 10  # per figure, for timed runs taken while other processes were busy
-LOAD_WINDOW_S = 1.0  # /proc/stat counts 10 ms ticks: judge the load over at least this long
 
 
 @dataclass
@@ -64,84 +62,6 @@ PRESETS = {
 
 
 # -- timing ----------------------------------------------------------------------------------------
-class OtherLoad:
-    """CPU cores that *other* processes (and hypervisor steal) kept busy since the last ``take()``
-    (Linux /proc/stat minus this process's own CPU time).
-
-    Two-thread CPU runs slow down far more than proportionally when another process wants a core,
-    so every figure is printed next to this number; near 0 means the run had the machine alone."""
-
-    def __init__(self):
-        self._mark = self._now()
-
-    @staticmethod
-    def _now() -> tuple[float, float, float]:
-        try:
-            ticks = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-            busy = (sum(ticks[:8]) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")  # minus idle, iowait
-        except (OSError, ValueError, IndexError):
-            busy = float("nan")
-        own = os.times()
-        return time.perf_counter(), busy, own.user + own.system
-
-    def seconds(self) -> float:
-        return time.perf_counter() - self._mark[0]
-
-    def take(self) -> float:
-        (w0, b0, o0), (w1, b1, o1) = self._mark, self._now()
-        self._mark = (w1, b1, o1)
-        return max(0.0, (b1 - b0) - (o1 - o0)) / max(w1 - w0, 1e-9)
-
-
-@dataclass
-class Timing:
-    max_other_load: float = 0.2  # --max-other-load
-    last_other_load: float = 0.0  # the highest other load during a kept run of the last figure
-
-
-TIMING = Timing()
-
-
-def median_seconds(fn, repeat: int, warmup: int = 1) -> float:
-    """Median wall time of ``fn()`` over ``repeat`` runs after ``warmup`` untimed runs.
-
-    Runs are judged in windows of at least LOAD_WINDOW_S (one run when runs are long): runs
-    during which other processes kept more than ``TIMING.max_other_load`` cores busy are thrown
-    away and taken again after a pause (at most RETRIES times per figure)."""
-    def sync():
-        if torch.cuda.is_available() and torch.cuda.is_initialized():
-            torch.cuda.synchronize()
-
-    for _ in range(warmup):
-        fn()
-    times, window, loads, retries = [], [], [], RETRIES
-    sync()
-    load = OtherLoad()
-    while len(times) < repeat:
-        start = time.perf_counter()
-        fn()
-        sync()
-        window.append(time.perf_counter() - start)
-        if load.seconds() < LOAD_WINDOW_S and len(times) + len(window) < repeat:
-            continue
-        other = load.take()
-        if other > TIMING.max_other_load and retries:
-            retries -= 1
-            print(f"  (other processes used {other:.2f} cores: timing {len(window)} run(s) again in "
-                  f"{RETRY_PAUSE_S} s)", flush=True)
-            time.sleep(RETRY_PAUSE_S)
-        else:
-            times += window
-            loads.append(other)
-        window = []
-        load.take()
-    TIMING.last_other_load = max(loads)
-    return statistics.median(times)
-
-
-def n_params(model: torch.nn.Module) -> str:
-    n = sum(p.numel() for p in model.parameters())
-    return f"{n / 1e6:.1f}M" if n >= 1e6 else f"{n / 1e3:.0f}k"
 
 
 # -- measurements -----------------------------------------------------------------------------------
@@ -288,15 +208,6 @@ def run_preset(p: Preset, repeat: int, device, tokenizer, workdir: Path) -> list
 
 
 # -- report -----------------------------------------------------------------------------------------
-def machine_info(device) -> dict:
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor())
-    info = {"cpu": cpu, "nproc": len(os.sched_getaffinity(0)), "torch": torch.__version__,
-            "threads": torch.get_num_threads(), "device": str(device), "python": platform.python_version(),
-            "loadavg_1min": round(os.getloadavg()[0], 2)}  # other processes on the machine skew timings
-    if device.type == "cuda":
-        info["gpu"] = torch.cuda.get_device_name(device)
-    return info
 
 
 def markdown_table(rows: list[dict]) -> str:
