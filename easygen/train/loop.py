@@ -7,6 +7,7 @@ directories (DeepSpeed: its own format), and resuming from one continues the exa
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -221,59 +222,59 @@ def train(cfg: TrainConfig, examples: list[dict], eval_examples: list[dict] | No
         if env.is_main:
             print(f"resumed from {previous[-1]} at step {step}")
 
-    bar = tqdm(total=total_steps, initial=step, desc=f"{cfg.stage}", disable=not env.is_main, dynamic_ncols=True)
-    log_file = (out / "log.jsonl").open("a") if env.is_main else None
-    tokens_since, t0 = 0, time.perf_counter()
-    while step < total_steps:
-        epoch, in_epoch = divmod(step, steps_per_epoch)
-        micro = sampler.epoch(epoch)[in_epoch * cfg.grad_accum:(in_epoch + 1) * cfg.grad_accum]
-        losses = []
-        for k, indices in enumerate(micro):
-            batch = to_device(batcher(indices), env.device)
-            tokens_since += batch.pop("num_tokens")
-            last = k == len(micro) - 1
-            if hasattr(model, "set_requires_gradient_sync"):  # FSDP2: reduce-scatter on the last micro-batch only
-                model.set_requires_gradient_sync(last)
-            sync = model.no_sync() if not last and hasattr(model, "no_sync") and engine is None else nullcontext()
-            with sync, autocast():
-                loss = model(**batch).loss
-            losses.append(loss.item())
-            if engine is not None:
-                engine.backward(loss)
-                engine.step()
-            else:
-                (loss / cfg.grad_accum).backward()
-        if engine is None:
-            if cfg.max_grad_norm > 0:
-                torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], cfg.max_grad_norm)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-        step += 1
-        bar.update(1)
+    with contextlib.ExitStack() as stack:  # the bar and the log close however the loop ends
+        bar = stack.enter_context(tqdm(total=total_steps, initial=step, desc=f"{cfg.stage}",
+                                       disable=not env.is_main, dynamic_ncols=True))
+        log_file = stack.enter_context((out / "log.jsonl").open("a")) if env.is_main else None
+        tokens_since, t0 = 0, time.perf_counter()
+        while step < total_steps:
+            epoch, in_epoch = divmod(step, steps_per_epoch)
+            micro = sampler.epoch(epoch)[in_epoch * cfg.grad_accum:(in_epoch + 1) * cfg.grad_accum]
+            losses = []
+            for k, indices in enumerate(micro):
+                batch = to_device(batcher(indices), env.device)
+                tokens_since += batch.pop("num_tokens")
+                last = k == len(micro) - 1
+                if hasattr(model, "set_requires_gradient_sync"):  # FSDP2: reduce-scatter once per step
+                    model.set_requires_gradient_sync(last)
+                sync = model.no_sync() if not last and hasattr(model, "no_sync") and engine is None else nullcontext()
+                with sync, autocast():
+                    loss = model(**batch).loss
+                losses.append(loss.item())
+                if engine is not None:
+                    engine.backward(loss)
+                    engine.step()
+                else:
+                    (loss / cfg.grad_accum).backward()
+            if engine is None:
+                if cfg.max_grad_norm > 0:
+                    torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], cfg.max_grad_norm)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+            step += 1
+            bar.update(1)
 
-        if step % cfg.log_every == 0 or step == total_steps:
-            loss_sum, tokens = all_reduce_sum([sum(losses) / len(losses), tokens_since], env.device)
-            elapsed = time.perf_counter() - t0
-            record = {"step": step, "loss": loss_sum / env.world_size, "lr": scheduler.get_last_lr()[0],
-                      "tokens_per_s": tokens / elapsed}
-            tokens_since, t0 = 0, time.perf_counter()
-            bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}", tok_s=f"{record['tokens_per_s']:.0f}")
-            if log_file:
-                log_file.write(json.dumps(record) + "\n")
-                log_file.flush()
-        if (cfg.eval_every and step % cfg.eval_every == 0) or step == total_steps:
-            ev = _eval_loss(model, eval_batcher, eval_sampler, env, autocast)
-            if ev is not None and env.is_main:
-                bar.write(f"step {step}: eval loss {ev:.4f}")
-                log_file.write(json.dumps({"step": step, "eval_loss": ev}) + "\n")
-        if step % cfg.save_every == 0 or step == total_steps:
-            _save(ckpt_root, step, model, optimizer, scheduler, engine, env, cfg)
-        if step == _KILL_AT_STEP:  # fault injection for the resume test: die like a killed job
-            os.kill(os.getpid(), signal.SIGKILL)
-    bar.close()
-    if log_file:
-        log_file.close()
+            if step % cfg.log_every == 0 or step == total_steps:
+                loss_sum, tokens = all_reduce_sum([sum(losses) / len(losses), tokens_since], env.device)
+                elapsed = time.perf_counter() - t0
+                record = {"step": step, "loss": loss_sum / env.world_size, "lr": scheduler.get_last_lr()[0],
+                          "tokens_per_s": tokens / elapsed}
+                tokens_since, t0 = 0, time.perf_counter()
+                bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}", tok_s=f"{record['tokens_per_s']:.0f}")
+                if log_file:
+                    log_file.write(json.dumps(record) + "\n")
+                    log_file.flush()
+            if (cfg.eval_every and step % cfg.eval_every == 0) or step == total_steps:
+                ev = _eval_loss(model, eval_batcher, eval_sampler, env, autocast)
+                if ev is not None and env.is_main:
+                    bar.write(f"step {step}: eval loss {ev:.4f}")
+                    log_file.write(json.dumps({"step": step, "eval_loss": ev}) + "\n")
+                    log_file.flush()
+            if step % cfg.save_every == 0 or step == total_steps:
+                _save(ckpt_root, step, model, optimizer, scheduler, engine, env, cfg)
+            if step == _KILL_AT_STEP:  # fault injection for the resume test: die like a killed job
+                os.kill(os.getpid(), signal.SIGKILL)
     barrier()
     return complete_checkpoints(ckpt_root)[-1]
 
