@@ -66,10 +66,7 @@ def save_checkpoint(root: str | Path, step: int, model, optimizer, state: dict, 
     if extra_state:
         to_save["extra"] = dict(extra_state)
     dcp.save(to_save, checkpoint_id=str(tmp), no_dist=not dist.is_initialized())
-    rng = {"cpu": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        rng["cuda"] = torch.cuda.get_rng_state()
-    save_safetensors(rng, tmp / f"rng-rank{env.rank}.safetensors")
+    save_rng(tmp, env.rank)
     barrier()
     final = _step_dir(root, step)
     if env.is_main:
@@ -105,12 +102,24 @@ def load_checkpoint(path: str | Path, model, optimizer, env: DistEnv,
             tensor.copy_(sd["extra"][name])
     set_state_dict(model, optimizer, model_state_dict=sd["model"], optim_state_dict=sd["optim"],
                    options=_SET_OPTIONS)
-    rng = load_file(str(path / f"rng-rank{env.rank}.safetensors"))
+    restore_rng(path, env.rank)
+    random.setstate(_from_json_rng(state["python_rng"]))
+    return state
+
+
+def save_rng(directory: str | Path, rank: int) -> None:
+    """This rank's torch (and CUDA) generator state, next to its checkpoint shard."""
+    rng = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.get_rng_state()
+    save_safetensors(rng, Path(directory) / f"rng-rank{rank}.safetensors")
+
+
+def restore_rng(directory: str | Path, rank: int) -> None:
+    rng = load_file(str(Path(directory) / f"rng-rank{rank}.safetensors"))
     torch.set_rng_state(rng["cpu"])
     if "cuda" in rng and torch.cuda.is_available():
         torch.cuda.set_rng_state(rng["cuda"])
-    random.setstate(_from_json_rng(state["python_rng"]))
-    return state
 
 
 def load_weights_only(path: str | Path, model) -> None:

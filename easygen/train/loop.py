@@ -31,12 +31,8 @@ from bidiffuser.distributed import (
     init_distributed,
 )
 from bidiffuser.errors import first_line
-from bidiffuser.train_checkpoint import (
-    STATE_FILE,
-    complete_checkpoints,
-    load_checkpoint,
-    save_checkpoint,
-)
+from bidiffuser.train_checkpoint import (STATE_FILE, complete_checkpoints, load_checkpoint, restore_rng,
+                                        save_checkpoint, save_rng)
 
 from ..builder import load_pretrained
 from ..errors import EasyGenError
@@ -215,6 +211,7 @@ def train(cfg: TrainConfig, examples: list[dict], eval_examples: list[dict] | No
         if engine is not None:
             _, client = engine.load_checkpoint(str(ckpt_root), tag=previous[-1].name)
             step = client["step"]
+            restore_rng(previous[-1], env.rank)  # DeepSpeed keeps no RNG state; LoRA dropout needs it
         else:
             state = load_checkpoint(previous[-1], model, optimizer, env)
             step = state["step"]
@@ -286,6 +283,7 @@ def _save(root: Path, step: int, model, optimizer, scheduler, engine, env: DistE
         return
     tag = f"step-{step:08d}"
     engine.save_checkpoint(str(root), tag=tag, client_state={"step": step})
+    save_rng(root / tag, env.rank)
     barrier()
     if env.is_main:  # the marker goes last, so a killed save is never taken for a complete one
         (root / tag / STATE_FILE).write_text(json.dumps({"step": step, "world_size": env.world_size}))
