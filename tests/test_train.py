@@ -184,3 +184,18 @@ def test_deepspeed_kill_and_resume_equals_an_uninterrupted_run(tmp_path, tiny_ea
     b = load_file(tmp_path / "killed-final" / "model.safetensors")
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-6, atol=1e-7, msg=k)
+
+
+def test_gradient_accumulation_equals_one_big_batch(tmp_path, tiny_easygen_dir):
+    """2 micro-batches of 1 accumulate to the same update as 1 micro-batch of 2 (same examples per
+    step): the loss is the token mean over the whole step, not a mean of per-micro-batch means."""
+    finals = []
+    for name, mbs, accum in [("big", 2, 1), ("accumulated", 1, 2)]:
+        cfg = _config(tmp_path, tiny_easygen_dir, name, stage="instruct", max_steps=3, micro_batch_size=mbs,
+                      grad_accum=accum, lr=1e-2)
+        assert main(["train", "--stage", "instruct", "--config", str(cfg)]) == 0
+        finals.append(load_file(tmp_path / name / "final" / "model.safetensors"))
+    changed = [k for k in finals[0] if not torch.equal(finals[0][k], load_file(tiny_easygen_dir / "model.safetensors")[k])]
+    assert changed
+    for k in finals[0]:
+        torch.testing.assert_close(finals[0][k], finals[1][k], rtol=1e-4, atol=1e-5, msg=k)

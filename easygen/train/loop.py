@@ -35,6 +35,7 @@ from bidiffuser.train_checkpoint import (STATE_FILE, complete_checkpoints, load_
                                         save_checkpoint, save_rng)
 
 from ..builder import load_pretrained
+from ..constants import IGNORE_INDEX
 from ..errors import EasyGenError
 from ..features import ImageFeatureExtractor
 from .batches import Batcher, to_device
@@ -228,21 +229,28 @@ def train(cfg: TrainConfig, examples: list[dict], eval_examples: list[dict] | No
             epoch, in_epoch = divmod(step, steps_per_epoch)
             micro = sampler.epoch(epoch)[in_epoch * cfg.grad_accum:(in_epoch + 1) * cfg.grad_accum]
             losses = []
-            for k, indices in enumerate(micro):
-                batch = to_device(batcher(indices), env.device)
+            batches = [to_device(batcher(indices), env.device) for indices in micro]
+            # Weight each micro-batch by its labelled tokens, so the step's gradient is that of the
+            # token mean over all its micro-batches (as one big batch would give), not a mean of means.
+            labelled = [int((b["labels"] != IGNORE_INDEX).sum()) for b in batches]
+            for k, batch in enumerate(batches):
                 tokens_since += batch.pop("num_tokens")
-                last = k == len(micro) - 1
+                weight = labelled[k] / max(sum(labelled), 1)
+                last = k == len(batches) - 1
                 if hasattr(model, "set_requires_gradient_sync"):  # FSDP2: reduce-scatter once per step
                     model.set_requires_gradient_sync(last)
                 sync = model.no_sync() if not last and hasattr(model, "no_sync") and engine is None else nullcontext()
                 with sync, autocast():
-                    loss = model(**batch).loss
-                losses.append(loss.item())
+                    out = model(**batch)
+                # a micro-batch without labelled tokens has a NaN mean: it still runs backward
+                # (DDP/FSDP collectives need every rank), with zero gradient
+                loss = out.loss if labelled[k] else out.logits.sum() * 0.0
+                losses.append(loss.item() * weight)
                 if engine is not None:
-                    engine.backward(loss)
+                    engine.backward(loss * weight * cfg.grad_accum)  # DeepSpeed divides by grad_accum itself
                     engine.step()
                 else:
-                    (loss / cfg.grad_accum).backward()
+                    (loss * weight).backward()
             if engine is None:
                 if cfg.max_grad_norm > 0:
                     torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], cfg.max_grad_norm)
@@ -253,7 +261,7 @@ def train(cfg: TrainConfig, examples: list[dict], eval_examples: list[dict] | No
             bar.update(1)
 
             if step % cfg.log_every == 0 or step == total_steps:
-                loss_sum, tokens = all_reduce_sum([sum(losses) / len(losses), tokens_since], env.device)
+                loss_sum, tokens = all_reduce_sum([sum(losses), tokens_since], env.device)
                 elapsed = time.perf_counter() - t0
                 record = {"step": step, "loss": loss_sum / env.world_size, "lr": scheduler.get_last_lr()[0],
                           "tokens_per_s": tokens / elapsed}
