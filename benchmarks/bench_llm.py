@@ -38,7 +38,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without install
 
-from common import RETRIES, TIMING, median_seconds, n_params, machine_info, write_images  # noqa: E402
+from common import TIMING, median_seconds, n_params, machine_info, write_images, add_common_args, apply_common_args  # noqa: E402
 
 from bidiffuser.cliutil import quiet_libraries  # noqa: E402
 
@@ -248,21 +248,13 @@ def main(argv=None) -> None:
     ap.add_argument("--repeat", type=int, default=5, help="timed runs per figure (mid runs 60%% of them)")
     ap.add_argument("--mid-vocab", type=int, default=32000,
                     help="vocabulary of the mid LLaMA (default 32000, LLaMA's; 0: the tiny tokenizer's)")
-    ap.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's choice)")
-    ap.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
-    ap.add_argument("--json", type=Path, help="also write the results here")
-    ap.add_argument("--max-other-load", type=float, default=0.2, metavar="CORES",
-                    help=f"time a run again (up to {RETRIES} times per figure) when other processes kept more "
-                         "than this many CPU cores busy during it (default 0.2; 'inf': never)")
+    add_common_args(ap)
     args = ap.parse_args(argv)
     names = [c.strip() for c in args.configs.split(",") if c.strip()]
     unknown = [n for n in names if n not in PRESETS and n != "features"]
     if unknown:
         ap.error(f"unknown config(s): {', '.join(unknown)} (choose from {', '.join(PRESETS)}, features)")
-    TIMING.max_other_load = args.max_other_load
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
+    device = apply_common_args(args)
 
     info = machine_info(device)
     print("machine: " + ", ".join(f"{k} {v}" for k, v in info.items()))

@@ -50,7 +50,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without install
 
-from common import RETRIES, TIMING, median_seconds, machine_info, write_images  # noqa: E402
+from common import TIMING, median_seconds, machine_info, write_images, add_common_args, apply_common_args  # noqa: E402
 
 from bidiffuser.cliutil import quiet_libraries  # noqa: E402
 
@@ -298,22 +298,14 @@ def main(argv=None) -> None:
     ap.add_argument("--loop-check", action=argparse.BooleanOptionalAction, default=None,
                     help="also run easygen.train.loop.train and show its logged tokens/s "
                          "(default: for tiny only)")
-    ap.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's choice)")
-    ap.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
-    ap.add_argument("--json", type=Path, help="also write the results here")
-    ap.add_argument("--max-other-load", type=float, default=0.2, metavar="CORES",
-                    help=f"time a run again (up to {RETRIES} times per figure) when other processes kept more "
-                         "than this many CPU cores busy during it (default 0.2; 'inf': never)")
+    add_common_args(ap)
     args = ap.parse_args(argv)
     names = [c.strip() for c in args.configs.split(",") if c.strip()]
     stages = [s.strip() for s in args.stages.split(",") if s.strip()]
     bad = [n for n in names if n not in PRESETS] + [s for s in stages if s not in STAGES]
     if bad:
         ap.error(f"unknown config(s) or stage(s): {', '.join(bad)}")
-    TIMING.max_other_load = args.max_other_load
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
+    device = apply_common_args(args)
 
     info = machine_info(device)
     print("machine: " + ", ".join(f"{k} {v}" for k, v in info.items()))

@@ -6,6 +6,7 @@ processes used during each timed run and retakes runs taken while the machine wa
 """
 from __future__ import annotations
 
+import argparse
 import os
 import platform
 import statistics
@@ -122,3 +123,22 @@ def write_images(directory: Path, n: int, side: int) -> list[Path]:
         paths.append(directory / f"image{i}.png")
         Image.fromarray((rgb.permute(1, 2, 0) * 255).byte().numpy()).save(paths[-1])
     return paths
+
+
+def add_common_args(ap: argparse.ArgumentParser) -> None:
+    """The options every benchmark takes."""
+    ap.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's choice)")
+    ap.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    ap.add_argument("--json", type=Path, help="also write the results here")
+    ap.add_argument("--max-other-load", type=float, default=0.2, metavar="CORES",
+                    help=f"time a run again (up to {RETRIES} times per figure) when other processes kept more "
+                         "than this many CPU cores busy during it (default 0.2; 'inf': never)")
+
+
+def apply_common_args(args) -> torch.device:
+    """Apply --max-other-load and --threads; returns the --device."""
+    TIMING.max_other_load = args.max_other_load
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    return device
