@@ -138,8 +138,10 @@ def run(args: argparse.Namespace) -> int:
     elapsed = time.perf_counter() - start
     rate = computed / elapsed if elapsed > 0 else 0.0
     skipped = f", {bad} unreadable skipped" if bad else ""
-    print(f"easygen features: {who}{computed} computed, {present} already present{skipped}, "
-          f"{elapsed:.1f} s, {rate:.2f} images/s -> {store.root}")
+    # one write per line: torchrun ranks share stdout unbuffered, and print() writes the newline apart
+    sys.stdout.write(f"easygen features: {who}{computed} computed, {present} already present{skipped}, "
+                     f"{elapsed:.1f} s, {rate:.2f} images/s -> {store.root}\n")
+    sys.stdout.flush()
     return 0
 
 

@@ -2,6 +2,7 @@
 LoRA under FSDP, DeepSpeed ZeRO-2, and kill-and-resume equal to an uninterrupted run."""
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -100,7 +101,7 @@ def test_fsdp_on_two_ranks_shards_trains_and_exports(tmp_path, tiny_easygen_dir,
     cfg = _config(tmp_path, tiny_easygen_dir, max_steps=8, micro_batch_size=1)
     r = _launch(["train", "--stage", "instruct", "--strategy", "fsdp", "--config", str(cfg)], nproc=2)
     assert r.returncode == 0, r.stderr[-3000:]
-    shares = [float(line.split("(")[1].split("%")[0]) for line in r.stdout.splitlines() if "] holds" in line]
+    shares = [float(x) for x in re.findall(r"\] holds [\d,]+ of [\d,]+ parameters \(([\d.]+)%\)", r.stdout)]
     assert len(shares) == 2 and all(40 <= s <= 60 for s in shares), r.stdout  # each rank holds ~half
     losses = _losses(tmp_path / "run")
     assert len(losses) == 8 and losses[-1] < losses[0]

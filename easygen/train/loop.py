@@ -13,6 +13,7 @@ import math
 import os
 import shutil
 import signal
+import sys
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -149,7 +150,10 @@ def _report_shard(model, env: DistEnv) -> None:
     for p in model.parameters():
         total += p.numel()
         local += p.to_local().numel() if hasattr(p, "to_local") else p.numel()
-    print(f"[rank {env.rank}] holds {local:,} of {total:,} parameters ({100 * local / max(total, 1):.1f}%)", flush=True)
+    # one write per line: ranks share stdout, and print() writes the text and the newline separately
+    sys.stdout.write(f"[rank {env.rank}] holds {local:,} of {total:,} parameters "
+                     f"({100 * local / max(total, 1):.1f}%)\n")
+    sys.stdout.flush()
 
 
 def _eval_loss(model, batcher: Batcher, sampler: ResumableSampler | None, env: DistEnv, autocast) -> float | None:
