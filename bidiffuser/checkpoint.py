@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Iterator, Mapping
+from typing import Any, Iterator, Mapping
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -20,6 +21,24 @@ from safetensors.torch import load_file, save_file
 from .errors import BiDiffuserError, CheckpointError, first_line
 
 StateDict = dict[str, torch.Tensor]
+
+
+def read_json(path: str | os.PathLike, what: str = "JSON file") -> Any:
+    """Parsed JSON, or a one-line error naming the file (and the line of a syntax error)."""
+    path = Path(path)
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise BiDiffuserError(f"{what} not found: {path}") from None
+    except IsADirectoryError:
+        raise BiDiffuserError(f"{what} is a directory, not a JSON file: {path}") from None
+    except json.JSONDecodeError as e:
+        raise BiDiffuserError(f"{path}:{e.lineno}: invalid JSON ({e.msg}, column {e.colno})") from None
+    except UnicodeDecodeError as e:
+        raise BiDiffuserError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    except OSError as e:
+        raise BiDiffuserError(f"{path}: cannot read: {e.strerror or e}") from None
 
 
 def require_file(path: str | os.PathLike, what: str = "file") -> Path:

@@ -23,7 +23,7 @@ import torch
 from .autoencoder import AutoencoderConfig, build_autoencoder, official_state_dict as vae_official_state_dict
 from .caption_decoder import (CaptionDecoderConfig, build_tiny_tokenizer, init_caption_decoder,
                               official_state_dict as decoder_official_state_dict)
-from .checkpoint import atomic_path, fingerprint_file, save_torch
+from .checkpoint import atomic_path, fingerprint_file, read_json, save_torch
 from .clip import init_tiny_clip
 from .clip_convert import convert_openai_clip_checkpoint
 from .errors import BiDiffuserError
@@ -115,8 +115,10 @@ def read_config(directory: str | os.PathLike) -> BiDiffuserConfig:
     if not cfg_path.is_file():
         raise BiDiffuserError(f"{root} is not a BiDiffuser model directory (no {CONFIG_NAME}); "
                               f"create one with `bidiffuser init` or `bidiffuser assemble`")
+    raw = read_json(cfg_path, "BiDiffuser config")
     try:
-        raw = json.loads(cfg_path.read_text())
+        if not isinstance(raw, dict):
+            raise ValueError("expected a JSON object")
         if raw.get("format") != "bidiffuser":
             raise ValueError("'format' is not 'bidiffuser'")
         if raw.get("version") != FORMAT_VERSION:
@@ -127,8 +129,6 @@ def read_config(directory: str | os.PathLike) -> BiDiffuserConfig:
             caption_decoder=CaptionDecoderConfig.from_dict(raw["caption_decoder"]),
             autoencoder=AutoencoderConfig.from_dict(raw["autoencoder"]),
             data_type=int(raw.get("data_type", 1)), clip_backend=raw.get("clip_backend", "transformers"))
-    except json.JSONDecodeError as e:
-        raise BiDiffuserError(f"{cfg_path}: invalid JSON at line {e.lineno}: {e.msg}") from None
     except (KeyError, TypeError, ValueError) as e:
         raise BiDiffuserError(f"{cfg_path}: bad config: {e}") from None
     cfg.validate()

@@ -20,7 +20,7 @@ from typing import Callable, NoReturn
 import torch
 from transformers import TextStreamer
 
-from bidiffuser.checkpoint import atomic_path
+from bidiffuser.checkpoint import atomic_path, read_json
 from bidiffuser.errors import BiDiffuserError
 from bidiffuser.images import load_image
 from fastchat_ext.conversation import LLAVA_IMAGE_TOKEN
@@ -207,16 +207,7 @@ class Assistant:
     def load(self, path: str | os.PathLike) -> None:
         """Replace the conversation with the one saved in ``path`` (see ``from_json``)."""
         path = Path(path)
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise EasyGenError(f"conversation file not found: {path}") from None
-        except OSError as e:
-            raise EasyGenError(f"{path}: cannot read: {e.strerror or e}") from None
-        except UnicodeDecodeError:
-            raise EasyGenError(f"{path}: not a text (UTF-8 JSON) file") from None
-        except json.JSONDecodeError as e:
-            raise EasyGenError(f"{path}: invalid JSON at line {e.lineno}: {e.msg}") from None
+        data = read_json(path, "conversation file")
         self.from_json(data, source=str(path), base_dir=path.parent)
 
 

@@ -14,7 +14,6 @@ The BiDiffuser directory comes from ``bidiffuser=`` or, when absent, ``MODEL_DIR
 """
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,8 +22,8 @@ import torch
 from transformers import AutoTokenizer
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
-from bidiffuser.checkpoint import (CheckpointError, atomic_dir, load_strict, read_state_dict, save_safetensors,
-                                   strip_prefix)
+from bidiffuser.checkpoint import (CheckpointError, atomic_dir, load_strict, read_json, read_state_dict,
+                                   save_safetensors, strip_prefix)
 from bidiffuser.cliutil import resolve_device, torch_dtype
 from bidiffuser.errors import BiDiffuserError
 from bidiffuser.model_dir import read_config
@@ -50,15 +49,6 @@ class LoadedModel:
     processor: EasyGenProcessor
     bidiffuser: BiDiffuser | None
     layout: str  # which of the four layouts was read (for logs and result files)
-
-
-def _read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        raise BiDiffuserError(f"not found: {path}") from None
-    except json.JSONDecodeError as e:
-        raise BiDiffuserError(f"{path}: invalid JSON at line {e.lineno}: {e.msg}") from None
 
 
 def read_hf_weights(directory: Path) -> dict[str, torch.Tensor]:
@@ -147,7 +137,7 @@ def _load_llm(path: Path, projector: str | None, dtype: torch.dtype,
     ``new_projector=(in_dim, hidden)`` gives a plain LLaMA a freshly initialised projector (stage 1)."""
     if not path.is_dir():
         raise BiDiffuserError(f"model directory not found: {path}")
-    raw = _read_json(path / "config.json")
+    raw = read_json(path / "config.json", "model config")
     model_type = raw.get("model_type")
     llm, proj = split_projector(read_hf_weights(path))
     if projector is not None:

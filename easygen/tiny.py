@@ -117,16 +117,16 @@ def init_tiny_easygen(out_dir: str | Path, bidiffuser_dir: str | Path | None = N
     The projector input width follows the BiDiffuser directory's caption decoder (its features'
     width); the directory links that BiDiffuser as ``bidiffuser/`` so the builder finds it.
     """
-    import json
-
     import torch
+
+    from bidiffuser.model_dir import read_config
 
     from .builder import save_pretrained
     from .model import EasyGenConfig, EasyGenForCausalLM
 
     mm_hidden = 32
     if bidiffuser_dir is not None:
-        mm_hidden = json.loads((Path(bidiffuser_dir) / "bidiffuser.json").read_text())["caption_decoder"]["n_embd"]
+        mm_hidden = read_config(bidiffuser_dir).caption_decoder.n_embd
     tokenizer = build_llama_tokenizer(None, corpus)
     fields = tiny_llama_config(len(tokenizer)).to_dict()
     for k in ("model_type", "architectures", "transformers_version"):

@@ -79,7 +79,7 @@ def test_unknown_mode_missing_model_dir_and_bad_config(cli, tmp_path, tiny_dir):
     broken.mkdir()
     (broken / "bidiffuser.json").write_text("{not json")
     r = cli("sample", "--model", broken, "--mode", "t")
-    assert r.returncode == 2 and "invalid JSON at line 1" in r.stderr and "Traceback" not in r.stderr
+    assert r.returncode == 2 and "bidiffuser.json:1: invalid JSON" in r.stderr and "Traceback" not in r.stderr
 
 
 def test_mismatched_config_names_both_sides(cli, tmp_path, tiny_dir):

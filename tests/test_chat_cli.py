@@ -260,7 +260,8 @@ def test_load_rejects_bad_files_with_one_line_and_keeps_the_session(tiny_easygen
     code, out, err = _chat(monkeypatch, capsys, _flags(tiny_easygen_dir, tmp_path), stdin)
     assert code == 0 and out == ""  # /exit ended the session before the last line
     assert err.splitlines() == [
-        f"error: {tmp_path / 'junk.json'}: invalid JSON at line 1: Expecting property name enclosed in double quotes",
+        f"error: {tmp_path / 'junk.json'}:1: invalid JSON (Expecting property name enclosed in double quotes, "
+        "column 2)",
         f'error: {tmp_path / "other.json"}: not an EasyGen conversation (expected "format": "easygen-conversation")',
         f"error: {tmp_path / 'odd.json'}: 1 messages: a conversation holds user/assistant pairs",
         f"error: {tmp_path / 'gone.json'}: message 1: image not found: {tmp_path / 'missing.png'}",

@@ -18,12 +18,13 @@ as one line naming both. Ids are strings: they key the prediction file and the s
 """
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
+from bidiffuser.checkpoint import read_json as _read_json
+from bidiffuser.errors import BiDiffuserError
 from easygen.errors import EasyGenError
 
 
@@ -47,19 +48,11 @@ class VQASample:
 
 
 def read_json(path: str | os.PathLike, what: str) -> Any:
-    """Parsed JSON, or a one-line error naming the file (and the line of a syntax error)."""
-    path = Path(path)
+    """``bidiffuser.checkpoint.read_json``, with EasyGen's error type."""
     try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except FileNotFoundError:
-        raise EasyGenError(f"{what} not found: {path}") from None
-    except IsADirectoryError:
-        raise EasyGenError(f"{what} is a directory, not a JSON file: {path}") from None
-    except json.JSONDecodeError as e:
-        raise EasyGenError(f"{path}:{e.lineno}: invalid JSON ({e.msg}, column {e.colno})") from None
-    except UnicodeDecodeError as e:
-        raise EasyGenError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+        return _read_json(path, what)
+    except BiDiffuserError as e:
+        raise EasyGenError(str(e)) from None
 
 
 def _get(entry: Any, key: str, types: type | tuple[type, ...], where: str) -> Any:

@@ -7,12 +7,11 @@ carrying ``projector.safetensors``, loadable with ``--model-base``.
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 
-from bidiffuser.checkpoint import atomic_dir
+from bidiffuser.checkpoint import atomic_dir, read_json
 from bidiffuser.train_checkpoint import STATE_FILE, complete_checkpoints, load_weights_only
 
 from ..builder import PROJECTOR_FILE, save_pretrained, save_projector
@@ -45,7 +44,7 @@ def export(path: str | Path, out: str | Path, lora_adapter: bool = False) -> Pat
     from .loop import build_model
 
     ckpt, run = find_checkpoint(path)
-    cfg = TrainConfig(**json.loads((run / "train_config.json").read_text()))
+    cfg = TrainConfig(**read_json(run / "train_config.json", "the run's settings"))
     torch.manual_seed(cfg.seed)  # the same construction as the run (new projector, LoRA init)
     model, loaded = build_model(cfg)
     if cfg.strategy == "deepspeed":

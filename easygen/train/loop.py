@@ -23,7 +23,7 @@ from tqdm import tqdm
 from transformers import get_cosine_schedule_with_warmup
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 
-from bidiffuser.checkpoint import atomic_path
+from bidiffuser.checkpoint import atomic_path, read_json
 from bidiffuser.distributed import (
     DistEnv,
     ResumableSampler,
@@ -31,7 +31,6 @@ from bidiffuser.distributed import (
     barrier,
     init_distributed,
 )
-from bidiffuser.errors import first_line
 from bidiffuser.train_checkpoint import (STATE_FILE, complete_checkpoints, load_checkpoint, restore_rng,
                                         save_checkpoint, save_rng)
 
@@ -85,10 +84,7 @@ def _wrap(model, cfg: TrainConfig, env: DistEnv, bf16: bool, total_steps: int):
 
     if cfg.strategy == "deepspeed":
         import deepspeed
-        try:
-            ds_config = json.loads(Path(cfg.deepspeed_config).read_text())
-        except (OSError, json.JSONDecodeError) as e:
-            raise EasyGenError(f"deepspeed_config {cfg.deepspeed_config}: {first_line(e)}") from None
+        ds_config = read_json(cfg.deepspeed_config, "deepspeed_config")
         if "optimizer" in ds_config or "scheduler" in ds_config:
             raise EasyGenError(f"{cfg.deepspeed_config}: leave out 'optimizer' and 'scheduler'; the trainer "
                                f"gives DeepSpeed its AdamW (lr, weight_decay) and cosine schedule")
@@ -121,10 +117,7 @@ def _check_run_dir(cfg: TrainConfig, out: Path) -> None:
         return
     if not cfg.resume:
         raise EasyGenError(f"{out} already holds checkpoints of a run; use another output_dir, or resume=true")
-    try:
-        saved = json.loads(saved_path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise EasyGenError(f"{saved_path}: cannot read the run's settings to resume it: {first_line(e)}") from None
+    saved = read_json(saved_path, "the run's settings (needed to resume it)")
     changed = cfg.resume_mismatch(saved)
     if changed:
         raise EasyGenError(f"cannot resume {out} with different settings ({'; '.join(changed)}); "
