@@ -47,9 +47,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--quiet", action="store_true", help="no progress bar")
     add_device_args(s)
 
-    s = sub.add_parser("train", help="fine-tune the U-ViT with EasyGen's objective on captions (torchrun: DDP/FSDP)",
-                       description="Fine-tune the U-ViT of a BiDiffuser directory on image-caption pairs with "
-                                   "EasyGen's objective (image clean, text noised) and write a new directory. "
+    s = sub.add_parser("train", help="train the U-ViT on captions, EasyGen's or UniDiffuser's objective "
+                                     "(torchrun: DDP/FSDP)",
+                       description="Train the U-ViT of a BiDiffuser directory on image-caption pairs with "
+                                   "EasyGen's objective (image clean, text noised; the default) or UniDiffuser's "
+                                   "joint one (both noised at independent timesteps) and write a new directory. "
                                    "Launch under torchrun for several processes; a rerun resumes from the last "
                                    "complete checkpoint.")
     s.add_argument("--model", required=True, help="BiDiffuser directory to start from")
@@ -66,6 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--warmup-ratio", type=float, default=0.03, help="linear warm-up share of the steps, then cosine")
     s.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay (default 0)")
     s.add_argument("--max-grad-norm", type=float, default=0.0, help="gradient clipping (default 0: none)")
+    s.add_argument("--objective", choices=["easygen", "unidiffuser"], default="easygen",
+                   help="easygen: image-to-text fine-tuning (default); unidiffuser: the joint objective, "
+                        "for training a network from scratch")
     s.add_argument("--t2i-weight", type=float, default=0.0,
                    help="weight of the text-to-image loss (text clean, image noised; default 0: off)")
     s.add_argument("--ema-decay", type=float, default=0.9999,

@@ -300,19 +300,21 @@ def _load_openclip_image_encoder(path, device, dtype, model_name: str) -> OpenCL
 # ----------------------------------------------------------------------------- tiny models for tests
 
 def init_tiny_clip(out_dir_image: str | os.PathLike, out_dir_text: str | os.PathLike, tokenizer,
-                   seed: int = 0) -> tuple[int, int]:
-    """Write random tiny CLIP image and text directories; return (image embed dim, text width).
+                   seed: int = 0, image_size: int = 32, width: int = 32, layers: int = 2,
+                   projection_dim: int = 16, max_length: int = 77) -> tuple[int, int]:
+    """Write random small CLIP image and text directories; return (image embed dim, text width).
 
     ``tokenizer`` (a transformers fast tokenizer) is saved into the text directory so that
     ``load_clip_text_encoder`` finds it offline; the text vocabulary is ``len(tokenizer)``.
+    Defaults are the test size; the shapes demo uses wider ones (kept frozen at random init).
     """
-    vision = CLIPVisionConfig(image_size=32, patch_size=8, hidden_size=32, intermediate_size=64,
-                              num_hidden_layers=2, num_attention_heads=2, projection_dim=16,
+    vision = CLIPVisionConfig(image_size=image_size, patch_size=8, hidden_size=width, intermediate_size=2 * width,
+                              num_hidden_layers=layers, num_attention_heads=2, projection_dim=projection_dim,
                               hidden_act="quick_gelu")
     eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else len(tokenizer) - 1
-    text = CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
-                          num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=77,
-                          projection_dim=16, hidden_act="quick_gelu",
+    text = CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=width, intermediate_size=2 * width,
+                          num_hidden_layers=layers, num_attention_heads=2, max_position_embeddings=max_length,
+                          projection_dim=projection_dim, hidden_act="quick_gelu",
                           bos_token_id=tokenizer.bos_token_id if tokenizer.bos_token_id is not None else eos,
                           eos_token_id=eos,
                           pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos)

@@ -166,24 +166,34 @@ OFFICIAL_FILES = {
 }
 
 
-def init_tiny(directory: str | os.PathLike, seed: int = 0, resolution: int = 32) -> BiDiffuserConfig:
-    """Write a complete random-initialised tiny BiDiffuser directory in the official file formats."""
+def init_tiny(directory: str | os.PathLike, seed: int = 0, resolution: int = 32, *,
+              uvit: UViTConfig | None = None, autoencoder: AutoencoderConfig | None = None,
+              caption_decoder: CaptionDecoderConfig | None = None, corpus: list[str] | None = None,
+              clip_layers: int = 2) -> BiDiffuserConfig:
+    """Write a complete random-initialised small BiDiffuser directory in the official file formats.
+
+    Without component configs it is the test size. Given configs set the sizes; the fields that
+    must agree across components are derived here: the tokenizer is trained on ``corpus`` and sets
+    the vocabulary, CLIP text is as wide as the caption decoder and reads ``uvit.num_text_tokens``
+    tokens, and the U-ViT takes its latent size, channels and input widths from the others.
+    """
     root = Path(directory)
     root.mkdir(parents=True, exist_ok=True)
     with torch.random.fork_rng():  # reproducible weights without touching the caller's RNG
         torch.manual_seed(seed)
-        tokenizer = build_tiny_tokenizer(root / OFFICIAL_FILES["tokenizer"])
-        vae_cfg = AutoencoderConfig.tiny()
-        dec_cfg = CaptionDecoderConfig.tiny(vocab_size=len(tokenizer))
-        clip_image_dim, clip_text_dim = init_tiny_clip(root / OFFICIAL_FILES["clip_image"],
-                                                       root / OFFICIAL_FILES["clip_text"], tokenizer, seed)
-        if clip_text_dim != dec_cfg.n_embd:
-            raise AssertionError("tiny CLIP text width must equal the tiny caption decoder width")
-        uvit_cfg = UViTConfig.tiny()
-        uvit_cfg.img_size = resolution // vae_cfg.downsample_factor
-        uvit_cfg.clip_img_dim = clip_image_dim
-        uvit_cfg.in_chans = vae_cfg.embed_dim
-        uvit_cfg.text_dim = dec_cfg.hidden_dim
+        tokenizer = build_tiny_tokenizer(root / OFFICIAL_FILES["tokenizer"], corpus)
+        vae_cfg = autoencoder or AutoencoderConfig.tiny()
+        uvit_cfg = uvit or UViTConfig.tiny()
+        dec_cfg = caption_decoder or CaptionDecoderConfig.tiny()
+        dec_cfg = CaptionDecoderConfig.from_dict({**dec_cfg.to_dict(), "vocab_size": len(tokenizer),
+                                                  "prefix_length": uvit_cfg.num_text_tokens})
+        clip_image_dim, _ = init_tiny_clip(root / OFFICIAL_FILES["clip_image"], root / OFFICIAL_FILES["clip_text"],
+                                           tokenizer, seed, image_size=min(resolution, 224), width=dec_cfg.n_embd,
+                                           layers=clip_layers, projection_dim=uvit_cfg.clip_img_dim,
+                                           max_length=uvit_cfg.num_text_tokens)
+        uvit_cfg = UViTConfig.from_dict({**uvit_cfg.to_dict(), "img_size": resolution // vae_cfg.downsample_factor,
+                                         "clip_img_dim": clip_image_dim, "in_chans": vae_cfg.embed_dim,
+                                         "text_dim": dec_cfg.hidden_dim})
         save_torch(UViT(uvit_cfg).state_dict(), root / OFFICIAL_FILES["uvit"])
         decoder = init_caption_decoder(dec_cfg, tokenizer, seed)
         save_torch(decoder_official_state_dict(decoder), root / OFFICIAL_FILES["caption_decoder"])

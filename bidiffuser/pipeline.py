@@ -106,8 +106,9 @@ class BiDiffuser:
 
     @_component
     def clip_text(self):
+        # The text latent has num_text_tokens rows: 77 for v1, fewer for small models.
         return load_clip_text_encoder(self.config.path("clip_text"), self.device, self.dtype,
-                                      backend=self.config.clip_backend)
+                                      backend=self.config.clip_backend, max_length=self.config.uvit.num_text_tokens)
 
     # -- shapes and noise -----------------------------------------------------------------------
     @property

@@ -1,4 +1,5 @@
-"""``bidiffuser train``: fine-tune the U-ViT with EasyGen's BiDiffuser objective (one file, top to bottom).
+"""``bidiffuser train``: train the U-ViT with EasyGen's BiDiffuser objective or UniDiffuser's (one file,
+top to bottom).
 
 Per caption pair: x0 = encode_prefix(CLIP text(caption)) (77 x text_dim), z = VAE posterior sample
 of the image (scaled), clip_img = CLIP image embedding; n uniform in 1..N and eps ~ N(0, I) per
@@ -7,6 +8,10 @@ sees the image clean (t_img = 0) and the text at t_text = n:
 
     loss = MSE(text_out, eps) + MSE(img_out, 0)                       (EasyGen's ``LSimple``)
          + t2i_weight * [MSE(img_out', eps_img) + MSE(clip_out', eps_clip)]   (text clean, image at n')
+
+``objective="unidiffuser"`` is UniDiffuser's joint objective instead (how the network is trained from
+scratch): image (with its CLIP embedding) and text are noised at independent timesteps n_img, n_text,
+and the network predicts both noises, loss = MSE over the concatenated noise [eps_img, eps_clip, eps_text].
 
 VAE, CLIP and the caption decoder stay frozen and encode each micro-batch on the fly. An EMA of the
 U-ViT weights is kept (and checkpointed sharded with them); it is what the new model directory gets.
@@ -47,8 +52,9 @@ CHECKPOINTS = "checkpoints"
 UVIT_FILE = "uvit.safetensors"
 # Tests set this to kill the process (SIGKILL, no clean-up) right after the given optimizer step.
 KILL_ENV = "BIDIFFUSER_TEST_KILL_AT_STEP"
+OBJECTIVES = ("easygen", "unidiffuser")
 # Settings that define the run: resuming with any of them changed would not continue the same run.
-_RUN_KEYS = ("seed", "batch_size", "grad_accum", "lr", "warmup_ratio", "weight_decay", "max_grad_norm",
+_RUN_KEYS = ("objective", "seed", "batch_size", "grad_accum", "lr", "warmup_ratio", "weight_decay", "max_grad_norm",
              "t2i_weight", "ema_decay")
 
 
@@ -57,6 +63,7 @@ class TrainConfig:
     model: str                           # BiDiffuser directory to start from
     data: str                            # captions TSV: image_path<TAB>caption
     out: str                             # the new BiDiffuser directory
+    objective: str = "easygen"           # easygen (image->text, EasyGen) | unidiffuser (joint, from scratch)
     image_root: str | None = None        # default: the TSV's folder
     run_dir: str | None = None           # checkpoints + log (default: OUT/checkpoints)
     steps: int | None = None             # optimizer steps; overrides epochs
@@ -82,6 +89,10 @@ class TrainConfig:
 
     def validate(self) -> "TrainConfig":
         problems = []
+        if self.objective not in OBJECTIVES:
+            problems.append(f"objective must be one of {', '.join(OBJECTIVES)}")
+        if self.objective == "unidiffuser" and self.t2i_weight:
+            problems.append("t2i_weight belongs to the easygen objective (unidiffuser trains every direction)")
         if self.strategy not in ("ddp", "fsdp"):
             problems.append("strategy must be ddp or fsdp")
         if self.dtype not in ("float32", "bfloat16"):
@@ -151,6 +162,21 @@ def easygen_loss(nnet, schedule: NoiseSchedule, z, clip_img, x0, gens: list[torc
         terms["t2i"] = F.mse_loss(img_out[B:].float(), eps_img) + F.mse_loss(clip_out[B:].float(), eps_clip)
         loss = loss + t2i_weight * terms["t2i"]
     return loss, {k: v.item() for k, v in terms.items()}
+
+
+def unidiffuser_loss(nnet, schedule: NoiseSchedule, z, clip_img, x0, gens: list[torch.Generator],
+                     data_type: int = 1) -> tuple[torch.Tensor, dict[str, float]]:
+    """UniDiffuser's joint loss (see the module docstring); returns (loss, per-modality MSEs)."""
+    dev = z.device
+    draw = lambda shape: torch.stack([torch.randn(shape, generator=g) for g in gens]).to(dev)  # noqa: E731
+    n_img = torch.cat([schedule.sample_timesteps(1, g) for g in gens])
+    n_text = torch.cat([schedule.sample_timesteps(1, g) for g in gens])
+    eps_img, eps_clip, eps_text = draw(z.shape[1:]), draw(clip_img.shape[1:]), draw(x0.shape[1:])
+    outs = nnet(schedule.add_noise(z, eps_img, n_img), schedule.add_noise(clip_img, eps_clip, n_img),
+                schedule.add_noise(x0, eps_text, n_text), n_img.to(dev), n_text.to(dev), data_type)
+    sq = [(out.float() - eps).pow(2).flatten(1) for out, eps in zip(outs, (eps_img, eps_clip, eps_text))]
+    loss = torch.cat(sq, dim=1).mean()
+    return loss, {name: e.mean().item() for name, e in zip(("img", "clip", "text"), sq)}
 
 
 # ------------------------------------------------------------------------------------------ model
@@ -284,9 +310,9 @@ def train(cfg: TrainConfig) -> Path:
     amp = torch.bfloat16 if cfg.dtype == "bfloat16" else torch.float32
     pipe = BiDiffuser(source, device=env.device, dtype=amp)  # frozen encoders, loaded on first use
     uvit = load_uvit(source.path("uvit"), source.uvit, env.device, torch.float32).train()
-    # clip_img_out feeds no loss term without the t2i term: frozen, it keeps its weights (as it would
-    # with no gradient), and DDP does not wait for a gradient that never comes.
-    uvit.clip_img_out.requires_grad_(cfg.t2i_weight > 0)
+    # clip_img_out feeds no loss term in EasyGen's objective without the t2i term: frozen, it keeps
+    # its weights (as it would with no gradient), and DDP does not wait for a gradient that never comes.
+    uvit.clip_img_out.requires_grad_(cfg.t2i_weight > 0 or cfg.objective == "unidiffuser")
     for block in [*uvit.in_blocks, uvit.mid_block, *uvit.out_blocks]:
         block.use_checkpoint = cfg.activation_checkpointing
 
@@ -329,7 +355,11 @@ def train(cfg: TrainConfig) -> Path:
             gens = [sample_generator(cfg.seed, epoch, i) for i in indices]
             z, clip_img, x0 = encode_batch(pipe, [rows[i] for i in indices], gens)
             with _gradient_sync(model, uvit, k == len(micro) - 1), autocast():
-                loss, terms = easygen_loss(model, schedule, z, clip_img, x0, gens, cfg.t2i_weight, source.data_type)
+                if cfg.objective == "unidiffuser":
+                    loss, terms = unidiffuser_loss(model, schedule, z, clip_img, x0, gens, source.data_type)
+                else:
+                    loss, terms = easygen_loss(model, schedule, z, clip_img, x0, gens, cfg.t2i_weight,
+                                               source.data_type)
             (loss / cfg.grad_accum).backward()
             for name, value in {"loss": loss.item(), **terms}.items():
                 sums[name] = sums.get(name, 0.0) + value / cfg.grad_accum

@@ -54,7 +54,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         description="Chat with EasyGen: attach images with --image-file or /image, get answers streamed\n"
                     "token by token; pictures the model draws are saved as PNG under --out-dir.",
         epilog=COMMAND_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_model_args(p, ". Required for now: a built-in demo model will become the default")
+    add_model_args(p, ". Default: the built-in shapes demo model (built on first use, see `easygen demo`)",
+                   required=False)
 
     g = p.add_argument_group("generation")
     g.add_argument("--temperature", type=_non_negative, default=0.2, metavar="T",
@@ -124,6 +125,8 @@ def run(args) -> int:
     for path in args.image_file:  # a bad image fails now, before minutes of loading
         load_image(path)
     io = SimpleChatIO() if args.json or args.prompt is not None else make_chat_io(args.style)
+    if args.model_path is None:
+        args.model_path = str(_demo_model(args))
     with quiet_libraries():
         session = _load_session(args, io)
         if args.prompt is not None:
@@ -131,6 +134,28 @@ def run(args) -> int:
         for path in args.image_file:
             session.attach(path)
         return session.loop()
+
+
+def _demo_model(args) -> Path:
+    """No --model-path: the built-in shapes demo, built first (once, with progress) when it is absent."""
+    import sys
+    from contextlib import redirect_stdout
+
+    from .demo.recipe import DemoModel, build, default_dir
+    from .errors import EasyGenError
+
+    given = [flag for flag, value in (("--model-base", args.model_base), ("--lora", args.lora),
+                                      ("--projector", args.projector), ("--bidiffuser", args.bidiffuser)) if value]
+    if given:
+        raise EasyGenError(f"{given[0]} needs --model-path (without one, chat uses the built-in demo model)")
+    demo = DemoModel(default_dir())
+    if not demo.is_built():
+        log = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731  stdout stays the chat's
+        log(f"No --model-path given: building the built-in shapes demo model in {demo.root} "
+            f"(once; about 15 minutes on 2 CPU cores; set EASYGEN_DEMO_DIR to build it elsewhere)")
+        with redirect_stdout(sys.stderr):
+            build(demo.root, log=log)
+    return demo.easygen
 
 
 def _load_session(args, io) -> "ChatSession":

@@ -21,6 +21,7 @@ SUBCOMMANDS: dict[str, str] = {
     "features": "easygen.features_cli",
     "train": "easygen.train_cli",
     "export": "easygen.export_cli",
+    "demo": "easygen.demo_cli",
 }
 
 

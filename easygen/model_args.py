@@ -7,9 +7,9 @@ import argparse
 from bidiffuser.cliutil import add_device_args
 
 
-def add_model_args(p: argparse.ArgumentParser, model_path_note: str = "") -> None:
+def add_model_args(p: argparse.ArgumentParser, model_path_note: str = "", required: bool = True) -> None:
     g = p.add_argument_group("model")
-    g.add_argument("--model-path", required=True, metavar="DIR",
+    g.add_argument("--model-path", required=required, metavar="DIR",
                    help="EasyGen model directory (ours, EasyGen's release, a plain LLaMA/Vicuna with "
                         "--projector, or a LoRA adapter with --model-base)" + model_path_note)
     g.add_argument("--model-base", metavar="DIR", help="base model directory when --model-path is a LoRA adapter")

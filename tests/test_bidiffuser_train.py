@@ -122,6 +122,49 @@ def test_t2i_term_in_bfloat16_trains_the_clip_output_and_no_ema_writes_the_raw_w
     torch.testing.assert_close(uvit.state_dict(), written, rtol=0, atol=0)
 
 
+def test_unidiffuser_loss_noises_both_modalities_at_independent_timesteps():
+    from bidiffuser.sampler import NoiseSchedule
+    from bidiffuser.train import sample_generator, unidiffuser_loss
+
+    seen = {}
+
+    def nnet(img, clip, text, t_img, t_text, data_type):  # records its inputs, predicts zeros
+        seen.update(img=img, clip=clip, text=text, t_img=t_img, t_text=t_text)
+        return torch.zeros_like(img), torch.zeros_like(clip), torch.zeros_like(text)
+
+    schedule = NoiseSchedule.stable_diffusion()
+    z, clip, x0 = torch.randn(8, 4, 4, 4), torch.randn(8, 1, 6), torch.randn(8, 5, 3)
+    gens = [sample_generator(0, 0, i) for i in range(8)]
+    loss, terms = unidiffuser_loss(nnet, schedule, z, clip, x0, gens)
+    assert not torch.equal(seen["t_img"], seen["t_text"]) and seen["t_img"].min() >= 1
+    # Replaying the generators gives the timesteps and noise the loss drew, in its order.
+    gens = [sample_generator(0, 0, i) for i in range(8)]
+    n_img = torch.cat([schedule.sample_timesteps(1, g) for g in gens])
+    n_text = torch.cat([schedule.sample_timesteps(1, g) for g in gens])
+    eps = [torch.stack([torch.randn(x.shape[1:], generator=g) for g in gens]) for x in (z, clip, x0)]
+    assert torch.equal(seen["t_img"], n_img) and torch.equal(seen["t_text"], n_text)
+    torch.testing.assert_close(seen["img"], schedule.add_noise(z, eps[0], n_img))
+    torch.testing.assert_close(seen["clip"], schedule.add_noise(clip, eps[1], n_img))  # clip rides with the image
+    torch.testing.assert_close(seen["text"], schedule.add_noise(x0, eps[2], n_text))
+    # Zero prediction: the loss is the mean square of the concatenated noise (each element counts once).
+    torch.testing.assert_close(loss, torch.cat([e.flatten(1) for e in eps], 1).pow(2).mean())
+    assert set(terms) == {"img", "clip", "text"}
+
+
+def test_unidiffuser_objective_trains_every_output(tiny_dir, captions, tmp_path):
+    out = tmp_path / "joint"
+    train(config(tiny_dir, captions, out, steps=16, batch_size=4, objective="unidiffuser", ema_decay=None))
+    records = log(out / "checkpoints")
+    assert {"img", "clip", "text"} <= set(records[0])
+    assert sum(r["loss"] for r in records[-4:]) / 4 < sum(r["loss"] for r in records[:4]) / 4, records
+    written = load_file(out / "uvit.safetensors")
+    source = torch.load(tiny_dir / "uvit_v1.pth", weights_only=True)
+    for name in ("clip_img_out.weight", "text_out.weight", "decoder_pred.weight"):
+        assert not torch.equal(written[name], source[name]), name
+    with pytest.raises(BiDiffuserError, match="t2i_weight belongs to the easygen objective"):
+        train(config(tiny_dir, captions, tmp_path / "bad", objective="unidiffuser", t2i_weight=1.0))
+
+
 def _cli(*args, env=None, timeout=300):
     return subprocess.run([sys.executable, "-m", "bidiffuser.cli", "train", *map(str, args)], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=timeout)

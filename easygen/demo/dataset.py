@@ -1,0 +1,112 @@
+"""Shapes-world data on disk, in the formats the normal commands read.
+
+``write_training_data`` writes, under one folder:
+
+    images/00000.png ...     the training images (``world.draw`` of seeded random scenes)
+    captions.tsv             image<TAB>caption, two paraphrases per image: BiDiffuser training, stage 1
+    instruct.json            LLaVA conversations: captions, colour and shape questions (stage 2)
+    draw.json                LLaVA conversations without images: draw requests answered with <Img>...</Img>
+    pretrain_data.json       data config of stage 1 (see easygen/data/mixture.py)
+    instruct_data.json       data config of stage 2
+
+``write_eval_data`` writes held-out images with a Karpathy-format ``dataset_coco.json`` (captioning)
+and VQAv2-format question/annotation files, which ``easygen eval`` reads as it reads COCO.
+"""
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+from bidiffuser.checkpoint import atomic_path
+
+from . import world
+from .world import Scene
+
+# The evaluation prompts of `easygen eval` (easygen/eval/cli.py) are among the training prompts, so the
+# demo model answers them the way the benchmark asks.
+EVAL_CAPTION_PROMPT = "A short image caption:"
+EVAL_VQA_SUFFIX = "\nAnswer the question using a single word or phrase."
+
+
+def _write_json(path: Path, obj) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=1) + "\n")
+
+
+def write_images(root: Path, n: int, seed: int) -> list[tuple[str, Scene]]:
+    """``n`` seeded random scenes drawn to root/images/NNNNN.png; returns (relative path, scene)."""
+    rng = random.Random(seed)
+    (root / "images").mkdir(parents=True, exist_ok=True)
+    out = []
+    for i in range(n):
+        scene = world.random_scene(rng)
+        rel = f"images/{i:05d}.png"
+        world.draw(scene).save(root / rel)
+        out.append((rel, scene))
+    return out
+
+
+def _turn(who: str, value: str) -> dict:
+    return {"from": who, "value": value}
+
+
+def write_training_data(root: str | Path, n_images: int, seed: int = 0, draw_copies: int = 20) -> dict[str, Path]:
+    """The training files (see the module docstring); returns their paths by name."""
+    root = Path(root)
+    items = write_images(root, n_images, seed)
+    rng = random.Random(seed + 1)
+    tsv = ["image\tcaption"]
+    instruct = []
+    for rel, scene in items:
+        paraphrases = world.captions(scene.colour, scene.shape)
+        tsv += [f"{rel}\t{c}" for c in rng.sample(paraphrases, 2)]
+        # Captions are answered with the canonical caption: one right answer makes greedy decoding reliable.
+        prompt = rng.choice(world.CAPTION_PROMPTS + (EVAL_CAPTION_PROMPT,))
+        instruct.append({"id": f"{rel}:caption", "image": rel,
+                         "conversations": [_turn("human", f"<image>\n{prompt}"), _turn("gpt", scene.caption)]})
+        for kind, (question, answer) in (("colour", rng.choice(world.vqa_pairs(scene)[:3])),
+                                         ("shape", rng.choice(world.vqa_pairs(scene)[3:]))):
+            suffix = EVAL_VQA_SUFFIX if rng.random() < 0.5 else ""
+            instruct.append({"id": f"{rel}:{kind}", "image": rel,
+                             "conversations": [_turn("human", f"<image>\n{question}{suffix}"), _turn("gpt", answer)]})
+    draw = [{"id": f"draw:{colour}:{shape}:{k}",
+             "conversations": [_turn("human", request.format(colour=colour, shape=shape)),
+                               _turn("gpt", world.draw_reply(colour, shape))]}
+            for colour in world.COLOURS for shape in world.SHAPES
+            for k, request in enumerate(world.DRAW_REQUESTS)]
+    paths = {name: root / name for name in ("captions.tsv", "instruct.json", "draw.json",
+                                            "pretrain_data.json", "instruct_data.json")}
+    with atomic_path(paths["captions.tsv"]) as tmp:
+        tmp.write_text("\n".join(tsv) + "\n")
+    _write_json(paths["instruct.json"], instruct)
+    _write_json(paths["draw.json"], draw)
+    _write_json(paths["pretrain_data.json"], {"seed": seed, "datasets": [
+        {"name": "shapes_captions", "format": "tsv", "path": "captions.tsv"}]})
+    # draw.json is small (54 conversations): repeated so image replies are a fair share of stage 2.
+    _write_json(paths["instruct_data.json"], {"seed": seed, "datasets": [
+        {"name": "shapes_instruct", "format": "llava", "path": "instruct.json"},
+        {"name": "shapes_draw", "format": "llava", "path": "draw.json", "weight": float(draw_copies)}]})
+    return paths
+
+
+def write_eval_data(root: str | Path, n_images: int, seed: int) -> tuple[Path, Path, Path, list[tuple[str, Scene]]]:
+    """Held-out images + (dataset_coco.json, questions.json, annotations.json, [(relative path, scene)])."""
+    root = Path(root)
+    items = write_images(root, n_images, seed)
+    karpathy = {"dataset": "shapes", "images": [
+        {"filename": rel, "split": "test", "imgid": i, "sentences": [{"raw": c} for c in world.captions(s.colour, s.shape)]}
+        for i, (rel, s) in enumerate(items)]}
+    questions, annotations = [], []
+    for i, (rel, scene) in enumerate(items):
+        for kind, question, answer in (("color", world.COLOUR_QUESTIONS[0], scene.colour),
+                                       ("shape", world.SHAPE_QUESTIONS[0], scene.shape)):
+            qid = 2 * i + (kind == "shape")
+            questions.append({"question_id": qid, "image": rel, "question": question})
+            annotations.append({"question_id": qid, "answer_type": kind, "question_type": kind,
+                                "answers": [{"answer": answer, "answer_id": k + 1} for k in range(10)]})
+    paths = root / "dataset_coco.json", root / "questions.json", root / "annotations.json"
+    _write_json(paths[0], karpathy)
+    _write_json(paths[1], {"questions": questions})
+    _write_json(paths[2], {"annotations": annotations})
+    return (*paths, items)

@@ -1,0 +1,292 @@
+"""``easygen demo build``: train every component of a small EasyGen on the shapes world, on CPU.
+
+Each stage runs the same code a user runs for real models (the functions behind ``bidiffuser
+train``, ``easygen features``, ``easygen train`` and ``easygen export``), only with small sizes:
+
+    data              world images + captions/conversations + data configs     (easygen.demo.dataset)
+    bidiffuser-init   random BiDiffuser: tokenizer trained on the world's text, CLIP kept at random init
+    autoencoder       the VAE, trained on the images                            (bidiffuser.train_components)
+    caption-decoder   the caption decoder, trained on the captions              (bidiffuser.train_components)
+    unidiffuser       U-ViT from scratch, UniDiffuser's joint objective         (bidiffuser train)
+    easygen-objective U-ViT fine-tuned with EasyGen's objective (+ text-to-image term)
+    easygen-init      tiny LLaMA with a tokenizer trained on the world's text   (easygen init)
+    features          BiDiffuser image features of every training image         (easygen features)
+    stage1            projector alignment on captions                           (easygen train --stage pretrain)
+    stage2            instruction tuning of LLM + projector                     (easygen train --stage instruct)
+
+CLIP stays fixed at its random initialisation: a random transformer already maps different inputs to
+different features, which is all the U-ViT and the caption decoder need from it in this world.
+
+Every stage writes ``stages/NAME.json`` when it completes; a rerun skips completed stages, so an
+interrupted build continues where it stopped. The result is ``easygen/`` (an EasyGen directory whose
+``bidiffuser`` link points at ``bidiffuser/``) plus ``demo.json`` naming the recipe.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from bidiffuser.checkpoint import atomic_path, read_json
+
+from ..errors import EasyGenError
+from . import world
+
+FORMAT = "easygen-demo-shapes"
+VERSION = 1
+Log = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """Sizes and step counts. ``full`` is the default; ``ci`` proves the plumbing in about a minute."""
+    name: str = "full"
+    train_images: int = 2000
+    seed: int = 0
+    # BiDiffuser (sizes: see build_bidiffuser)
+    vae_steps: int = 1000
+    decoder_steps: int = 500
+    unidiffuser_steps: int = 1500
+    easygen_steps: int = 1000
+    uvit_batch: int = 32
+    uvit_lr: float = 2e-3
+    uvit_width: int = 128
+    uvit_depth: int = 6
+    # EasyGen LLM
+    feature_steps: int = 20
+    feature_scale: float = 7.0
+    llm_width: int = 128
+    llm_layers: int = 4
+    stage1_steps: int = 200
+    stage2_steps: int = 1200
+    llm_batch: int = 16
+    stage1_lr: float = 1e-3
+    stage2_lr: float = 1e-3
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+RECIPES = {
+    "full": Recipe(),
+    "ci": Recipe(name="ci", train_images=64, vae_steps=4, decoder_steps=4, unidiffuser_steps=2, easygen_steps=2,
+                 uvit_batch=8, uvit_width=32, uvit_depth=2, feature_steps=2, llm_width=32, llm_layers=1,
+                 stage1_steps=2, stage2_steps=150, llm_batch=8, stage2_lr=3e-3),
+}
+
+
+def default_dir() -> Path:
+    """Where the demo model lives unless told otherwise: $EASYGEN_DEMO_DIR, else the user cache."""
+    if os.environ.get("EASYGEN_DEMO_DIR"):
+        return Path(os.environ["EASYGEN_DEMO_DIR"])
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return cache / "easygen" / f"demo-shapes-v{VERSION}"
+
+
+@dataclass(frozen=True)
+class DemoModel:
+    root: Path
+
+    @property
+    def easygen(self) -> Path:
+        return self.root / "easygen"
+
+    @property
+    def bidiffuser(self) -> Path:
+        return self.root / "bidiffuser"
+
+    @property
+    def manifest(self) -> Path:
+        return self.root / "demo.json"
+
+    def is_built(self) -> bool:
+        return self.manifest.is_file()
+
+    def recipe(self) -> Recipe:
+        doc = read_json(self.manifest, "demo manifest")
+        if not isinstance(doc, dict) or doc.get("format") != FORMAT:
+            raise EasyGenError(f"{self.manifest} is not a shapes-demo manifest")
+        return Recipe(**doc["recipe"])
+
+
+# ---------------------------------------------------------------------------------------- stages
+def _llm_corpus() -> list[str]:
+    """Every text the LLM meets: the world's, the caption instructions of stage 1, the eval prompts,
+    and the conversation template's role names."""
+    from ..data.readers import CAPTION_PROMPTS
+    from .dataset import EVAL_CAPTION_PROMPT, EVAL_VQA_SUFFIX
+    return world.corpus() + list(CAPTION_PROMPTS) + [EVAL_CAPTION_PROMPT, EVAL_VQA_SUFFIX.strip(), "USER: ASSISTANT:"]
+
+
+def _stage_data(root: Path, r: Recipe, log: Log) -> None:
+    from .dataset import write_training_data
+    write_training_data(root / "data", r.train_images, r.seed)
+    log(f"  {r.train_images} images and their captions/conversations in {root / 'data'}")
+
+
+def _stage_bidiffuser_init(root: Path, r: Recipe, log: Log) -> None:
+    from bidiffuser.autoencoder import AutoencoderConfig
+    from bidiffuser.caption_decoder import CaptionDecoderConfig
+    from bidiffuser.model_dir import init_tiny
+    from bidiffuser.uvit import UViTConfig
+
+    out = root / "bidiffuser-init"
+    shutil.rmtree(out, ignore_errors=True)
+    # 64 px images -> 8x8x4 latents (VAE factor 8) -> 16 patches; 16 text tokens (captions are short).
+    init_tiny(out, seed=r.seed, resolution=world.IMAGE_SIZE, corpus=world.corpus(),
+              uvit=UViTConfig(img_size=8, patch_size=2, embed_dim=r.uvit_width, depth=r.uvit_depth,
+                              num_heads=4 if r.uvit_width % 4 == 0 else 2, num_text_tokens=16, clip_img_dim=32),
+              autoencoder=AutoencoderConfig(ch=16, ch_mult=[1, 2, 2, 2], num_res_blocks=1, z_channels=4,
+                                            embed_dim=4, norm_num_groups=8),
+              caption_decoder=CaptionDecoderConfig(vocab_size=0, n_positions=96, n_embd=64, n_layer=2, n_head=2,
+                                                   prefix_length=16, hidden_dim=16))
+
+
+def _progress(log: Log, every: int) -> Callable[[int, int, float], None]:
+    def report(step: int, total: int, loss: float) -> None:
+        if step % every == 0 or step == total:
+            log(f"  step {step}/{total} loss {loss:.4f}")
+    return report
+
+
+def _stage_autoencoder(root: Path, r: Recipe, log: Log) -> None:
+    from bidiffuser.train_components import train_autoencoder
+    images = sorted(str(p) for p in (root / "data" / "images").glob("*.png"))
+    train_autoencoder(root / "bidiffuser-init", images, steps=r.vae_steps, batch_size=min(16, len(images)),
+                      lr=2e-3, seed=r.seed, progress=_progress(log, 100))
+
+
+def _stage_caption_decoder(root: Path, r: Recipe, log: Log) -> None:
+    from bidiffuser.train_components import train_caption_decoder
+    captions = [c for colour in world.COLOURS for shape in world.SHAPES for c in world.captions(colour, shape)]
+    train_caption_decoder(root / "bidiffuser-init", captions, steps=r.decoder_steps, lr=2e-3, seed=r.seed,
+                          progress=_progress(log, 100))
+
+
+def _train_uvit(root: Path, r: Recipe, source: str, out: str, objective: str, steps: int, copy: bool) -> None:
+    from bidiffuser.train import TrainConfig, train
+    train(TrainConfig(model=str(root / source), data=str(root / "data" / "captions.tsv"), out=str(root / out),
+                      objective=objective, t2i_weight=1.0 if objective == "easygen" else 0.0, steps=steps,
+                      batch_size=r.uvit_batch, lr=r.uvit_lr, warmup_ratio=0.02, ema_decay=0.995,
+                      save_every=max(steps // 2, 1), log_every=max(steps // 20, 1), seed=r.seed, device="cpu",
+                      copy=copy))
+
+
+def _stage_unidiffuser(root: Path, r: Recipe, log: Log) -> None:
+    _train_uvit(root, r, "bidiffuser-init", "bidiffuser-joint", "unidiffuser", r.unidiffuser_steps, copy=False)
+
+
+def _stage_easygen_objective(root: Path, r: Recipe, log: Log) -> None:
+    # copy=True: the final BiDiffuser directory holds its own files (no links into the build's stages).
+    _train_uvit(root, r, "bidiffuser-joint", "bidiffuser", "easygen", r.easygen_steps, copy=True)
+
+
+def _stage_easygen_init(root: Path, r: Recipe, log: Log) -> None:
+    from ..tiny import init_tiny_easygen
+    out = root / "easygen-init"
+    shutil.rmtree(out, ignore_errors=True)
+    init_tiny_easygen(out, root / "bidiffuser", seed=r.seed, corpus=_llm_corpus(), hidden_size=r.llm_width,
+                      num_hidden_layers=r.llm_layers, intermediate_size=4 * r.llm_width,
+                      projector_hidden_size=4 * r.llm_width, num_image_tokens=16, max_position_embeddings=256)
+
+
+def _cli(*argv: str) -> None:
+    from ..cli import main
+    code = main(list(argv))
+    if code:
+        raise EasyGenError(f"`easygen {argv[0]}` failed (exit {code})")
+
+
+def _feature_args(r: Recipe) -> list[str]:
+    return [f"feature_steps={r.feature_steps}", f"feature_scale={r.feature_scale}", "feature_seed=1234"]
+
+
+def _stage_features(root: Path, r: Recipe, log: Log) -> None:
+    _cli("features", "--data", str(root / "data" / "instruct_data.json"), "--model", str(root / "bidiffuser"),
+         "--out", str(root / "features"), "--steps", str(r.feature_steps), "--scale", str(r.feature_scale),
+         "--seed", "1234", "--batch-size", "64", "--device", "cpu")
+
+
+def _train_stage(root: Path, r: Recipe, stage: str, model: Path, data: str, steps: int, lr: float) -> None:
+    run = root / f"run-{stage}"
+    _cli("train", "--stage", stage, f"model={model}", f"data={root / 'data' / data}",
+         f"features={root / 'features'}", f"output_dir={run}", f"max_steps={steps}",
+         f"micro_batch_size={r.llm_batch}", f"lr={lr}", "warmup_ratio=0.03", "precision=fp32",
+         f"save_every={steps}", "log_every=20", f"seed={r.seed}", "max_length=256", *_feature_args(r))
+
+
+def _stage_stage1(root: Path, r: Recipe, log: Log) -> None:
+    _train_stage(root, r, "pretrain", root / "easygen-init", "pretrain_data.json", r.stage1_steps, r.stage1_lr)
+
+
+def _stage_stage2(root: Path, r: Recipe, log: Log) -> None:
+    _train_stage(root, r, "instruct", root / "run-pretrain" / "final", "instruct_data.json", r.stage2_steps,
+                 r.stage2_lr)
+    out = root / "easygen"
+    shutil.rmtree(out, ignore_errors=True)
+    shutil.copytree(root / "run-instruct" / "final", out, symlinks=True)
+    link = out / "bidiffuser"
+    if link.is_symlink() or link.exists():
+        (link.unlink if link.is_symlink() else lambda: shutil.rmtree(link))()
+    link.symlink_to(Path("..") / "bidiffuser", target_is_directory=True)  # relative: the cache may move
+
+
+STAGES: list[tuple[str, str, Callable[[Path, Recipe, Log], None]]] = [
+    ("data", "generate the shapes world", _stage_data),
+    ("bidiffuser-init", "random BiDiffuser, tokenizer trained on the world's text", _stage_bidiffuser_init),
+    ("autoencoder", "train the VAE", _stage_autoencoder),
+    ("caption-decoder", "train the caption decoder", _stage_caption_decoder),
+    ("unidiffuser", "train the U-ViT: UniDiffuser objective", _stage_unidiffuser),
+    ("easygen-objective", "fine-tune the U-ViT: EasyGen objective", _stage_easygen_objective),
+    ("easygen-init", "tiny LLaMA, tokenizer trained on the world's text", _stage_easygen_init),
+    ("features", "BiDiffuser features of the training images", _stage_features),
+    ("stage1", "stage 1: projector alignment", _stage_stage1),
+    ("stage2", "stage 2: instruction tuning", _stage_stage2),
+]
+
+
+def build(root: str | Path | None = None, recipe: Recipe | str = "full", log: Log = print) -> DemoModel:
+    """Build (or finish building) the demo model in ``root``; returns it. A built model is left as it is."""
+    import torch
+
+    recipe = RECIPES[recipe] if isinstance(recipe, str) else recipe
+    demo = DemoModel(Path(root) if root else default_dir())
+    if demo.is_built():
+        if demo.recipe() != recipe:
+            raise EasyGenError(f"{demo.root} holds a demo built with recipe '{demo.recipe().name}'; "
+                               f"choose another --out or delete it")
+        log(f"demo model already built: {demo.root}")
+        return demo
+    done_dir = demo.root / "stages"
+    done_dir.mkdir(parents=True, exist_ok=True)
+    settings = done_dir / "recipe.json"
+    if settings.is_file() and read_json(settings, "demo recipe") != recipe.to_json():
+        raise EasyGenError(f"{demo.root} holds a partial build with another recipe; delete it or choose another --out")
+    with atomic_path(settings) as tmp:
+        tmp.write_text(json.dumps(recipe.to_json(), indent=1))
+
+    torch.set_num_threads(max(torch.get_num_threads(), 1))
+    started, timings = time.time(), {}
+    for k, (name, what, run) in enumerate(STAGES, 1):
+        marker = done_dir / f"{name}.json"
+        if marker.is_file():
+            timings[name] = read_json(marker, "stage record")["seconds"]
+            log(f"[{k}/{len(STAGES)}] {name}: done before, skipped")
+            continue
+        log(f"[{k}/{len(STAGES)}] {name}: {what}")
+        t0 = time.time()
+        run(demo.root, recipe, log)
+        timings[name] = round(time.time() - t0, 1)
+        with atomic_path(marker) as tmp:
+            tmp.write_text(json.dumps({"seconds": timings[name]}))
+        log(f"[{k}/{len(STAGES)}] {name}: {timings[name]:.0f} s")
+    with atomic_path(demo.manifest) as tmp:
+        tmp.write_text(json.dumps({"format": FORMAT, "version": VERSION, "recipe": recipe.to_json(),
+                                   "seconds": timings, "easygen": "easygen", "bidiffuser": "bidiffuser"}, indent=1))
+    log(f"demo model built in {time.time() - started:.0f} s: {demo.easygen}")
+    return demo

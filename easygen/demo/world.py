@@ -1,0 +1,187 @@
+"""The shapes world: the spec of the built-in demo dataset.
+
+Each image is 64x64 RGB on a white background holding one filled, flat-coloured shape: a circle,
+a square or an upright triangle (apex at the top centre of its bounding box, base along the
+bottom edge) in one of six named colours, with a bounding-box side of 20 to 40 px, placed fully
+inside the canvas. The world's text is captions ("a red circle" and paraphrases), questions with
+one-word answers, and draw requests answered with ``<Img>a green triangle</Img>``.
+``parse_description`` and ``analyse_image`` read colour and shape back from text and images, so
+a demo model's replies and drawings can be scored without a human.
+"""
+from __future__ import annotations
+
+import math
+import random
+import re
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+IMAGE_SIZE = 64
+MIN_SIDE = 20
+MAX_SIDE = 40
+BACKGROUND = (255, 255, 255)
+
+# Order matters: it fixes random_scene's draws and corpus() order.
+COLOURS: dict[str, tuple[int, int, int]] = {
+    "red": (220, 40, 40),
+    "green": (40, 170, 60),
+    "blue": (40, 80, 220),
+    "yellow": (235, 200, 30),
+    "purple": (140, 60, 190),
+    "orange": (245, 130, 30),
+}
+SHAPES: tuple[str, ...] = ("circle", "square", "triangle")
+# Share of its bounding box each shape covers: how analyse_image tells shapes apart.
+FILL_RATIO: dict[str, float] = {"circle": math.pi / 4, "square": 1.0, "triangle": 0.5}
+
+COLOUR_QUESTIONS: tuple[str, ...] = (
+    "What color is the shape?",
+    "What colour is the object in the image?",
+    "Which color is the shape in this picture?",
+)
+SHAPE_QUESTIONS: tuple[str, ...] = (
+    "What shape is it?",
+    "Which shape is shown in the image?",
+    "What kind of shape is in this picture?",
+)
+CAPTION_PROMPTS: tuple[str, ...] = (
+    "Describe the image briefly.",
+    "What is in this picture?",
+    "Write a short caption for the image.",
+)
+DRAW_REQUESTS: tuple[str, ...] = (
+    "Draw a {colour} {shape}.",
+    "Show me a picture of a {colour} {shape}.",
+    "Can you make an image of a {colour} {shape}?",
+)
+
+
+@dataclass(frozen=True)
+class Scene:
+    """One image: colour and shape names plus the shape's bounding box (side, top-left corner)."""
+    colour: str
+    shape: str
+    side: int
+    left: int
+    top: int
+
+    @property
+    def caption(self) -> str:
+        return captions(self.colour, self.shape)[0]
+
+
+def random_scene(rng: random.Random) -> Scene:
+    """A uniformly drawn colour, shape, size and position (bounding box fully inside the canvas)."""
+    colour = rng.choice(list(COLOURS))
+    shape = rng.choice(SHAPES)
+    side = rng.randint(MIN_SIDE, MAX_SIDE)
+    left = rng.randint(0, IMAGE_SIZE - side)
+    top = rng.randint(0, IMAGE_SIZE - side)
+    return Scene(colour, shape, side, left, top)
+
+
+def draw(scene: Scene) -> Image.Image:
+    """The scene as a 64x64 RGB image; ImageDraw does not anti-alias, so only two colours appear."""
+    image = Image.new("RGB", (IMAGE_SIZE, IMAGE_SIZE), BACKGROUND)
+    pen = ImageDraw.Draw(image)
+    fill = COLOURS[scene.colour]
+    x0, y0 = scene.left, scene.top
+    x1, y1 = x0 + scene.side - 1, y0 + scene.side - 1  # inclusive corners: the box is `side` px wide
+    if scene.shape == "circle":
+        pen.ellipse((x0, y0, x1, y1), fill=fill)
+    elif scene.shape == "square":
+        pen.rectangle((x0, y0, x1, y1), fill=fill)
+    elif scene.shape == "triangle":
+        pen.polygon([((x0 + x1) / 2, y0), (x0, y1), (x1, y1)], fill=fill)
+    else:
+        raise ValueError(f"unknown shape {scene.shape!r}; expected one of {SHAPES}")
+    return image
+
+
+def captions(colour: str, shape: str) -> list[str]:
+    """Paraphrases of one scene's description; the first is the canonical caption."""
+    return [
+        f"a {colour} {shape}",
+        f"a {colour} {shape} on a white background",
+        f"a picture of a {colour} {shape}",
+        f"a {shape} that is {colour}",
+        f"a single {colour} {shape}",
+    ]
+
+
+def vqa_pairs(scene: Scene) -> list[tuple[str, str]]:
+    """Every (question, answer) about the scene; answers are bare colour or shape names."""
+    return ([(q, scene.colour) for q in COLOUR_QUESTIONS]
+            + [(q, scene.shape) for q in SHAPE_QUESTIONS])
+
+
+def draw_reply(colour: str, shape: str) -> str:
+    """The assistant's answer to a draw request: the <Img> tag is what triggers image generation."""
+    return f"Here is a {colour} {shape}: <Img>a {colour} {shape}</Img>"
+
+
+def corpus() -> list[str]:
+    """Every text the world can produce, in a fixed order without duplicates (for tokenizers)."""
+    texts = [*CAPTION_PROMPTS, *COLOUR_QUESTIONS, *SHAPE_QUESTIONS, *COLOURS, *SHAPES]
+    for colour in COLOURS:
+        for shape in SHAPES:
+            texts += captions(colour, shape)
+            texts += [t.format(colour=colour, shape=shape) for t in DRAW_REQUESTS]
+            texts.append(draw_reply(colour, shape))
+    return list(dict.fromkeys(texts))  # dict keeps first-seen order
+
+
+def _only(words: list[str], names) -> str | None:
+    found = {w for w in words if w in names}
+    return found.pop() if len(found) == 1 else None  # none or conflicting names: unknown
+
+
+def parse_description(text: str) -> tuple[str | None, str | None]:
+    """(colour, shape) named in free text, matched as whole words ("reddish" is not "red")."""
+    words = re.findall(r"[a-z]+", text.lower())
+    return _only(words, COLOURS), _only(words, SHAPES)
+
+
+@dataclass(frozen=True)
+class ImageAnalysis:
+    """What analyse_image read from an image; colour and shape are None for a (nearly) blank one."""
+    colour: str | None
+    shape: str | None
+    fill_ratio: float
+    rgb: tuple[int, int, int] | None
+
+
+_NOT_BACKGROUND = 60.0  # RGB distance from white beyond which a pixel is surely part of the shape
+_MIN_PIXELS = 20        # fewer candidate pixels than this is noise, not a shape
+
+
+def analyse_image(image: Image.Image) -> ImageAnalysis:
+    """Colour and shape of the one shape in an image, robust to blur and noise (generated images)."""
+    image = image.convert("RGB")
+    if image.size != (IMAGE_SIZE, IMAGE_SIZE):
+        image = image.resize((IMAGE_SIZE, IMAGE_SIZE), Image.BILINEAR)
+    pixels = np.asarray(image, dtype=np.float64)
+    white = np.array(BACKGROUND, dtype=np.float64)
+    to_white = np.linalg.norm(pixels - white, axis=-1)
+
+    candidates = pixels[to_white > _NOT_BACKGROUND]
+    if len(candidates) < _MIN_PIXELS:
+        return ImageAnalysis(None, None, 0.0, None)
+    # The median ignores blurred edges (colour mixed with white) and noise.
+    rgb = np.median(candidates, axis=0)
+    colour = min(COLOURS, key=lambda name: np.linalg.norm(rgb - COLOURS[name]))
+
+    mask = np.linalg.norm(pixels - rgb, axis=-1) < to_white
+    if not mask.any():  # scattered candidates with no common colour: nothing drawn
+        return ImageAnalysis(None, None, 0.0, None)
+    # Rows/columns with a single mask pixel are likely strays; skip them when sizing the box.
+    rows = np.flatnonzero(mask.sum(axis=1) >= 2)
+    cols = np.flatnonzero(mask.sum(axis=0) >= 2)
+    if len(rows) == 0 or len(cols) == 0:
+        rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
+    box = mask[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1]
+    fill_ratio = float(box.mean())
+    shape = min(SHAPES, key=lambda name: abs(FILL_RATIO[name] - fill_ratio))
+    return ImageAnalysis(colour, shape, fill_ratio, tuple(int(round(c)) for c in rgb))
