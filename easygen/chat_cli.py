@@ -71,12 +71,16 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="image for the first message (may repeat)")
     g.add_argument("--out-dir", type=Path, default=Path("easygen-images"), metavar="DIR",
                    help="where image replies are saved as PNG (default ./easygen-images)")
-    g.add_argument("--steps", type=positive_int, default=50, metavar="N",
-                   help="BiDiffuser steps to draw an image reply (default 50)")
-    g.add_argument("--scale", type=float, default=7.0, metavar="S", help="guidance scale for image replies (default 7)")
-    g.add_argument("--feature-steps", type=positive_int, default=50, metavar="N",
+    g.add_argument("--steps", type=positive_int, default=None, metavar="N",
+                   help="BiDiffuser steps to draw an image reply (default 50; the demo model: its recipe's)")
+    g.add_argument("--scale", type=float, default=None, metavar="S",
+                   help="guidance scale for image replies (default 7; the demo model: its recipe's)")
+    g.add_argument("--feature-steps", type=positive_int, default=None, metavar="N",
                    help="BiDiffuser steps that read an uploaded image; keep the value the model was trained "
-                        "with (default 50)")
+                        "with (default 50; the demo model: its recipe's)")
+    g.add_argument("--feature-scale", type=float, default=None, metavar="S",
+                   help="guidance scale that reads an uploaded image; keep the training value "
+                        "(default 7; the demo model: its recipe's)")
     g.add_argument("--feature-cache", type=Path, default=None, metavar="DIR",
                    help="cache of image features, keyed by image content and settings "
                         "(default $XDG_CACHE_HOME/easygen/features, else ~/.cache/easygen/features)")
@@ -127,6 +131,7 @@ def run(args) -> int:
     io = SimpleChatIO() if args.json or args.prompt is not None else make_chat_io(args.style)
     if args.model_path is None:
         args.model_path = str(_demo_model(args))
+    _fill_bidiffuser_defaults(args)
     with quiet_libraries():
         session = _load_session(args, io)
         if args.prompt is not None:
@@ -158,6 +163,20 @@ def _demo_model(args) -> Path:
     return demo.easygen
 
 
+def _fill_bidiffuser_defaults(args) -> None:
+    """BiDiffuser settings left unset: the demo recipe's for a demo model, else EasyGen's defaults."""
+    from .demo.recipe import recipe_of
+
+    recipe = recipe_of(args.model_path)
+    defaults = {"steps": 50, "scale": 7.0, "feature_steps": 50, "feature_scale": 7.0}
+    if recipe is not None:
+        defaults = {"steps": recipe.image_steps, "scale": recipe.image_scale,
+                    "feature_steps": recipe.feature_steps, "feature_scale": recipe.feature_scale}
+    for name, value in defaults.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+
+
 def _load_session(args, io) -> "ChatSession":
     from .assistant import Assistant, GenerationSettings
     from .builder import load_pretrained
@@ -169,7 +188,7 @@ def _load_session(args, io) -> "ChatSession":
                                  dtype=args.dtype)
     features = None
     if loaded.bidiffuser is not None:
-        features = ImageFeatureExtractor(loaded.bidiffuser, steps=args.feature_steps,
+        features = ImageFeatureExtractor(loaded.bidiffuser, steps=args.feature_steps, scale=args.feature_scale,
                                          cache_dir=args.feature_cache or _default_feature_cache())
     # (the Assistant caps the answer at half the model's context)
     settings = GenerationSettings(temperature=args.temperature, top_p=args.top_p,

@@ -287,7 +287,7 @@ def test_lora_adapter_flags_reach_the_builder(tiny_easygen_dir, tmp_path, monkey
 
 
 @pytest.mark.parametrize("flags, message", [
-    ([], "the following arguments are required: --model-path"),
+    (["--lora", "adapter"], "easygen: error: --lora needs --model-path (without one, chat uses the built-in demo model)"),
     (["--model-path", "m", "--top-p", "1.5"], "--top-p: must be in (0, 1]"),
     (["--model-path", "m", "--temperature", "-1"], "--temperature: must be 0 or more"),
     (["--model-path", "m", "--image-file", "nope.png"], "easygen: error: image not found: nope.png"),
@@ -315,4 +315,4 @@ def test_help_shows_every_flag_and_the_commands(capsys):
                  "--dtype", "--temperature", "--top-p", "--max-new-tokens", "--seed", "--out-dir", "--steps",
                  "--scale", "--feature-steps", "--feature-cache", "--style", "--prompt", "--json"):
         assert flag in text
-    assert "Required for now" in text and "/image PATH" in text and "/save FILE" in text
+    assert "built-in shapes demo model" in text and "/image PATH" in text and "/save FILE" in text

@@ -46,7 +46,9 @@ def evaluate(demo: DemoModel, out: str | Path, n_images: int = 120, draws: int =
     out = Path(out)
     karpathy, questions, annotations, items = write_eval_data(out / "data", n_images, seed)
     truth = {str(i): (scene.colour, scene.shape) for i, (_, scene) in enumerate(items)}
-    model = ["--model-path", str(demo.easygen)]
+    recipe = demo.recipe()
+    model = ["--model-path", str(demo.easygen), "--feature-steps", str(recipe.feature_steps),
+             "--feature-scale", str(recipe.feature_scale)]
 
     caption = _eval_cli("caption", *model, "--karpathy", str(karpathy), "--image-root", str(out / "data"),
                         "--out", str(out / "caption.json"), "--prompt", EVAL_CAPTION_PROMPT, "--min-new-tokens", "1",
@@ -57,7 +59,7 @@ def evaluate(demo: DemoModel, out: str | Path, n_images: int = 120, draws: int =
                     "--image-root", str(out / "data"), "--out", str(out / "vqa.json"),
                     "--predictions", str(out / "vqa.predictions.jsonl"))
 
-    drawings = draw_requests(demo, out / "drawings", draws)
+    drawings = draw_requests(demo, out / "drawings", draws, recipe.image_steps, recipe.image_scale)
     results = {
         "model": str(demo.root), "held_out_images": n_images, "seed": seed,
         "caption_accuracy": 100 * right / len(truth),
@@ -75,7 +77,7 @@ def evaluate(demo: DemoModel, out: str | Path, n_images: int = 120, draws: int =
     return results
 
 
-def draw_requests(demo: DemoModel, out_dir: Path, draws: int) -> list[dict]:
+def draw_requests(demo: DemoModel, out_dir: Path, draws: int, steps: int, scale: float) -> list[dict]:
     """Ask the chat assistant for ``draws`` pictures of every colour and shape; read each picture back."""
     from ..assistant import Assistant, GenerationSettings
     from ..builder import load_pretrained
@@ -85,7 +87,8 @@ def draw_requests(demo: DemoModel, out_dir: Path, draws: int) -> list[dict]:
     for colour in world.COLOURS:
         for shape in world.SHAPES:
             for k in range(draws):
-                settings = GenerationSettings(temperature=0.0, max_new_tokens=32, seed=k)
+                settings = GenerationSettings(temperature=0.0, max_new_tokens=32, seed=k, image_steps=steps,
+                                              image_scale=scale)
                 assistant = Assistant(loaded, settings, out_dir=out_dir / f"{colour}-{shape}-{k}")
                 request = world.DRAW_REQUESTS[k % len(world.DRAW_REQUESTS)].format(colour=colour, shape=shape)
                 reply = assistant.send(request)

@@ -52,14 +52,18 @@ class Recipe:
     vae_steps: int = 1000
     decoder_steps: int = 500
     unidiffuser_steps: int = 1500
-    easygen_steps: int = 1000
+    easygen_steps: int = 2000
     uvit_batch: int = 32
-    uvit_lr: float = 2e-3
+    uvit_lr: float = 1e-3
     uvit_width: int = 128
     uvit_depth: int = 6
     # EasyGen LLM
+    # BiDiffuser settings for reading images (features) and drawing (image replies). Guidance is lower
+    # than v1's 7: this small U-ViT's unconditional branch is weak, and strong guidance amplifies it.
     feature_steps: int = 20
-    feature_scale: float = 7.0
+    feature_scale: float = 3.0
+    image_steps: int = 20
+    image_scale: float = 3.0
     llm_width: int = 128
     llm_layers: int = 4
     stage1_steps: int = 200
@@ -112,6 +116,18 @@ class DemoModel:
         if not isinstance(doc, dict) or doc.get("format") != FORMAT:
             raise EasyGenError(f"{self.manifest} is not a shapes-demo manifest")
         return Recipe(**doc["recipe"])
+
+
+def recipe_of(model_path: str | Path) -> Recipe | None:
+    """The recipe of a demo model, when ``model_path`` is a built demo's ``easygen`` directory."""
+    path = Path(model_path).absolute()
+    demo = DemoModel(path.parent)
+    if path.name != "easygen" or not demo.is_built():
+        return None
+    try:
+        return demo.recipe()
+    except (EasyGenError, TypeError):
+        return None
 
 
 # ---------------------------------------------------------------------------------------- stages
@@ -230,10 +246,9 @@ def _stage_stage2(root: Path, r: Recipe, log: Log) -> None:
     out = root / "easygen"
     shutil.rmtree(out, ignore_errors=True)
     shutil.copytree(root / "run-instruct" / "final", out, symlinks=True)
-    link = out / "bidiffuser"
-    if link.is_symlink() or link.exists():
-        (link.unlink if link.is_symlink() else lambda: shutil.rmtree(link))()
-    link.symlink_to(Path("..") / "bidiffuser", target_is_directory=True)  # relative: the cache may move
+    link = out / "bidiffuser"  # export links the BiDiffuser by absolute path; relative lets the cache move
+    link.unlink(missing_ok=True)
+    link.symlink_to(Path("..") / "bidiffuser", target_is_directory=True)
 
 
 STAGES: list[tuple[str, str, Callable[[Path, Recipe, Log], None]]] = [
@@ -252,8 +267,6 @@ STAGES: list[tuple[str, str, Callable[[Path, Recipe, Log], None]]] = [
 
 def build(root: str | Path | None = None, recipe: Recipe | str = "full", log: Log = print) -> DemoModel:
     """Build (or finish building) the demo model in ``root``; returns it. A built model is left as it is."""
-    import torch
-
     recipe = RECIPES[recipe] if isinstance(recipe, str) else recipe
     demo = DemoModel(Path(root) if root else default_dir())
     if demo.is_built():
@@ -270,7 +283,6 @@ def build(root: str | Path | None = None, recipe: Recipe | str = "full", log: Lo
     with atomic_path(settings) as tmp:
         tmp.write_text(json.dumps(recipe.to_json(), indent=1))
 
-    torch.set_num_threads(max(torch.get_num_threads(), 1))
     started, timings = time.time(), {}
     for k, (name, what, run) in enumerate(STAGES, 1):
         marker = done_dir / f"{name}.json"

@@ -1,0 +1,119 @@
+"""The shapes demo end to end with the reduced `ci` recipe (the real stages, few steps): build ->
+chat one-shot -> PNG written, chat about an uploaded image, `demo eval`, resuming a build, and the
+data files read by the normal readers. Quality is measured by `easygen demo eval`, not asserted here."""
+import json
+import os
+
+import pytest
+from PIL import Image
+
+from easygen.cli import main
+from easygen.demo import world
+from easygen.demo.dataset import write_eval_data, write_training_data
+from easygen.demo.recipe import RECIPES, STAGES, DemoModel, build
+from easygen.errors import EasyGenError
+
+pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore:torch.distributed is disabled:UserWarning")]
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory) -> DemoModel:
+    root = tmp_path_factory.mktemp("demo")
+    lines = []
+    model = build(root, "ci", log=lines.append)
+    assert [line.split(":")[0] for line in lines if line.startswith("[") and line.endswith(" s")] == \
+        [f"[{k}/{len(STAGES)}] {name}" for k, (name, _, _) in enumerate(STAGES, 1)]  # progress per stage
+    return model
+
+
+def _run(monkeypatch, capsys, demo_root, *argv):
+    monkeypatch.setenv("EASYGEN_DEMO_DIR", str(demo_root))
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_build_writes_a_normal_model_pair(demo):
+    from bidiffuser.model_dir import read_config
+    from easygen.builder import load_pretrained
+
+    manifest = json.loads(demo.manifest.read_text())
+    assert manifest["format"] == "easygen-demo-shapes" and manifest["recipe"]["name"] == "ci"
+    assert os.readlink(demo.easygen / "bidiffuser") == os.path.join("..", "bidiffuser")  # relative: movable
+    bd = read_config(demo.bidiffuser)
+    assert bd.resolution == 64 and bd.uvit.num_text_tokens == 16 and bd.autoencoder.downsample_factor == 8
+    assert not any(p.is_symlink() for p in demo.bidiffuser.iterdir())  # the final BiDiffuser holds its own files
+    loaded = load_pretrained(demo.easygen)
+    assert loaded.model.config.num_image_tokens == 16 and loaded.bidiffuser is not None
+    ids = loaded.processor.tokenizer("What color is the shape?")["input_ids"]
+    assert len(ids) <= 8  # the tokenizer was trained on the world's text
+
+
+def test_chat_without_model_flags_uses_the_demo_and_draws(demo, tmp_path, monkeypatch, capsys):
+    code, out, err = _run(monkeypatch, capsys, demo.root, "chat", "--prompt", "Draw a red circle.", "--temperature",
+                          "0", "--out-dir", str(tmp_path), "--steps", "2")
+    assert code == 0, err
+    text, picture = out.splitlines()
+    assert "<Img>" in text and picture.startswith("image: ")
+    with Image.open(picture.removeprefix("image: ")) as im:
+        assert im.size == (64, 64)
+    assert "building" not in err  # already built: no rebuild
+
+
+def test_chat_reads_an_uploaded_image(demo, tmp_path, monkeypatch, capsys):
+    image = tmp_path / "shape.png"
+    world.draw(world.Scene("blue", "square", 30, 10, 12)).save(image)
+    code, out, err = _run(monkeypatch, capsys, demo.root, "chat", "--json", "--image-file", str(image), "--prompt",
+                          "What color is the shape?", "--max-new-tokens", "4", "--feature-cache", str(tmp_path / "c"))
+    assert code == 0, err
+    assert set(json.loads(out)) == {"text", "images", "notices"}
+
+
+def test_demo_eval_runs_every_measure(demo, tmp_path, monkeypatch, capsys):
+    code, out, err = _run(monkeypatch, capsys, demo.root, "demo", "eval", "--images", "3", "--draws", "1",
+                          "--out", str(tmp_path))
+    assert code == 0, err
+    results = json.loads((tmp_path / "results.json").read_text())
+    for key in ("caption_accuracy", "vqa_accuracy", "image_colour_accuracy", "image_shape_accuracy", "cider"):
+        assert 0 <= results[key] <= 100 or key == "cider", key
+    assert len(results["drawings"]) == 18 and "target >= 90%" in out
+
+
+def test_rebuild_reuses_finished_stages_and_refuses_another_recipe(demo, tmp_path):
+    import shutil
+    copy = tmp_path / "copy"
+    shutil.copytree(demo.root, copy, symlinks=True)
+    (copy / "demo.json").unlink()
+    (copy / "stages" / "stage2.json").unlink()  # as if killed during the last stage
+    lines = []
+    build(copy, "ci", log=lines.append)
+    assert sum("done before, skipped" in line for line in lines) == len(STAGES) - 1
+    assert DemoModel(copy).is_built()
+    with pytest.raises(EasyGenError, match="built with recipe 'ci'"):
+        build(copy, "full", log=lines.append)
+
+
+def test_data_files_read_by_the_normal_readers(tmp_path):
+    from easygen.data import load_mixture
+    from easygen.eval.data import read_captions, read_vqa
+
+    paths = write_training_data(tmp_path / "train", 6, seed=0, draw_copies=2)
+    rows = paths["captions.tsv"].read_text().splitlines()
+    assert len(rows) == 1 + 12 and all(world.parse_description(r.split("\t")[1]) != (None, None) for r in rows[1:])
+    stage2 = load_mixture(paths["instruct_data.json"])
+    draws = [ex for ex in stage2.train if not ex["images"]]
+    assert len(draws) == 2 * 54 and all("<Img>" in ex["messages"][-1]["content"] for ex in draws)
+    assert len(stage2.train) - len(draws) == 18  # caption, colour and shape question per image
+    assert len(load_mixture(paths["pretrain_data.json"]).train) == 12
+
+    karpathy, questions, annotations, items = write_eval_data(tmp_path / "eval", 4, seed=5)
+    _, samples = read_captions(karpathy, tmp_path / "eval")
+    assert [s.references[0] for s in samples] == [scene.caption for _, scene in items]
+    vqa = read_vqa(questions, annotations, tmp_path / "eval")
+    assert sorted(s.answers[0] for s in vqa) == sorted([sc.colour for _, sc in items] + [sc.shape for _, sc in items])
+    # another seed, other images: held-out data is not the training data
+    assert [s for _, s in items] != [s for _, s in write_eval_data(tmp_path / "eval2", 4, seed=0)[3]]
+
+
+def test_recipes_are_consistent():
+    assert set(RECIPES) == {"full", "ci"} and RECIPES["full"].name == "full"
