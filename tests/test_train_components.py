@@ -7,7 +7,8 @@ from bidiffuser.caption_decoder import CaptionDecoderConfig
 from bidiffuser.images import pil_to_tensor
 from bidiffuser.model_dir import init_tiny, read_config
 from bidiffuser.pipeline import BiDiffuser
-from bidiffuser.train_components import caption_decoder_accuracy, train_autoencoder, train_caption_decoder
+from bidiffuser.train_components import (caption_decoder_accuracy, train_autoencoder, train_caption_decoder,
+                                         train_clip)
 from bidiffuser.uvit import UViTConfig
 
 from .conftest import make_image
@@ -73,3 +74,26 @@ def test_component_training_errors_are_clear(sized):
         train_autoencoder(sized, [], steps=1, batch_size=2)
     with pytest.raises(ValueError, match="no captions"):
         train_caption_decoder(sized, [], steps=1)
+
+
+def test_clip_training_makes_image_embeddings_match_their_captions(sized, tmp_path):
+    colours = {"red": (220, 40, 40), "blue": (40, 80, 220), "green": (40, 170, 60)}
+    images, captions = [], []
+    for k in range(4):
+        for name, rgb in colours.items():
+            images.append(str(make_image(tmp_path / f"{name}{k}.png", size=(32 + 4 * k, 32), color=rgb)))
+            captions.append(f"a {name} square")
+
+    def probe() -> float:  # nearest class mean of the CLIP image embeddings, leave-one-out
+        pipe = BiDiffuser.from_pretrained(sized)
+        _, emb = pipe.encode_images(images, torch.Generator().manual_seed(0))
+        emb = torch.nn.functional.normalize(emb.squeeze(1), dim=-1)
+        sims = emb @ emb.T - 2 * torch.eye(len(images))
+        return sum(captions[int(sims[i].argmax())] == captions[i] for i in range(len(images))) / len(images)
+
+    losses = []
+    train_clip(sized, images, captions, steps=40, batch_size=12, lr=2e-3, progress=lambda s, n, l: losses.append(l))
+    assert sum(losses[-5:]) / 5 < 0.7 * sum(losses[:5]) / 5
+    assert probe() == 1.0
+    with pytest.raises(ValueError, match="need at least 2"):
+        train_clip(sized, images[:1], captions[:1])

@@ -95,7 +95,8 @@ def write_eval_data(root: str | Path, n_images: int, seed: int) -> tuple[Path, P
     root = Path(root)
     items = write_images(root, n_images, seed)
     karpathy = {"dataset": "shapes", "images": [
-        {"filename": rel, "split": "test", "imgid": i, "sentences": [{"raw": c} for c in world.captions(s.colour, s.shape)]}
+        {"filename": rel, "split": "test", "imgid": i,
+         "sentences": [{"raw": c} for c in world.captions(s.colour, s.shape)]}
         for i, (rel, s) in enumerate(items)]}
     questions, annotations = [], []
     for i, (rel, scene) in enumerate(items):

@@ -4,7 +4,8 @@ Each stage runs the same code a user runs for real models (the functions behind 
 train``, ``easygen features``, ``easygen train`` and ``easygen export``), only with small sizes:
 
     data              world images + captions/conversations + data configs     (easygen.demo.dataset)
-    bidiffuser-init   random BiDiffuser: tokenizer trained on the world's text, CLIP kept at random init
+    bidiffuser-init   random BiDiffuser, its tokenizer trained on the world's text
+    clip              CLIP image and text encoders, contrastive objective        (bidiffuser.train_components)
     autoencoder       the VAE, trained on the images                            (bidiffuser.train_components)
     caption-decoder   the caption decoder, trained on the captions              (bidiffuser.train_components)
     unidiffuser       U-ViT from scratch, UniDiffuser's joint objective         (bidiffuser train)
@@ -14,8 +15,8 @@ train``, ``easygen features``, ``easygen train`` and ``easygen export``), only w
     stage1            projector alignment on captions                           (easygen train --stage pretrain)
     stage2            instruction tuning of LLM + projector                     (easygen train --stage instruct)
 
-CLIP stays fixed at its random initialisation: a random transformer already maps different inputs to
-different features, which is all the U-ViT and the caption decoder need from it in this world.
+CLIP is trained (a random CLIP image embedding hardly changes from image to image; a trained one names
+colour and shape, which the U-ViT reads when it turns an image into text).
 
 Every stage writes ``stages/NAME.json`` when it completes; a rerun skips completed stages, so an
 interrupted build continues where it stopped. The result is ``easygen/`` (an EasyGen directory whose
@@ -48,7 +49,8 @@ class Recipe:
     name: str = "full"
     train_images: int = 2000
     seed: int = 0
-    # BiDiffuser (sizes: see build_bidiffuser)
+    # BiDiffuser (sizes: see _stage_bidiffuser_init)
+    clip_steps: int = 1500
     vae_steps: int = 1000
     decoder_steps: int = 500
     unidiffuser_steps: int = 1500
@@ -63,11 +65,11 @@ class Recipe:
     feature_steps: int = 20
     feature_scale: float = 3.0
     image_steps: int = 20
-    image_scale: float = 3.0
+    image_scale: float = 1.0
     llm_width: int = 128
     llm_layers: int = 4
     stage1_steps: int = 200
-    stage2_steps: int = 1200
+    stage2_steps: int = 1600
     llm_batch: int = 16
     stage1_lr: float = 1e-3
     stage2_lr: float = 1e-3
@@ -78,9 +80,9 @@ class Recipe:
 
 RECIPES = {
     "full": Recipe(),
-    "ci": Recipe(name="ci", train_images=64, vae_steps=4, decoder_steps=4, unidiffuser_steps=2, easygen_steps=2,
-                 uvit_batch=8, uvit_width=32, uvit_depth=2, feature_steps=2, llm_width=32, llm_layers=1,
-                 stage1_steps=2, stage2_steps=150, llm_batch=8, stage2_lr=3e-3),
+    "ci": Recipe(name="ci", train_images=64, clip_steps=4, vae_steps=4, decoder_steps=4, unidiffuser_steps=2,
+                 easygen_steps=2, uvit_batch=8, uvit_width=32, uvit_depth=2, feature_steps=2, llm_width=32,
+                 llm_layers=1, stage1_steps=2, stage2_steps=150, llm_batch=8, stage2_lr=3e-3),
 }
 
 
@@ -170,6 +172,14 @@ def _progress(log: Log, every: int) -> Callable[[int, int, float], None]:
     return report
 
 
+def _stage_clip(root: Path, r: Recipe, log: Log) -> None:
+    from bidiffuser.captions import read_caption_tsv
+    from bidiffuser.train_components import train_clip
+    rows, _ = read_caption_tsv(root / "data" / "captions.tsv")
+    train_clip(root / "bidiffuser-init", [p for p, _ in rows], [c for _, c in rows], steps=r.clip_steps,
+               batch_size=min(64, len(rows)), lr=2e-3, seed=r.seed, progress=_progress(log, 250))
+
+
 def _stage_autoencoder(root: Path, r: Recipe, log: Log) -> None:
     from bidiffuser.train_components import train_autoencoder
     images = sorted(str(p) for p in (root / "data" / "images").glob("*.png"))
@@ -254,6 +264,7 @@ def _stage_stage2(root: Path, r: Recipe, log: Log) -> None:
 STAGES: list[tuple[str, str, Callable[[Path, Recipe, Log], None]]] = [
     ("data", "generate the shapes world", _stage_data),
     ("bidiffuser-init", "random BiDiffuser, tokenizer trained on the world's text", _stage_bidiffuser_init),
+    ("clip", "train the CLIP image and text encoders", _stage_clip),
     ("autoencoder", "train the VAE", _stage_autoencoder),
     ("caption-decoder", "train the caption decoder", _stage_caption_decoder),
     ("unidiffuser", "train the U-ViT: UniDiffuser objective", _stage_unidiffuser),
