@@ -79,18 +79,17 @@ def test_demo_eval_runs_every_measure(demo, tmp_path, monkeypatch, capsys):
     assert len(results["drawings"]) == 18 and "target >= 90%" in out
 
 
-def test_rebuild_reuses_finished_stages_and_refuses_another_recipe(demo, tmp_path):
+def test_rebuild_reuses_finished_stages_and_refuses_another_recipe(demo):
     import shutil
-    copy = tmp_path / "copy"
-    shutil.copytree(demo.root, copy, symlinks=True)
-    (copy / "demo.json").unlink()
-    (copy / "stages" / "stage2.json").unlink()  # as if killed during the last stage
+    demo.manifest.unlink()  # as if killed during the last stage: its marker and output are missing
+    (demo.root / "stages" / "stage2.json").unlink()
+    shutil.rmtree(demo.easygen)
     lines = []
-    build(copy, "ci", log=lines.append)
+    build(demo.root, "ci", log=lines.append)
     assert sum("done before, skipped" in line for line in lines) == len(STAGES) - 1
-    assert DemoModel(copy).is_built()
+    assert demo.is_built() and (demo.easygen / "model.safetensors").is_file()
     with pytest.raises(EasyGenError, match="built with recipe 'ci'"):
-        build(copy, "full", log=lines.append)
+        build(demo.root, "full", log=lines.append)
 
 
 def test_data_files_read_by_the_normal_readers(tmp_path):
