@@ -60,6 +60,16 @@ def test_chat_without_model_flags_uses_the_demo_and_draws(demo, tmp_path, monkey
     assert "building" not in err  # already built: no rebuild
 
 
+def test_chat_builds_the_demo_first_when_it_is_absent(tmp_path, monkeypatch, capsys):
+    from easygen.demo import recipe
+    monkeypatch.setitem(recipe.RECIPES, "full", recipe.RECIPES["ci"])  # the default recipe, made small
+    code, out, err = _run(monkeypatch, capsys, tmp_path / "cache", "chat", "--prompt", "Draw a red circle.",
+                          "--temperature", "0", "--out-dir", str(tmp_path / "png"), "--steps", "2")
+    assert code == 0, err
+    assert "building the built-in shapes demo model" in err and f"[{len(STAGES)}/{len(STAGES)}] stage2" in err
+    assert "<Img>" in out.splitlines()[0] and DemoModel(tmp_path / "cache").is_built()
+
+
 def test_chat_reads_an_uploaded_image(demo, tmp_path, monkeypatch, capsys):
     image = tmp_path / "shape.png"
     world.draw(world.Scene("blue", "square", 30, 10, 12)).save(image)
