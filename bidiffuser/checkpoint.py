@@ -41,6 +41,13 @@ def read_json(path: str | os.PathLike, what: str = "JSON file") -> Any:
         raise BiDiffuserError(f"{path}: cannot read: {e.strerror or e}") from None
 
 
+def write_json(path: str | os.PathLike, obj: Any, indent: int = 1) -> Path:
+    """Write ``obj`` as UTF-8 JSON, atomically (readers never see half a file)."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=indent, ensure_ascii=False) + "\n", encoding="utf-8")
+    return Path(path)
+
+
 def require_file(path: str | os.PathLike, what: str = "file") -> Path:
     """Return ``path`` as a Path, or raise a one-line error if it is not an existing file."""
     path = Path(path)

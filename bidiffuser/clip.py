@@ -306,7 +306,7 @@ def init_tiny_clip(out_dir_image: str | os.PathLike, out_dir_text: str | os.Path
 
     ``tokenizer`` (a transformers fast tokenizer) is saved into the text directory so that
     ``load_clip_text_encoder`` finds it offline; the text vocabulary is ``len(tokenizer)``.
-    Defaults are the test size; the shapes demo uses wider ones (kept frozen at random init).
+    Defaults are the test size; the shapes demo uses wider ones (then trains them).
     """
     vision = CLIPVisionConfig(image_size=image_size, patch_size=8, hidden_size=width, intermediate_size=2 * width,
                               num_hidden_layers=layers, num_attention_heads=2, projection_dim=projection_dim,

@@ -280,6 +280,7 @@ def _run_signature(cfg: TrainConfig, rows: list[tuple[str, str]], total_steps: i
 
 
 def _check_resume(path: Path, saved: dict, now: dict) -> None:
+    saved = {"objective": "easygen", **saved}  # runs saved before the objective setting existed
     changed = [f"{k} {saved.get(k)!r} -> {v!r}" for k, v in now.items() if saved.get(k) != v]
     if changed:
         raise BiDiffuserError(f"{path} belongs to a run with other settings ({'; '.join(changed)}); "

@@ -1,8 +1,8 @@
 """Train the small components of a BiDiffuser directory from scratch: CLIP, the VAE, the caption decoder.
 
 The official components come pre-trained; a new, small world (the shapes demo, a domain of your own)
-needs them trained on its own images and captions before the U-ViT can learn anything. Both
-functions read the component from the directory, train it in one process (these nets are small),
+needs them trained on its own images and captions before the U-ViT can learn anything. Each
+function reads the component from the directory, train it in one process (these nets are small),
 and write it back in the official file format (in place), updating ``bidiffuser.json`` where a config
 value changes.
 
@@ -29,7 +29,8 @@ import torch.nn.functional as F
 
 from .autoencoder import load_autoencoder, official_state_dict as vae_official_state_dict
 from .caption_decoder import load_caption_decoder, official_state_dict as decoder_official_state_dict
-from .checkpoint import save_torch
+from .checkpoint import atomic_dir, save_torch
+from .errors import BiDiffuserError
 from .clip import load_clip_image_encoder, load_clip_text_encoder
 from .images import center_crop_resize, load_image, pil_to_tensor
 from .model_dir import BiDiffuserConfig, read_config, write_config
@@ -69,6 +70,11 @@ def train_clip(model_dir: str | os.PathLike, images: Sequence[str | os.PathLike]
                progress: Progress | None = None) -> BiDiffuserConfig:
     """Contrastive training of the directory's CLIP image and text encoders on ``images[i]``/``captions[i]``."""
     cfg = read_config(model_dir)
+    if cfg.clip_backend != "transformers":
+        raise BiDiffuserError(f"train_clip trains transformers CLIP directories; {cfg.root} uses clip_backend "
+                              f"'{cfg.clip_backend}'")
+    if cfg.path("clip_image").resolve() == cfg.path("clip_text").resolve():
+        raise BiDiffuserError(f"{cfg.root}: clip_image and clip_text are one folder; give each tower its own to train")
     if len(images) != len(captions) or len(images) < 2:
         raise ValueError(f"need at least 2 (image, caption) pairs, got {len(images)} images and "
                          f"{len(captions)} captions")
@@ -95,8 +101,13 @@ def train_clip(model_dir: str | os.PathLike, images: Sequence[str | os.PathLike]
             return (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target.T)) / 2
 
         _fit(params, loss_of, len(images), min(batch_size, len(images)), steps, lr, seed, progress)
-    vision.eval().requires_grad_(False).save_pretrained(str(cfg.path("clip_image")))
-    text.eval().requires_grad_(False).save_pretrained(str(cfg.path("clip_text")))
+    # New folders replace the old ones whole (a crash leaves the old model; a symlinked component is
+    # replaced, never written through into the model it points at).
+    with atomic_dir(cfg.path("clip_image")) as tmp:
+        vision.eval().requires_grad_(False).save_pretrained(str(tmp))
+    with atomic_dir(cfg.path("clip_text")) as tmp:
+        text.eval().requires_grad_(False).save_pretrained(str(tmp))
+        text_encoder.tokenizer.save_pretrained(str(tmp))
     return cfg
 
 

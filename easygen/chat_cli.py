@@ -45,7 +45,8 @@ def _probability(text: str) -> float:
 
 
 def _default_feature_cache() -> Path:
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "easygen" / "features"
+    from .constants import user_cache_dir
+    return user_cache_dir() / "features"
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:

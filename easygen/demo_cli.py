@@ -9,7 +9,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
         "demo", help="build or evaluate the built-in shapes-world demo model (CPU, no downloads)",
         description="A tiny EasyGen trained end to end on a synthetic world of coloured shapes: every "
-                    "component (VAE, caption decoder, U-ViT, LLaMA, projector) is trained by the normal "
+                    "component (CLIP, VAE, caption decoder, U-ViT, LLaMA, projector) is trained by the normal "
                     "training code. `easygen chat` with no --model-path uses it.")
     tasks = p.add_subparsers(dest="demo_task", required=True, metavar="TASK")
     b = tasks.add_parser("build", help="generate the data and train every stage (resumable; ~15 min on 2 CPU cores)")

@@ -151,6 +151,14 @@ def test_unidiffuser_loss_noises_both_modalities_at_independent_timesteps():
     assert set(terms) == {"img", "clip", "text"}
 
 
+def test_runs_saved_before_the_objective_setting_still_resume(tmp_path):
+    from bidiffuser.train import _check_resume
+    now = {"objective": "easygen", "seed": 1}
+    _check_resume(tmp_path, {"seed": 1}, now)  # an old run: no 'objective' saved, it was easygen
+    with pytest.raises(BiDiffuserError, match="objective 'easygen' -> 'unidiffuser'"):
+        _check_resume(tmp_path, {"seed": 1}, {**now, "objective": "unidiffuser"})
+
+
 def test_unidiffuser_objective_trains_every_output(tiny_dir, captions, tmp_path):
     out = tmp_path / "joint"
     train(config(tiny_dir, captions, out, steps=16, batch_size=4, objective="unidiffuser", ema_decay=None))

@@ -14,11 +14,10 @@ and VQAv2-format question/annotation files, which ``easygen eval`` reads as it r
 """
 from __future__ import annotations
 
-import json
 import random
 from pathlib import Path
 
-from bidiffuser.checkpoint import atomic_path
+from bidiffuser.checkpoint import atomic_path, write_json
 
 from . import world
 from .world import Scene
@@ -27,11 +26,6 @@ from .world import Scene
 # demo model answers them the way the benchmark asks.
 EVAL_CAPTION_PROMPT = "A short image caption:"
 EVAL_VQA_SUFFIX = "\nAnswer the question using a single word or phrase."
-
-
-def _write_json(path: Path, obj) -> None:
-    with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(obj, indent=1) + "\n")
 
 
 def write_images(root: Path, n: int, seed: int) -> list[tuple[str, Scene]]:
@@ -79,12 +73,12 @@ def write_training_data(root: str | Path, n_images: int, seed: int = 0, draw_cop
                                             "pretrain_data.json", "instruct_data.json")}
     with atomic_path(paths["captions.tsv"]) as tmp:
         tmp.write_text("\n".join(tsv) + "\n")
-    _write_json(paths["instruct.json"], instruct)
-    _write_json(paths["draw.json"], draw)
-    _write_json(paths["pretrain_data.json"], {"seed": seed, "datasets": [
+    write_json(paths["instruct.json"], instruct)
+    write_json(paths["draw.json"], draw)
+    write_json(paths["pretrain_data.json"], {"seed": seed, "datasets": [
         {"name": "shapes_captions", "format": "tsv", "path": "captions.tsv"}]})
     # draw.json is small (54 conversations): repeated so image replies are a fair share of stage 2.
-    _write_json(paths["instruct_data.json"], {"seed": seed, "datasets": [
+    write_json(paths["instruct_data.json"], {"seed": seed, "datasets": [
         {"name": "shapes_instruct", "format": "llava", "path": "instruct.json"},
         {"name": "shapes_draw", "format": "llava", "path": "draw.json", "weight": float(draw_copies)}]})
     return paths
@@ -107,7 +101,7 @@ def write_eval_data(root: str | Path, n_images: int, seed: int) -> tuple[Path, P
             annotations.append({"question_id": qid, "answer_type": kind, "question_type": kind,
                                 "answers": [{"answer": answer, "answer_id": k + 1} for k in range(10)]})
     paths = root / "dataset_coco.json", root / "questions.json", root / "annotations.json"
-    _write_json(paths[0], karpathy)
-    _write_json(paths[1], {"questions": questions})
-    _write_json(paths[2], {"annotations": annotations})
+    write_json(paths[0], karpathy)
+    write_json(paths[1], {"questions": questions})
+    write_json(paths[2], {"annotations": annotations})
     return (*paths, items)

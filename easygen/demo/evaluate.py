@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from bidiffuser.checkpoint import atomic_path
+from bidiffuser.checkpoint import write_json
 
 from . import world
 from .dataset import EVAL_CAPTION_PROMPT, write_eval_data
@@ -72,8 +72,7 @@ def evaluate(demo: DemoModel, out: str | Path, n_images: int = 120, draws: int =
         "drawings": drawings, "targets": TARGETS,
         "caption_examples": [{"truth": " ".join(truth[i]), "caption": preds[i]} for i in list(truth)[:8]],
     }
-    with atomic_path(out / "results.json") as tmp:
-        tmp.write_text(json.dumps(results, indent=1) + "\n")
+    write_json(out / "results.json", results)
     return results
 
 

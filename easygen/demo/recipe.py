@@ -24,8 +24,9 @@ interrupted build continues where it stopped. The result is ``easygen/`` (an Eas
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-import json
+import fcntl
 import os
 import shutil
 import time
@@ -33,7 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from bidiffuser.checkpoint import atomic_path, read_json
+from bidiffuser.checkpoint import read_json, write_json
 
 from ..errors import EasyGenError
 from . import world
@@ -88,10 +89,10 @@ RECIPES = {
 
 def default_dir() -> Path:
     """Where the demo model lives unless told otherwise: $EASYGEN_DEMO_DIR, else the user cache."""
+    from ..constants import user_cache_dir
     if os.environ.get("EASYGEN_DEMO_DIR"):
         return Path(os.environ["EASYGEN_DEMO_DIR"])
-    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    return cache / "easygen" / f"demo-shapes-v{VERSION}"
+    return user_cache_dir() / f"demo-shapes-v{VERSION}"
 
 
 @dataclass(frozen=True)
@@ -115,9 +116,12 @@ class DemoModel:
 
     def recipe(self) -> Recipe:
         doc = read_json(self.manifest, "demo manifest")
-        if not isinstance(doc, dict) or doc.get("format") != FORMAT:
-            raise EasyGenError(f"{self.manifest} is not a shapes-demo manifest")
-        return Recipe(**doc["recipe"])
+        try:
+            if not isinstance(doc, dict) or doc.get("format") != FORMAT:
+                raise ValueError("not a shapes-demo manifest")
+            return Recipe(**doc["recipe"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise EasyGenError(f"{self.manifest}: {e} (made by another version? delete the folder to rebuild)") from None
 
 
 def recipe_of(model_path: str | Path) -> Recipe | None:
@@ -128,7 +132,7 @@ def recipe_of(model_path: str | Path) -> Recipe | None:
         return None
     try:
         return demo.recipe()
-    except (EasyGenError, TypeError):
+    except EasyGenError:
         return None
 
 
@@ -209,6 +213,11 @@ def _stage_unidiffuser(root: Path, r: Recipe, log: Log) -> None:
 
 def _stage_easygen_objective(root: Path, r: Recipe, log: Log) -> None:
     # copy=True: the final BiDiffuser directory holds its own files (no links into the build's stages).
+    # Copies from an interrupted earlier attempt are removed first (the run's checkpoints are kept).
+    out = root / "bidiffuser"
+    for entry in out.iterdir() if out.is_dir() else []:
+        if entry.name != "checkpoints":
+            shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
     _train_uvit(root, r, "bidiffuser-joint", "bidiffuser", "easygen", r.easygen_steps, copy=True)
 
 
@@ -282,17 +291,35 @@ def build(root: str | Path | None = None, recipe: Recipe | str = "full", log: Lo
     demo = DemoModel(Path(root) if root else default_dir())
     if demo.is_built():
         if demo.recipe() != recipe:
-            raise EasyGenError(f"{demo.root} holds a demo built with recipe '{demo.recipe().name}'; "
-                               f"choose another --out or delete it")
+            raise EasyGenError(f"{demo.root} holds a demo built with recipe '{demo.recipe().name}'; delete it, or "
+                               f"build elsewhere (--out, or EASYGEN_DEMO_DIR for chat)")
         log(f"demo model already built: {demo.root}")
         return demo
     done_dir = demo.root / "stages"
     done_dir.mkdir(parents=True, exist_ok=True)
+    with _exclusive(done_dir / ".lock", demo.root):
+        return _build(demo, recipe, done_dir, log)
+
+
+@contextlib.contextmanager
+def _exclusive(lock_path: Path, root: Path):
+    """One build per folder: a second one (say, two first-run chats) fails at once instead of racing."""
+    with open(lock_path, "w") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise EasyGenError(f"another process is building the demo in {root}; wait for it to finish") from None
+        yield
+
+
+def _build(demo: DemoModel, recipe: Recipe, done_dir: Path, log: Log) -> DemoModel:
+    if demo.is_built():  # finished by the process that held the lock before us
+        return demo
     settings = done_dir / "recipe.json"
     if settings.is_file() and read_json(settings, "demo recipe") != recipe.to_json():
-        raise EasyGenError(f"{demo.root} holds a partial build with another recipe; delete it or choose another --out")
-    with atomic_path(settings) as tmp:
-        tmp.write_text(json.dumps(recipe.to_json(), indent=1))
+        raise EasyGenError(f"{demo.root} holds a partial build with another recipe; delete it, or build elsewhere "
+                           f"(--out, or EASYGEN_DEMO_DIR for chat)")
+    write_json(settings, recipe.to_json())
 
     started, timings = time.time(), {}
     for k, (name, what, run) in enumerate(STAGES, 1):
@@ -305,11 +332,9 @@ def build(root: str | Path | None = None, recipe: Recipe | str = "full", log: Lo
         t0 = time.time()
         run(demo.root, recipe, log)
         timings[name] = round(time.time() - t0, 1)
-        with atomic_path(marker) as tmp:
-            tmp.write_text(json.dumps({"seconds": timings[name]}))
+        write_json(marker, {"seconds": timings[name]})
         log(f"[{k}/{len(STAGES)}] {name}: {timings[name]:.0f} s")
-    with atomic_path(demo.manifest) as tmp:
-        tmp.write_text(json.dumps({"format": FORMAT, "version": VERSION, "recipe": recipe.to_json(),
-                                   "seconds": timings, "easygen": "easygen", "bidiffuser": "bidiffuser"}, indent=1))
+    write_json(demo.manifest, {"format": FORMAT, "version": VERSION, "recipe": recipe.to_json(), "seconds": timings,
+                               "easygen": "easygen", "bidiffuser": "bidiffuser"})
     log(f"demo model built in {time.time() - started:.0f} s: {demo.easygen}")
     return demo

@@ -76,6 +76,7 @@ def run(args: argparse.Namespace) -> int:
     import time
     from pathlib import Path
 
+    from bidiffuser.checkpoint import write_json
     from bidiffuser.model_dir import read_config
     from easygen.builder import find_bidiffuser_dir
     from easygen.errors import EasyGenError
@@ -150,7 +151,7 @@ def run(args: argparse.Namespace) -> int:
         results.update(_score_caption(args, samples, preds.records) if args.eval_task == "caption"
                        else _score_vqa(args, samples, preds.records))
         results["elapsed_s"] = round(time.time() - started, 1)
-        _write_json(out, results)
+        write_json(out, results, indent=2)
         print(summary(results, out))
     finally:
         dist.close()
@@ -176,15 +177,6 @@ def _score_vqa(args, samples, records) -> dict:
     scores = metrics.vqa_scores(samples, {s.id: records[s.id]["answer"] for s in samples})
     scores.pop("per_question")
     return {"num_questions": len(samples), **scores}
-
-
-def _write_json(path, obj) -> None:
-    import json
-
-    from bidiffuser.checkpoint import atomic_path
-
-    with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
 def summary(r: dict, out) -> str:
