@@ -4,6 +4,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from bidiffuser.cliutil import positive_int
+
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
@@ -19,8 +21,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="full (the default) or ci: a few steps of everything, to test the plumbing")
     e = tasks.add_parser("eval", help="caption, VQA and image-reply accuracy and CIDEr on held-out images")
     e.add_argument("--model", type=Path, default=None, metavar="DIR", help="a built demo directory (default: as build)")
-    e.add_argument("--images", type=int, default=120, metavar="N", help="held-out images (default 120)")
-    e.add_argument("--draws", type=int, default=4, metavar="N",
+    e.add_argument("--images", type=positive_int, default=120, metavar="N", help="held-out images (default 120)")
+    e.add_argument("--draws", type=positive_int, default=4, metavar="N",
                    help="image replies per colour and shape (default 4: 72 drawings)")
     e.add_argument("--seed", type=int, default=2024, help="seed of the held-out images (training uses 0)")
     e.add_argument("--out", type=Path, default=None, metavar="DIR",
