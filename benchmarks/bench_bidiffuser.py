@@ -10,8 +10,6 @@ Prints a Markdown table; it measures and reports, it never asserts a time.
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import sys
 import tempfile
 import time
@@ -23,7 +21,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without install
 
-from common import TIMING, median_seconds, n_params, machine_info, add_common_args, apply_common_args  # noqa: E402
+from common import TIMING, median_seconds, n_params, machine_info, add_common_args, apply_common_args, report  # noqa: E402
 
 from bidiffuser.autoencoder import AutoencoderConfig  # noqa: E402
 from bidiffuser.caption_decoder import CaptionDecoderConfig, build_tiny_tokenizer, init_caption_decoder  # noqa: E402
@@ -242,12 +240,7 @@ def main(argv=None) -> None:
         for name in names:
             repeat = max(1, round(args.repeat * PRESETS[name].repeat_scale))
             rows += run_preset(PRESETS[name], repeat, device, tokenizer, Path(tmp))
-    info["loadavg_1min_end"] = round(os.getloadavg()[0], 2)
-    print(f"\n{markdown_table(rows)}\n\ntotal {time.perf_counter() - start:.0f} s, "
-          f"1-min load average {info['loadavg_1min']} at start, {info['loadavg_1min_end']} at end")
-    if args.json:
-        args.json.write_text(json.dumps({"machine": info, "argv": sys.argv, "results": rows}, indent=2) + "\n")
-
+    report(markdown_table(rows), info, start, args, rows)
 
 if __name__ == "__main__":
     main()

@@ -26,8 +26,6 @@ asserts a time.
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import sys
 import tempfile
 import time
@@ -38,7 +36,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without install
 
-from common import TIMING, median_seconds, n_params, machine_info, write_images, add_common_args, apply_common_args  # noqa: E402
+from common import TIMING, median_seconds, n_params, machine_info, write_images, add_common_args, apply_common_args, report  # noqa: E402
 
 from bidiffuser.cliutil import quiet_libraries  # noqa: E402
 
@@ -270,12 +268,7 @@ def main(argv=None) -> None:
             else:
                 repeat = max(1, round(args.repeat * PRESETS[name].repeat_scale))
                 rows += run_preset(PRESETS[name], repeat, device, bidiffuser_dir, Path(tmp), args.mid_vocab)
-    info["loadavg_1min_end"] = round(os.getloadavg()[0], 2)
-    print(f"\n{markdown_table(rows)}\n\ntotal {time.perf_counter() - start:.0f} s, "
-          f"1-min load average {info['loadavg_1min']} at start, {info['loadavg_1min_end']} at end")
-    if args.json:
-        args.json.write_text(json.dumps({"machine": info, "argv": sys.argv, "results": rows}, indent=2) + "\n")
-
+    report(markdown_table(rows), info, start, args, rows)
 
 if __name__ == "__main__":
     main()

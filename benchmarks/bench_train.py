@@ -50,7 +50,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without install
 
-from common import TIMING, median_seconds, machine_info, write_images, add_common_args, apply_common_args  # noqa: E402
+from common import TIMING, median_seconds, machine_info, write_images, add_common_args, apply_common_args, report  # noqa: E402
 
 from bidiffuser.cliutil import quiet_libraries  # noqa: E402
 
@@ -332,11 +332,7 @@ def main(argv=None) -> None:
     info.update(loadavg_1min_end=round(os.getloadavg()[0], 2), peak_gflops=round(peak, 2),
                 peak_gflops_start=round(peak_start, 2), peak_gflops_end=round(peak_end, 2))
     print(f"matmul peak at the end: {peak_end:.1f} GFLOP/s; MFU below uses the higher, {peak:.1f}")
-    print(f"\n{markdown_table(rows, peak)}\n\ntotal {time.perf_counter() - start:.0f} s, "
-          f"1-min load average {info['loadavg_1min']} at start, {info['loadavg_1min_end']} at end")
-    if args.json:
-        args.json.write_text(json.dumps({"machine": info, "argv": sys.argv, "results": rows}, indent=2) + "\n")
-
+    report(markdown_table(rows, peak), info, start, args, rows)
 
 if __name__ == "__main__":
     main()

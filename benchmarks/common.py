@@ -7,9 +7,11 @@ processes used during each timed run and retakes runs taken while the machine wa
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import statistics
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -142,3 +144,12 @@ def apply_common_args(args) -> torch.device:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     return device
+
+
+def report(table: str, info: dict, start: float, args, rows: list[dict]) -> None:
+    """Print the results table and run totals; with --json, also write machine, argv and rows there."""
+    info.setdefault("loadavg_1min_end", round(os.getloadavg()[0], 2))
+    print(f"\n{table}\n\ntotal {time.perf_counter() - start:.0f} s, "
+          f"1-min load average {info['loadavg_1min']} at start, {info['loadavg_1min_end']} at end")
+    if args.json:
+        args.json.write_text(json.dumps({"machine": info, "argv": sys.argv, "results": rows}, indent=2) + "\n")
