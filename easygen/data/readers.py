@@ -25,6 +25,7 @@ from typing import Any
 from bidiffuser.captions import iter_caption_tsv
 from bidiffuser.errors import BiDiffuserError
 from easygen.constants import IMAGE_PLACEHOLDER, IMG_CLOSE, IMG_OPEN
+from easygen.json_fields import BadRow, json_field, json_list
 from easygen.errors import EasyGenError
 from easygen.eval.data import read_json, read_karpathy
 from fastchat_ext.conversation import user_message
@@ -43,10 +44,6 @@ CAPTION_PROMPTS = (
 )
 
 _LLAVA_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
-
-
-class BadRow(ValueError):
-    """A malformed row; the message says what is wrong (the caller adds where)."""
 
 
 @dataclass
@@ -108,24 +105,6 @@ def read_tsv(path: str | os.PathLike, image_root: str | os.PathLike | None = Non
 
 
 # ------------------------------------------------------------------------------- COCO captions
-def _entries(doc: Any, key: str, path: Path) -> list:
-    if not isinstance(doc, dict) or not isinstance(doc.get(key), list):
-        raise EasyGenError(f"{path}: expected a JSON object with an '{key}' list")
-    return doc[key]
-
-
-def _field(entry: Any, key: str, types: type | tuple[type, ...]) -> Any:
-    if not isinstance(entry, dict):
-        raise BadRow(f"expected an object, got {type(entry).__name__}")
-    if key not in entry:
-        raise BadRow(f"missing '{key}'")
-    value = entry[key]
-    if not isinstance(value, types) or isinstance(value, bool):
-        names = "/".join(t.__name__ for t in (types if isinstance(types, tuple) else (types,)))
-        raise BadRow(f"'{key}' should be {names}, got {type(value).__name__}")
-    return value
-
-
 def read_coco(path: str | os.PathLike, image_root: str | os.PathLike | None = None,
               bad_rows: BadRows | None = None) -> list[dict]:
     """COCO ``captions_*.json``: ``images[] {id, file_name}`` and ``annotations[] {image_id, caption}``;
@@ -134,18 +113,18 @@ def read_coco(path: str | os.PathLike, image_root: str | os.PathLike | None = No
     root = _root(path, image_root)
     doc = read_json(path, "COCO captions")
     files: dict[str, Path] = {}
-    for i, entry in enumerate(_entries(doc, "images", path)):
+    for i, entry in enumerate(json_list(doc, "images", path)):
         try:
-            image_id = str(_field(entry, "id", (int, str)))
-            files[image_id] = _resolve(root, _field(entry, "file_name", str))
+            image_id = str(json_field(entry, "id", (int, str)))
+            files[image_id] = _resolve(root, json_field(entry, "file_name", str))
         except BadRow as e:
             bad_rows.add(f"{path} images[{i}]", str(e))
     examples = []
-    for i, ann in enumerate(_entries(doc, "annotations", path)):
+    for i, ann in enumerate(json_list(doc, "annotations", path)):
         where = f"{path} annotations[{i}]"
         try:
-            image_id = str(_field(ann, "image_id", (int, str)))
-            caption = _field(ann, "caption", str)
+            image_id = str(json_field(ann, "image_id", (int, str)))
+            caption = json_field(ann, "caption", str)
             if image_id not in files:
                 raise BadRow(f"image_id {image_id} is not in 'images'")
             if not caption.strip():
@@ -170,7 +149,7 @@ def llava_messages(turns: Any, num_images: int) -> list[dict]:
         raise BadRow("'conversations' should be a non-empty list")
     messages = []
     for j, turn in enumerate(turns):
-        who, value = _field(turn, "from", str), _field(turn, "value", str)
+        who, value = json_field(turn, "from", str), json_field(turn, "value", str)
         role = _LLAVA_ROLES.get(who.lower())
         if role is None:
             raise BadRow(f"conversations[{j}]: unknown speaker '{who}' (expected human or gpt)")
@@ -210,7 +189,7 @@ def read_llava(path: str | os.PathLike, image_root: str | os.PathLike | None = N
     for i, entry in enumerate(doc):
         where = f"{path} [{i}]"
         try:
-            _field(entry, "conversations", list)
+            json_field(entry, "conversations", list)
             image = entry.get("image")
             listed = [] if image is None else image if isinstance(image, list) else [image]
             images = [_resolve(root, im) for im in listed]

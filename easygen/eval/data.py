@@ -25,6 +25,7 @@ from typing import Any, Sequence
 
 from bidiffuser.checkpoint import read_json as _read_json
 from bidiffuser.errors import BiDiffuserError
+from easygen.json_fields import BadRow, json_field, json_list
 from easygen.errors import EasyGenError
 
 
@@ -56,23 +57,11 @@ def read_json(path: str | os.PathLike, what: str) -> Any:
 
 
 def _get(entry: Any, key: str, types: type | tuple[type, ...], where: str) -> Any:
-    """``entry[key]``, checked to be present and of ``types``, else a one-line error at ``where``."""
-    if not isinstance(entry, dict):
-        raise EasyGenError(f"{where}: expected an object, got {type(entry).__name__}")
-    if key not in entry:
-        raise EasyGenError(f"{where}: missing '{key}'")
-    value = entry[key]
-    if not isinstance(value, types) or isinstance(value, bool):
-        names = "/".join(t.__name__ for t in (types if isinstance(types, tuple) else (types,)))
-        raise EasyGenError(f"{where}: '{key}' should be {names}, got {type(value).__name__}")
-    return value
-
-
-def _list(doc: Any, key: str, path: Path) -> list:
-    """The top-level list ``doc[key]`` of a benchmark file."""
-    if not isinstance(doc, dict) or not isinstance(doc.get(key), list):
-        raise EasyGenError(f"{path}: expected a JSON object with a '{key}' list")
-    return doc[key]
+    """``json_field`` with the problem as a one-line error at ``where``."""
+    try:
+        return json_field(entry, key, types)
+    except BadRow as e:
+        raise EasyGenError(f"{where}: {e}") from None
 
 
 def _locate(root: Path, *candidates: str) -> Path:
@@ -113,7 +102,7 @@ def read_karpathy(path: str | os.PathLike, image_root: str | os.PathLike, split:
                   doc: Any = None) -> list[CaptionSample]:
     """The images of ``split`` in a Karpathy dataset file (``doc``: its parsed JSON, if already read)."""
     path, root = Path(path), Path(image_root)
-    images = _list(read_json(path, "Karpathy dataset") if doc is None else doc, "images", path)
+    images = json_list(read_json(path, "Karpathy dataset") if doc is None else doc, "images", path)
     samples, splits = [], set()
     for i, entry in enumerate(images):
         where = f"{path.name} images[{i}]"
@@ -156,7 +145,7 @@ def read_lavis(path: str | os.PathLike, image_root: str | os.PathLike, gt: str |
     if gt is not None:
         gt = Path(gt)
         refs_by_id = {}
-        for j, ann in enumerate(_list(read_json(gt, "LAVIS ground truth"), "annotations", gt)):
+        for j, ann in enumerate(json_list(read_json(gt, "LAVIS ground truth"), "annotations", gt)):
             where = f"{gt.name} annotations[{j}]"
             image_id = _get(ann, "image_id", (int, str), where)
             refs_by_id.setdefault(str(image_id), []).append(_get(ann, "caption", str, where))
@@ -186,10 +175,10 @@ def read_vqa(questions: str | os.PathLike, annotations: str | os.PathLike,
     """VQAv2 questions joined with their annotations (every question must have one)."""
     qpath, apath, root = Path(questions), Path(annotations), Path(image_root)
     qdoc = read_json(qpath, "VQA questions")
-    qs = _list(qdoc, "questions", qpath)
+    qs = json_list(qdoc, "questions", qpath)
     adoc = read_json(apath, "VQA annotations")
     anns: dict[str, tuple[dict, str]] = {}
-    for j, ann in enumerate(_list(adoc, "annotations", apath)):
+    for j, ann in enumerate(json_list(adoc, "annotations", apath)):
         where = f"{apath.name} annotations[{j}]"
         anns[str(_get(ann, "question_id", (int, str), where))] = (ann, where)
     subtype = qdoc.get("data_subtype") or (adoc.get("data_subtype") if isinstance(adoc, dict) else None)
