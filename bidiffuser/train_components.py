@@ -21,7 +21,6 @@ from __future__ import annotations
 import dataclasses
 import os
 import random
-from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
@@ -174,12 +173,3 @@ def train_caption_decoder(model_dir: str | os.PathLike, captions: Sequence[str],
     save_torch(decoder_official_state_dict(decoder), cfg.path("caption_decoder"))
     return cfg
 
-
-def caption_decoder_accuracy(model_dir: str | os.PathLike, captions: Sequence[str]) -> float:
-    """Share of ``captions`` the caption decoder reproduces exactly from their own text latents."""
-    from .pipeline import BiDiffuser
-
-    pipe = BiDiffuser.from_pretrained(Path(model_dir))
-    captions = list(captions)
-    decoded = pipe.decode_texts(pipe.encode_prompts(captions))
-    return sum(d.strip() == c.strip() for d, c in zip(decoded, captions)) / max(len(captions), 1)

@@ -114,8 +114,8 @@ def init_tiny_easygen(out_dir: str | Path, bidiffuser_dir: str | Path | None = N
                       corpus: list[str] | None = None, **config_overrides) -> Path:
     """Write a random-initialised tiny EasyGen directory (layout a of the builder).
 
-    The projector input width follows the BiDiffuser directory's caption decoder (its features'
-    width); the directory links that BiDiffuser as ``bidiffuser/`` so the builder finds it.
+    The projector input width and the image positions per image follow the BiDiffuser directory (its
+    features are caption-decoder wide and num_text_tokens long); the directory links that BiDiffuser as ``bidiffuser/`` so the builder finds it.
     """
     import torch
 
@@ -124,14 +124,15 @@ def init_tiny_easygen(out_dir: str | Path, bidiffuser_dir: str | Path | None = N
     from .builder import save_pretrained
     from .model import EasyGenConfig, EasyGenForCausalLM
 
-    mm_hidden = 32
+    mm_hidden, image_tokens = 32, {}
     if bidiffuser_dir is not None:
-        mm_hidden = read_config(bidiffuser_dir).caption_decoder.n_embd
+        bd = read_config(bidiffuser_dir)
+        mm_hidden, image_tokens = bd.caption_decoder.n_embd, {"num_image_tokens": bd.uvit.num_text_tokens}
     tokenizer = build_llama_tokenizer(None, corpus)
     fields = tiny_llama_config(len(tokenizer)).to_dict()
     for k in ("model_type", "architectures", "transformers_version"):
         fields.pop(k, None)
-    fields.update(mm_hidden_size=mm_hidden, projector_hidden_size=128)
+    fields.update(mm_hidden_size=mm_hidden, projector_hidden_size=128, **image_tokens)
     fields.update(config_overrides)
     torch.manual_seed(seed)
     model = EasyGenForCausalLM(EasyGenConfig(**fields))

@@ -7,13 +7,19 @@ from bidiffuser.caption_decoder import CaptionDecoderConfig
 from bidiffuser.images import pil_to_tensor
 from bidiffuser.model_dir import init_tiny, read_config
 from bidiffuser.pipeline import BiDiffuser
-from bidiffuser.train_components import (caption_decoder_accuracy, train_autoencoder, train_caption_decoder,
-                                         train_clip)
+from bidiffuser.train_components import train_autoencoder, train_caption_decoder, train_clip
 from bidiffuser.uvit import UViTConfig
 
 from .conftest import make_image
 
 CAPTIONS = ["a red circle", "a blue square", "a green triangle", "a red square on white"]
+
+
+def caption_decoder_accuracy(model_dir, captions) -> float:
+    """Share of ``captions`` the caption decoder reproduces exactly from their own text latents."""
+    pipe = BiDiffuser.from_pretrained(model_dir)
+    decoded = pipe.decode_texts(pipe.encode_prompts(captions))
+    return sum(d.strip() == c for d, c in zip(decoded, captions)) / len(captions)
 
 
 @pytest.fixture
@@ -84,16 +90,18 @@ def test_clip_training_makes_image_embeddings_match_their_captions(sized, tmp_pa
             images.append(str(make_image(tmp_path / f"{name}{k}.png", size=(32 + 4 * k, 32), color=rgb)))
             captions.append(f"a {name} square")
 
-    def probe() -> float:  # nearest class mean of the CLIP image embeddings, leave-one-out
-        pipe = BiDiffuser.from_pretrained(sized)
-        _, emb = pipe.encode_images(images, torch.Generator().manual_seed(0))
+    def between_share() -> float:  # share of the image embeddings' variance explained by the caption
+        _, emb = BiDiffuser.from_pretrained(sized).encode_images(images, torch.Generator().manual_seed(0))
         emb = torch.nn.functional.normalize(emb.squeeze(1), dim=-1)
-        sims = emb @ emb.T - 2 * torch.eye(len(images))
-        return sum(captions[int(sims[i].argmax())] == captions[i] for i in range(len(images))) / len(images)
+        means = {c: emb[[i for i, d in enumerate(captions) if d == c]].mean(0) for c in set(captions)}
+        between = torch.stack([means[c] for c in captions]) - emb.mean(0)
+        return (between.pow(2).sum() / (emb - emb.mean(0)).pow(2).sum()).item()
 
-    losses = []
+    before, losses = between_share(), []
     train_clip(sized, images, captions, steps=40, batch_size=12, lr=2e-3, progress=lambda s, n, l: losses.append(l))
     assert sum(losses[-5:]) / 5 < 0.7 * sum(losses[:5]) / 5
-    assert probe() == 1.0
+    after = between_share()
+    # Random CLIP already half-separates flat colours (0.94 here); trained, images group by caption.
+    assert before < 0.97 and after > 0.99, (before, after)
     with pytest.raises(ValueError, match="need at least 2"):
         train_clip(sized, images[:1], captions[:1])

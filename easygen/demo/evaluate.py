@@ -47,8 +47,9 @@ def evaluate(demo: DemoModel, out: str | Path, n_images: int = 120, draws: int =
     karpathy, questions, annotations, items = write_eval_data(out / "data", n_images, seed)
     truth = {str(i): (scene.colour, scene.shape) for i, (_, scene) in enumerate(items)}
     recipe = demo.recipe()
+    # One feature cache: the VQA pass reuses the features the caption pass computed for the same images.
     model = ["--model-path", str(demo.easygen), "--feature-steps", str(recipe.feature_steps),
-             "--feature-scale", str(recipe.feature_scale)]
+             "--feature-scale", str(recipe.feature_scale), "--feature-cache", str(out / "features")]
 
     caption = _eval_cli("caption", *model, "--karpathy", str(karpathy), "--image-root", str(out / "data"),
                         "--out", str(out / "caption.json"), "--prompt", EVAL_CAPTION_PROMPT, "--min-new-tokens", "1",

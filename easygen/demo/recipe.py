@@ -42,6 +42,7 @@ from . import world
 FORMAT = "easygen-demo-shapes"
 VERSION = 1
 Log = Callable[[str], None]
+FEATURE_SEED = 1234  # `easygen features`, `easygen train` and chat's default: one image, one feature
 
 
 @dataclass(frozen=True)
@@ -227,7 +228,7 @@ def _stage_easygen_init(root: Path, r: Recipe, log: Log) -> None:
     shutil.rmtree(out, ignore_errors=True)
     init_tiny_easygen(out, root / "bidiffuser", seed=r.seed, corpus=_llm_corpus(), hidden_size=r.llm_width,
                       num_hidden_layers=r.llm_layers, intermediate_size=4 * r.llm_width,
-                      projector_hidden_size=4 * r.llm_width, num_image_tokens=16, max_position_embeddings=256)
+                      projector_hidden_size=4 * r.llm_width, max_position_embeddings=256)
 
 
 def _cli(*argv: str) -> None:
@@ -237,14 +238,10 @@ def _cli(*argv: str) -> None:
         raise EasyGenError(f"`easygen {argv[0]}` failed (exit {code})")
 
 
-def _feature_args(r: Recipe) -> list[str]:
-    return [f"feature_steps={r.feature_steps}", f"feature_scale={r.feature_scale}", "feature_seed=1234"]
-
-
 def _stage_features(root: Path, r: Recipe, log: Log) -> None:
     _cli("features", "--data", str(root / "data" / "instruct_data.json"), "--model", str(root / "bidiffuser"),
          "--out", str(root / "features"), "--steps", str(r.feature_steps), "--scale", str(r.feature_scale),
-         "--seed", "1234", "--batch-size", "64", "--device", "cpu")
+         "--seed", str(FEATURE_SEED), "--batch-size", "64", "--device", "cpu")
 
 
 def _train_stage(root: Path, r: Recipe, stage: str, model: Path, data: str, steps: int, lr: float) -> None:
@@ -252,7 +249,8 @@ def _train_stage(root: Path, r: Recipe, stage: str, model: Path, data: str, step
     _cli("train", "--stage", stage, f"model={model}", f"data={root / 'data' / data}",
          f"features={root / 'features'}", f"output_dir={run}", f"max_steps={steps}",
          f"micro_batch_size={r.llm_batch}", f"lr={lr}", "warmup_ratio=0.03", "precision=fp32",
-         f"save_every={steps}", "log_every=20", f"seed={r.seed}", "max_length=256", *_feature_args(r))
+         f"save_every={steps}", "log_every=20", f"seed={r.seed}", "max_length=256",
+         f"feature_steps={r.feature_steps}", f"feature_scale={r.feature_scale}", f"feature_seed={FEATURE_SEED}")
 
 
 def _stage_stage1(root: Path, r: Recipe, log: Log) -> None:
