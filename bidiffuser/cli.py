@@ -65,7 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--batch-size", type=positive_int, default=4, help="micro-batch per process (default 4)")
     s.add_argument("--grad-accum", type=positive_int, default=1, help="micro-batches per optimizer step (default 1)")
     s.add_argument("--lr", type=float, default=1e-5, help="peak AdamW learning rate (default 1e-5)")
-    s.add_argument("--warmup-ratio", type=float, default=0.03, help="linear warm-up share of the steps, then cosine")
+    s.add_argument("--warmup-ratio", type=float, default=0.03, help="linear warm-up share of the steps (default 0.03)")
+    s.add_argument("--lr-schedule", choices=["cosine", "constant"], default="cosine",
+                   help="after warm-up: cosine decay to 0 (default), or constant as in UniDiffuser's training")
     s.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay (default 0)")
     s.add_argument("--max-grad-norm", type=float, default=0.0, help="gradient clipping (default 0: none)")
     s.add_argument("--objective", choices=["easygen", "unidiffuser"], default="easygen",
@@ -73,6 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "for training a network from scratch")
     s.add_argument("--t2i-weight", type=float, default=0.0,
                    help="weight of the text-to-image loss (text clean, image noised; default 0: off)")
+    s.add_argument("--snr-gamma", type=float, default=None,
+                   help="Min-SNR-gamma loss weighting, e.g. 5 (default: off, plain MSE)")
     s.add_argument("--ema-decay", type=float, default=0.9999,
                    help="EMA decay (default 0.9999); the EMA weights are written")
     s.add_argument("--no-ema", action="store_true", help="keep no EMA and write the raw weights")

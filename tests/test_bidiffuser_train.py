@@ -151,10 +151,43 @@ def test_unidiffuser_loss_noises_both_modalities_at_independent_timesteps():
     assert set(terms) == {"img", "clip", "text"}
 
 
+def test_snr_gamma_weights_each_row_by_min_snr_over_snr_of_its_own_timestep():
+    from bidiffuser.sampler import NoiseSchedule
+    from bidiffuser.train import easygen_loss, sample_generator, snr_weights, unidiffuser_loss
+
+    schedule = NoiseSchedule.stable_diffusion()
+    n = torch.tensor([1, 300, 1000])
+    abar = schedule.alpha_bar(n)
+    snr = abar / (1 - abar)
+    w = snr_weights(schedule, n, 5.0)
+    torch.testing.assert_close(w, (torch.clamp(snr, max=5.0) / snr).float())
+    assert w[0] < 0.01 and w[2] == 1.0  # near-clean steps count little, the noisiest fully
+    assert torch.equal(snr_weights(schedule, n, None), torch.ones(3))
+
+    def nnet(img, clip, text, t_img, t_text, data_type):  # predicts zeros: each row's loss is its noise's
+        return torch.zeros_like(img), torch.zeros_like(clip), torch.zeros_like(text)
+
+    z, clip, x0 = torch.randn(8, 4, 4, 4), torch.randn(8, 1, 6), torch.randn(8, 5, 3)
+    gens = lambda: [sample_generator(0, 0, i) for i in range(8)]  # noqa: E731
+    for loss_fn, kwargs in [(unidiffuser_loss, {}), (easygen_loss, {"t2i_weight": 1.0})]:
+        plain, _ = loss_fn(nnet, schedule, z, clip, x0, gens(), **kwargs)
+        huge, _ = loss_fn(nnet, schedule, z, clip, x0, gens(), snr_gamma=1e12, **kwargs)
+        weighted, _ = loss_fn(nnet, schedule, z, clip, x0, gens(), snr_gamma=5.0, **kwargs)
+        torch.testing.assert_close(huge, plain)  # gamma above every SNR: plain MSE
+        assert weighted < plain  # some rows drew a near-clean timestep (SNR > 5)
+    # easygen: the text term's rows carry the weights of their own timesteps
+    g = gens()
+    n_text = torch.cat([schedule.sample_timesteps(1, x) for x in g])
+    eps = torch.stack([torch.randn(x0.shape[1:], generator=x) for x in g])
+    _, terms = easygen_loss(nnet, schedule, z, clip, x0, gens(), snr_gamma=5.0)
+    expected = (eps.pow(2).flatten(1).mean(1) * snr_weights(schedule, n_text, 5.0)).mean()
+    assert terms["text"] == pytest.approx(expected.item(), rel=1e-5)
+
+
 def test_runs_saved_before_the_objective_setting_still_resume(tmp_path):
     from bidiffuser.train import _check_resume
-    now = {"objective": "easygen", "seed": 1}
-    _check_resume(tmp_path, {"seed": 1}, now)  # an old run: no 'objective' saved, it was easygen
+    now = {"objective": "easygen", "lr_schedule": "cosine", "snr_gamma": None, "seed": 1}
+    _check_resume(tmp_path, {"seed": 1}, now)  # an old run: none of these saved; it was easygen, cosine, plain MSE
     with pytest.raises(BiDiffuserError, match="objective 'easygen' -> 'unidiffuser'"):
         _check_resume(tmp_path, {"seed": 1}, {**now, "objective": "unidiffuser"})
 
@@ -171,6 +204,17 @@ def test_unidiffuser_objective_trains_every_output(tiny_dir, captions, tmp_path)
         assert not torch.equal(written[name], source[name]), name
     with pytest.raises(BiDiffuserError, match="t2i_weight belongs to the easygen objective"):
         train(config(tiny_dir, captions, tmp_path / "bad", objective="unidiffuser", t2i_weight=1.0))
+
+
+def test_constant_lr_schedule_holds_the_peak_after_warm_up_and_snr_weighting_trains(tiny_dir, captions, tmp_path):
+    out = tmp_path / "constant"
+    train(config(tiny_dir, captions, out, steps=8, warmup_ratio=0.25, lr_schedule="constant", snr_gamma=5.0,
+                 t2i_weight=1.0, ema_decay=None))
+    lrs = [r["lr"] for r in log(out / "checkpoints")]
+    assert lrs == pytest.approx([5e-4] + [1e-3] * 7)  # 2 warm-up steps, then the peak to the end (cosine: 0)
+    written = load_file(out / "uvit.safetensors")
+    source = torch.load(tiny_dir / "uvit_v1.pth", weights_only=True)
+    assert not torch.equal(written["decoder_pred.weight"], source["decoder_pred.weight"])
 
 
 def _cli(*args, env=None, timeout=300):
@@ -211,6 +255,8 @@ def test_kill_and_resume_equals_uninterrupted(tiny_dir, captions, tmp_path):
     (["--data", "bad.tsv"], "bad.tsv:2: expected 'image_path<TAB>caption'"),
     (["--dtype", "float16"], "invalid choice: 'float16'"),
     (["--steps", "0"], "must be at least 1"),
+    (["--snr-gamma", "0"], "snr_gamma must be > 0"),
+    (["--lr-schedule", "linear"], "invalid choice: 'linear'"),
     (["--out", "MODEL"], "is the model directory being fine-tuned"),
 ])
 def test_bad_train_input_is_one_line_and_exit_2(tiny_dir, captions, tmp_path, capsys, monkeypatch, args, message):
