@@ -86,6 +86,7 @@ def test_demo_eval_runs_every_measure(demo, tmp_path, monkeypatch, capsys):
     results = json.loads((tmp_path / "results.json").read_text())
     for key in ("caption_accuracy", "vqa_accuracy", "image_colour_accuracy", "image_shape_accuracy", "cider"):
         assert 0 <= results[key] <= 100 or key == "cider", key
+    assert set(results["vqa_by_type"]) == {"color", "shape"}  # VQAv2's answer types, as the annotations name them
     assert len(results["drawings"]) == 18 and "target >= 90%" in out
 
 

@@ -66,7 +66,7 @@ def evaluate(demo: DemoModel, out: str | Path, n_images: int = 120, draws: int =
         "caption_accuracy": 100 * right / len(truth),
         "cider": caption["metrics"]["CIDEr"], "caption_metrics": caption["metrics"],
         "vqa_accuracy": vqa["metrics"]["accuracy"],
-        "vqa_by_type": vqa.get("answer_type", vqa.get("by_answer_type")),
+        "vqa_by_type": vqa["per_answer_type"],
         "image_colour_accuracy": 100 * sum(d["colour_ok"] for d in drawings) / len(drawings),
         "image_shape_accuracy": 100 * sum(d["shape_ok"] for d in drawings) / len(drawings),
         "image_replies_with_a_picture": 100 * sum(d["picture"] is not None for d in drawings) / len(drawings),
