@@ -2,8 +2,8 @@
 
 The official components come pre-trained; a new, small world (the shapes demo, a domain of your own)
 needs them trained on its own images and captions before the U-ViT can learn anything. Each
-function reads the component from the directory, train it in one process (these nets are small),
-and write it back in the official file format (in place), updating ``bidiffuser.json`` where a config
+function reads the component from the directory, trains it in one process (these nets are small),
+and writes it back in the official file format (in place), updating ``bidiffuser.json`` where a config
 value changes.
 
 * CLIP: the image and text towers learn CLIP's contrastive objective on (image, caption) pairs, with

@@ -158,7 +158,7 @@ def _demo_model(args) -> Path:
     if not demo.is_built():
         log = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731  stdout stays the chat's
         log(f"No --model-path given: building the built-in shapes demo model in {demo.root} "
-            f"(once; about 15 minutes on 2 CPU cores; set EASYGEN_DEMO_DIR to build it elsewhere)")
+            f"(once; about 20 minutes on 2 CPU cores; set EASYGEN_DEMO_DIR to build it elsewhere)")
         with redirect_stdout(sys.stderr):
             build(demo.root, log=log)
     return demo.easygen

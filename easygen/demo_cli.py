@@ -14,7 +14,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                     "component (CLIP, VAE, caption decoder, U-ViT, LLaMA, projector) is trained by the normal "
                     "training code. `easygen chat` with no --model-path uses it.")
     tasks = p.add_subparsers(dest="demo_task", required=True, metavar="TASK")
-    b = tasks.add_parser("build", help="generate the data and train every stage (resumable; ~15 min on 2 CPU cores)")
+    b = tasks.add_parser("build", help="generate the data and train every stage (resumable; ~20 min on 2 CPU cores)")
     b.add_argument("--out", type=Path, default=None, metavar="DIR",
                    help="where to build (default $EASYGEN_DEMO_DIR, else ~/.cache/easygen/demo-shapes-v2)")
     b.add_argument("--recipe", choices=["full", "ci"], default="full",

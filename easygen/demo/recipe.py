@@ -66,7 +66,6 @@ class Recipe:
     uvit_lr_schedule: str = "constant"
     uvit_width: int = 128
     uvit_depth: int = 6
-    # EasyGen LLM
     # BiDiffuser settings for reading images (features) and drawing (image replies). Little or no
     # guidance, unlike v1's 7: this small U-ViT's unconditional branch is barely trained, and strong
     # guidance amplifies its errors. Reading uses 1 all the same: unguided text latents vary between
@@ -75,6 +74,7 @@ class Recipe:
     feature_scale: float = 1.0
     image_steps: int = 20
     image_scale: float = 0.2
+    # EasyGen LLM
     llm_width: int = 128
     llm_layers: int = 4
     stage1_steps: int = 200
