@@ -137,7 +137,9 @@ def test_two_torchrun_ranks_build_the_same_store_as_one(one_rank_store, data, ti
     assert result.returncode == 0, result.stderr[-3000:]
     lines = sorted(re.findall(r"rank (\d)/2: (\d+) computed", result.stdout))
     assert [r for r, _ in lines] == ["0", "1"] and sum(int(n) for _, n in lines) == 5
-    assert {p.name.split("-")[1] for p in FeatureStore(store).shards} == {"r0", "r1"}
+    # Images go to ranks by a hash of their (tmp) path, so one rank may get none of the 5 (1 run in 16):
+    # each rank that computed something wrote shards of its own, and only those ranks did.
+    assert {p.name.split("-")[1] for p in FeatureStore(store).shards} == {f"r{r}" for r, n in lines if int(n)}
 
     one, two = latents(one_rank_store), latents(store)
     assert one.keys() == two.keys()
