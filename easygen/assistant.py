@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Callable, NoReturn
 
 import torch
-from transformers import TextStreamer
 
 from bidiffuser.checkpoint import atomic_path, read_json
 from bidiffuser.errors import BiDiffuserError
@@ -26,9 +25,10 @@ from bidiffuser.images import load_image
 from fastchat_ext.conversation import LLAVA_IMAGE_TOKEN
 
 from .builder import LoadedModel
-from .constants import IMAGE_PLACEHOLDER
+from .constants import IMAGE_PLACEHOLDER, IMG_CLOSE, IMG_OPEN
 from .errors import EasyGenError
 from .features import ImageFeatureExtractor
+from .generation import Row, generate_rows
 from .image_reply import find_image_requests, render_image_replies
 
 CONVERSATION_FORMAT, CONVERSATION_VERSION = "easygen-conversation", 1
@@ -43,6 +43,7 @@ class GenerationSettings:
     seed: int | None = None      # set for reproducible sampling
     image_steps: int = 50        # BiDiffuser steps for image replies
     image_scale: float = 7.0
+    stop: tuple[str, ...] = ()   # the answer ends before the first of these strings
 
 
 @dataclass
@@ -50,30 +51,43 @@ class Reply:
     text: str
     image_paths: list[Path] = field(default_factory=list)
     notices: list[str] = field(default_factory=list)  # e.g. "dropped 1 old turn to fit the context"
+    image_descriptions: list[str] = field(default_factory=list)  # what each picture shows, in order
+    finish_reason: str = "stop"  # "stop" (end of answer or a stop string) or "length" (max_new_tokens)
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
 
 
-class _CallbackStreamer(TextStreamer):
-    """Hands each finished piece of text to a callback (the prompt is never streamed)."""
+class Cancelled(EasyGenError):
+    """The turn was stopped by its ``should_stop`` check (the client went away)."""
 
-    def __init__(self, tokenizer, callback: Callable[[str], None]):
-        super().__init__(tokenizer, skip_prompt=True, skip_special_tokens=True)
-        self.callback = callback
 
-    def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
-        if text:
-            self.callback(text)
+@dataclass
+class Turn:
+    """A user turn made ready for generation: the history that fits, the prompt ids, the images'
+    features. ``Assistant.prepare`` makes it, ``generation.generate_rows`` answers it (alone or
+    batched with others), ``Assistant.complete`` draws the pictures and commits it."""
+    kept: list[dict]
+    ids: list[int]
+    features: torch.Tensor | None
+    notices: list[str]
+    row: Row
+
+
+# Forcing a picture: the answer is continued after this, and the description ends at IMG_CLOSE.
+FORCED_DESCRIPTION_TOKENS = 64
 
 
 class Assistant:
     def __init__(self, loaded: LoadedModel, settings: GenerationSettings | None = None,
                  out_dir: str | os.PathLike = "easygen-images", features: ImageFeatureExtractor | None = None,
-                 feature_cache: str | os.PathLike | None = None):
+                 feature_cache: str | os.PathLike | None = None, system_message: str = ""):
         self.model, self.processor, self.pipe = loaded.model, loaded.processor, loaded.bidiffuser
         self.settings = settings or GenerationSettings()
         self.out_dir = Path(out_dir)
         if features is None and self.pipe is not None:
             features = ImageFeatureExtractor(self.pipe, cache_dir=feature_cache)
         self.features = features
+        self.system_message = system_message  # EasyGen is trained with none; servers may pass one
         # {"role": "user"|"assistant", "content": str, "images": [path]}; assistant turns also have
         # "generated": [png path] (their "images" stay empty: only user images feed the LLM)
         self.messages: list[dict] = []
@@ -96,7 +110,7 @@ class Assistant:
     def _prompt_ids(self, messages: list[dict]) -> list[int]:
         msgs = [{"role": m["role"], "content": m["content"], "num_images": len(m["images"])} if m["role"] == "user"
                 else {"role": m["role"], "content": m["content"]} for m in messages]
-        return self.processor.tokenize_prompt(self.processor.build_prompt(msgs))
+        return self.processor.tokenize_prompt(self.processor.build_prompt(msgs, system=self.system_message))
 
     def _fit_context(self, messages: list[dict]) -> tuple[list[dict], list[int], list[str]]:
         """The messages that fit (oldest exchanges dropped first), their prompt ids, and notices.
@@ -124,9 +138,21 @@ class Assistant:
         return torch.stack([self._feature_memo[p] for p in paths])
 
     def send(self, text: str, images: list[str | os.PathLike] = (), on_token: Callable[[str], None] | None = None,
-             on_image_progress: Callable[[int, int], None] | None = None) -> Reply:
+             on_image_progress: Callable[[int, int], None] | None = None,
+             should_stop: Callable[[], bool] | None = None, force_image: bool = False) -> Reply:
         """Add a user turn (text and/or images), generate the answer (streamed to ``on_token``),
-        draw any requested images. On any error the conversation is left as it was."""
+        draw any requested images. On any error the conversation is left as it was.
+
+        ``should_stop`` is polled while the answer is written and drawn (True raises ``Cancelled``);
+        ``force_image`` makes the answer end in a picture when the model did not ask for one."""
+        turn = self.prepare(text, images, on_token=on_token, should_stop=should_stop)
+        s = self.settings
+        generate_rows(self.model, self.processor, [turn.row], s.temperature, s.top_p, s.num_beams, s.seed)
+        return self.complete(turn, on_image_progress, force_image=force_image)
+
+    def prepare(self, text: str, images: list[str | os.PathLike] = (), on_token: Callable[[str], None] | None = None,
+                should_stop: Callable[[], bool] | None = None) -> Turn:
+        """Check the new user turn, fit the history to the context and read the images (BiDiffuser)."""
         text = text.strip()
         if not text and not images:
             raise EasyGenError("empty message")
@@ -143,41 +169,59 @@ class Assistant:
         user = {"role": "user", "content": text, "images": paths}
         # Work on a new list: an error or Ctrl-C leaves the session as it was before this turn.
         kept, ids, notices = self._fit_context(self.messages + [user])
-        answer = self._generate(ids, self._image_features(kept), on_token)
-        reply = Reply(answer, notices=notices)
+        features = self._image_features(kept)
+        row = Row(ids, features, self.max_new_tokens, tuple(self.settings.stop), on_token, should_stop)
+        return Turn(kept, ids, features, notices, row)
+
+    def complete(self, turn: Turn, on_image_progress: Callable[[int, int], None] | None = None,
+                 force_image: bool = False) -> Reply:
+        """The reply to a generated turn: pictures drawn, the turn added to the conversation."""
+        row = turn.row
+        if row.finish_reason == "cancelled":
+            raise Cancelled("stopped")
+        answer = row.text.strip()
         requests = find_image_requests(answer)
+        if force_image and not requests and self.pipe is not None:
+            answer = self._force_image(turn, answer)
+            requests = find_image_requests(answer)
+        reply = Reply(answer, notices=list(turn.notices), finish_reason=row.finish_reason or "stop",
+                      prompt_tokens=len(turn.ids), completion_tokens=len(row.tokens))
         if requests:
             if self.pipe is None:
                 reply.notices.append("the answer asks for an image but no BiDiffuser is loaded")
             else:
                 s = self.settings
+
+                def progress(step: int, total: int) -> None:
+                    if row.should_stop is not None and row.should_stop():
+                        raise Cancelled("stopped")
+                    if on_image_progress is not None:
+                        on_image_progress(step, total)
+
                 reply.image_paths = render_image_replies(self.pipe, requests, self.out_dir, s.image_steps,
-                                                         s.image_scale, s.seed, on_image_progress)
+                                                         s.image_scale, s.seed, progress)
+                reply.image_descriptions = list(requests)
         # Committed last: Ctrl-C while the picture is drawn drops the whole turn, as during generation.
-        self.messages = kept + [{"role": "assistant", "content": answer, "images": [],
-                                 "generated": [str(Path(p).resolve()) for p in reply.image_paths]}]
+        self.messages = turn.kept + [{"role": "assistant", "content": answer, "images": [],
+                                      "generated": [str(Path(p).resolve()) for p in reply.image_paths]}]
         return reply
 
-    def _generate(self, ids: list[int], features: torch.Tensor | None, on_token) -> str:
+    def _force_image(self, turn: Turn, answer: str) -> str:
+        """Continue ``answer`` with IMG_OPEN and let the model write the description, up to IMG_CLOSE."""
+        head = (answer + " " if answer else "") + IMG_OPEN
+        ids = turn.ids + self.processor.tokenizer(" " + head, add_special_tokens=False).input_ids
+        if turn.row.on_text is not None:
+            turn.row.on_text((" " if answer else "") + IMG_OPEN)
+        row = Row(ids, turn.features, FORCED_DESCRIPTION_TOKENS, (IMG_CLOSE,), turn.row.on_text, turn.row.should_stop)
         s = self.settings
-        device = self.model.device
-        input_ids = torch.tensor([ids], device=device)
-        kwargs = dict(max_new_tokens=self.max_new_tokens, num_beams=s.num_beams,
-                      pad_token_id=self.processor.pad_token_id)
-        if s.temperature > 0:
-            kwargs.update(do_sample=True, temperature=s.temperature, top_p=s.top_p)
-        else:
-            kwargs.update(do_sample=False)
-        if on_token is not None and s.num_beams == 1:
-            kwargs["streamer"] = _CallbackStreamer(self.processor.tokenizer, on_token)
-        if s.seed is not None:
-            torch.manual_seed(s.seed)
-        out = self.model.generate(input_ids, image_features=features, attention_mask=torch.ones_like(input_ids),
-                                  **kwargs)
-        answer = self.processor.decode(out[0]).strip()
-        if on_token is not None and s.num_beams > 1:  # beam search cannot stream: hand over the whole answer
-            on_token(answer)
-        return answer
+        generate_rows(self.model, self.processor, [row], s.temperature, s.top_p, 1, s.seed)
+        if row.finish_reason == "cancelled":
+            raise Cancelled("stopped")
+        turn.row.tokens += row.tokens
+        description = row.text.replace(IMG_OPEN, " ").strip() or "a picture"
+        if turn.row.on_text is not None:
+            turn.row.on_text(IMG_CLOSE)
+        return f"{head}{description}{IMG_CLOSE}"
 
     # -- saving and loading -------------------------------------------------------------------------
     def to_json(self) -> dict:

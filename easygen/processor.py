@@ -43,9 +43,11 @@ class EasyGenProcessor:
 
     # ------------------------------------------------------------------ prompts
     @staticmethod
-    def _conversation(messages: Sequence[dict]):
-        """A FastChat conversation holding ``messages`` (validated)."""
+    def _conversation(messages: Sequence[dict], system: str = ""):
+        """A FastChat conversation holding ``messages`` (validated), after ``system`` (EasyGen's
+        own prompts have none)."""
         conv = new_conversation()
+        conv.set_system_message(system)
         for i, msg in enumerate(messages):
             role = _ROLES.get(msg.get("role"))
             if role is None:
@@ -61,9 +63,9 @@ class EasyGenProcessor:
             conv.append_message(conv.roles[role], content)
         return conv
 
-    def build_prompt(self, messages: Sequence[dict]) -> str:
+    def build_prompt(self, messages: Sequence[dict], system: str = "") -> str:
         """The prompt text; after a user turn it ends with "ASSISTANT:" (ready for generation)."""
-        conv = self._conversation(messages)
+        conv = self._conversation(messages, system)
         if len(messages) % 2 == 1:
             conv.append_message(conv.roles[1], None)
         return conv.get_prompt()

@@ -17,9 +17,11 @@ from fastchat.conversation import (
     register_conv_template,
 )
 
-from easygen.constants import IMAGE_PLACEHOLDER, IMAGE_SLOT
-
 TEMPLATE_NAME = "easygen"
+# The prompt's image marks belong to the template (easygen.constants re-exports them).
+IMAGE_PLACEHOLDER = "<ImageHere>"               # where an image's features go in a prompt
+IMG_OPEN, IMG_CLOSE = "<Img>", "</Img>"         # around an image, in prompts and in answers that draw
+IMAGE_SLOT = f"{IMG_OPEN}{IMAGE_PLACEHOLDER}{IMG_CLOSE}"  # how a user turn holds an image (as EasyGen writes it)
 LLAVA_IMAGE_TOKEN = "<image>"  # how LLaVA-style conversation data marks an image
 
 

@@ -93,7 +93,7 @@ def references(image_root) -> dict[str, tuple[str, ...]]:
 
 
 def test_eval_is_an_easygen_subcommand_with_the_documented_flags():
-    assert SUBCOMMANDS["eval"] == "easygen.eval.cli"
+    assert SUBCOMMANDS["eval"] == "easygen.cli.eval"
     common = ["--model-path", "--bidiffuser", "--image-root", "--out", "--predictions", "--limit", "--prompt",
               "--beam", "--max-new-tokens", "--min-new-tokens", "--batch-size", "--feature-steps",
               "--feature-scale", "--feature-cache", "--device", "--dtype"]

@@ -14,7 +14,7 @@ import torch
 from bidiffuser.pipeline import BiDiffuser
 from easygen.feature_store import FeatureStore
 from easygen.features import StoredLatents, feature_settings
-from easygen.features_cli import main
+from easygen.cli.features import main
 
 from .conftest import make_image
 
@@ -129,7 +129,7 @@ def test_a_bad_image_stops_the_run_keeping_finished_shards_or_is_skipped(data, t
 @pytest.mark.slow
 def test_two_torchrun_ranks_build_the_same_store_as_one(one_rank_store, data, tiny_dir, tmp_path):
     store = tmp_path / "store"
-    cmd = [str(Path(sys.executable).with_name("torchrun")), "--nproc_per_node=2", "-m", "easygen.features_cli",
+    cmd = [str(Path(sys.executable).with_name("torchrun")), "--nproc_per_node=2", "-m", "easygen.cli.features",
            "--data", str(data / "mix.json"), "--model", str(tiny_dir), "--out", str(store), "--steps", str(STEPS),
            "--batch-size", "2", "--shard-size", "2", "--quiet"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}

@@ -14,6 +14,6 @@ def add_parser(sub) -> argparse.ArgumentParser:
 
 
 def run(args) -> int:
-    from .train.export import export
+    from ..train.export import export
     print(f"exported {export(args.run, args.out, lora_adapter=args.lora_adapter)}")
     return 0

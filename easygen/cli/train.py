@@ -25,10 +25,10 @@ def run(args) -> int:
 
     from bidiffuser.distributed import shutdown
 
-    from .data import load_mixture
-    from .train.config import load_config
-    from .train.export import export
-    from .train.loop import train
+    from ..data import load_mixture
+    from ..train.config import load_config
+    from ..train.export import export
+    from ..train.loop import train
 
     overrides = [f"stage={args.stage}"] + list(args.overrides)  # the flag wins over the config file
     if args.strategy:

@@ -18,7 +18,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
 def run(args) -> int:
     from bidiffuser.model_dir import read_config
 
-    from .tiny import init_tiny_easygen
+    from ..tiny import init_tiny_easygen
 
     read_config(args.bidiffuser)  # a clear error before anything is written
     out = init_tiny_easygen(args.out, args.bidiffuser, seed=args.seed)

@@ -34,7 +34,7 @@ def run(args) -> int:
     import sys
     from contextlib import redirect_stdout
 
-    from .demo.recipe import DemoModel, build, default_dir
+    from ..demo.recipe import DemoModel, build, default_dir
 
     if args.demo_task == "build":
         with redirect_stdout(sys.stderr):  # the training commands' status lines are progress here
@@ -42,8 +42,8 @@ def run(args) -> int:
         print(f"EasyGen directory: {demo.easygen}\nBiDiffuser directory: {demo.bidiffuser}")
         return 0
 
-    from .demo.evaluate import evaluate, format_results
-    from .errors import EasyGenError
+    from ..demo.evaluate import evaluate, format_results
+    from ..errors import EasyGenError
     demo = DemoModel(args.model or default_dir())
     if not demo.is_built():
         raise EasyGenError(f"no built demo model in {demo.root}: run `easygen demo build` first")

@@ -15,13 +15,13 @@ from bidiffuser.cliutil import run_main
 
 # subcommand -> module (each capability adds its line)
 SUBCOMMANDS: dict[str, str] = {
-    "init": "easygen.init_cli",
-    "chat": "easygen.chat_cli",
-    "eval": "easygen.eval.cli",
-    "features": "easygen.features_cli",
-    "train": "easygen.train_cli",
-    "export": "easygen.export_cli",
-    "demo": "easygen.demo_cli",
+    "init": "easygen.cli.init",
+    "chat": "easygen.cli.chat",
+    "eval": "easygen.cli.eval",
+    "features": "easygen.cli.features",
+    "train": "easygen.cli.train",
+    "export": "easygen.cli.export",
+    "demo": "easygen.cli.demo",
 }
 
 
@@ -43,6 +43,3 @@ def _main(argv: Sequence[str] | None) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     return run_main("easygen", _main, argv)
 
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 
 from bidiffuser.cliutil import positive_int
-from easygen.model_args import add_model_args
+from .model_args import add_model_args
 
 CAPTION_PROMPT = "A short image caption:"
 VQA_PROMPT = "{question}\nAnswer the question using a single word or phrase."
@@ -81,7 +81,7 @@ def run(args: argparse.Namespace) -> int:
     from easygen.builder import find_bidiffuser_dir
     from easygen.errors import EasyGenError
 
-    from . import data, runner
+    from ..eval import data, runner
 
     started = time.time()
     if not 0 <= args.min_new_tokens <= args.max_new_tokens:
@@ -161,7 +161,7 @@ def run(args: argparse.Namespace) -> int:
 def _score_caption(args, samples, records) -> dict:
     import sys
 
-    from . import metrics
+    from ..eval import metrics
 
     scores = metrics.caption_scores({s.id: s.references for s in samples},
                                     {s.id: records[s.id]["caption"] for s in samples},
@@ -172,7 +172,7 @@ def _score_caption(args, samples, records) -> dict:
 
 
 def _score_vqa(args, samples, records) -> dict:
-    from . import metrics
+    from ..eval import metrics
 
     scores = metrics.vqa_scores(samples, {s.id: records[s.id]["answer"] for s in samples})
     scores.pop("per_question")

@@ -146,7 +146,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv=None) -> int:
-    """``python -m easygen.features_cli ...``: this subcommand alone (same flags as ``easygen features``)."""
+    """``python -m easygen.cli.features ...``: this subcommand alone (same flags as ``easygen features``)."""
     import sys
 
     from bidiffuser.cliutil import run_main

@@ -16,7 +16,7 @@ from pathlib import Path
 from bidiffuser.cliutil import positive_int
 from bidiffuser.errors import BiDiffuserError
 
-from .errors import EasyGenError
+from ..errors import EasyGenError
 from .model_args import add_model_args
 
 COMMAND_HELP = """\
@@ -45,7 +45,7 @@ def _probability(text: str) -> float:
 
 
 def _default_feature_cache() -> Path:
-    from .constants import user_cache_dir
+    from ..constants import user_cache_dir
     return user_cache_dir() / "features"
 
 
@@ -147,8 +147,8 @@ def _demo_model(args) -> Path:
     import sys
     from contextlib import redirect_stdout
 
-    from .demo.recipe import DemoModel, build, default_dir
-    from .errors import EasyGenError
+    from ..demo.recipe import DemoModel, build, default_dir
+    from ..errors import EasyGenError
 
     given = [flag for flag, value in (("--model-base", args.model_base), ("--lora", args.lora),
                                       ("--projector", args.projector), ("--bidiffuser", args.bidiffuser)) if value]
@@ -166,7 +166,7 @@ def _demo_model(args) -> Path:
 
 def _fill_bidiffuser_defaults(args) -> None:
     """BiDiffuser settings left unset: the demo recipe's for a demo model, else EasyGen's defaults."""
-    from .demo.recipe import recipe_of
+    from ..demo.recipe import recipe_of
 
     recipe = recipe_of(args.model_path)
     defaults = {"steps": 50, "scale": 7.0, "feature_steps": 50, "feature_scale": 7.0}
@@ -179,9 +179,9 @@ def _fill_bidiffuser_defaults(args) -> None:
 
 
 def _load_session(args, io) -> "ChatSession":
-    from .assistant import Assistant, GenerationSettings
-    from .builder import load_pretrained
-    from .features import ImageFeatureExtractor
+    from ..assistant import Assistant, GenerationSettings
+    from ..builder import load_pretrained
+    from ..features import ImageFeatureExtractor
 
     with io.busy(f"loading {args.model_path}"):
         loaded = load_pretrained(args.model_path, model_base=args.model_base, lora=args.lora,
