@@ -29,5 +29,57 @@ def render_image_replies(pipe: BiDiffuser, descriptions: list[str], out_dir: str
     for i, description in enumerate(descriptions):
         image = pipe.text_to_image(description, steps=steps, scale=scale,
                                    seed=None if seed is None else seed + i, progress=progress).images[0]
-        paths.append(save_png(image, Path(out_dir) / f"easygen-{uuid.uuid4().hex[:10]}.png"))
+        # a full uuid4: a server may link to the file, so its name must be unguessable
+        paths.append(save_png(image, Path(out_dir) / f"easygen-{uuid.uuid4().hex}.png"))
     return paths
+
+
+def replace_image_tags(text: str, render: Callable[[str, int], str]) -> str:
+    """``text`` for a reader: the k-th ``<Img>description</Img>`` (as ``find_image_requests``
+    counts them) becomes ``render(description, k)``; an empty tag disappears; a stray or unclosed
+    tag loses its mark and keeps its words. No raw tag survives."""
+    count = 0
+
+    def one(m: re.Match) -> str:
+        nonlocal count
+        description = m.group(1).strip()
+        if not description or description == IMAGE_PLACEHOLDER:
+            return ""
+        count += 1
+        return render(description, count - 1)
+
+    text = _IMG_TAG.sub(one, text)
+    return text.replace(IMG_OPEN, "").replace(IMG_CLOSE, "")
+
+
+class ImageTagStream:
+    """Streams an answer's text while hiding its image tags: pieces up to the first ``<Img>`` (or
+    stray ``</Img>``) pass as they come, a piece that may be the start of a tag waits for the next,
+    and everything from the first tag on is held back for ``finish``, which renders it with
+    ``replace_image_tags`` once the pictures exist. The pieces and the finish, joined, equal
+    ``replace_image_tags`` of the whole text."""
+
+    def __init__(self):
+        self.text, self.sent, self.tagged = "", 0, False
+
+    def feed(self, piece: str) -> str:
+        self.text += piece
+        if self.tagged:
+            return ""
+        at = min((i for i in (self.text.find(IMG_OPEN), self.text.find(IMG_CLOSE)) if i >= 0), default=-1)
+        if at >= 0:
+            self.tagged, end = True, at
+        else:  # hold back a tail that could still grow into a tag
+            end = len(self.text)
+            for k in range(1, len(IMG_CLOSE)):
+                tail = self.text[-k:]
+                if IMG_OPEN.startswith(tail) or IMG_CLOSE.startswith(tail):
+                    end = len(self.text) - k
+        out, self.sent = self.text[self.sent:end], max(self.sent, end)
+        return out
+
+    def finish(self, render: Callable[[str, int], str], text: str | None = None) -> str:
+        """The rest, rendered. ``text`` (the final answer, if it differs from what was fed) wins."""
+        full = self.text if text is None else text
+        return replace_image_tags(full[self.sent:], render) if full.startswith(self.text[:self.sent]) \
+            else replace_image_tags(full, render)

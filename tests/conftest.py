@@ -73,3 +73,11 @@ def tiny_loaded(tiny_easygen_dir):
     """The tiny EasyGen model loaded once through the builder (read-only in tests)."""
     from easygen.builder import load_pretrained
     return load_pretrained(tiny_easygen_dir, device="cpu")
+
+
+@pytest.fixture(scope="session")
+def ci_demo(tmp_path_factory):
+    """The shapes demo built with the reduced `ci` recipe (every real stage, few steps; ~15 s), once per
+    test session: the model that the server, worker and web-page tests serve."""
+    from easygen.demo.recipe import build
+    return build(tmp_path_factory.mktemp("ci_demo"), "ci", log=lambda line: None)

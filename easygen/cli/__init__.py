@@ -22,6 +22,7 @@ SUBCOMMANDS: dict[str, str] = {
     "train": "easygen.cli.train",
     "export": "easygen.cli.export",
     "demo": "easygen.cli.demo",
+    "serve": "easygen.cli.serve",
 }
 
 

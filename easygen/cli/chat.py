@@ -10,14 +10,12 @@ import argparse
 import contextlib
 import os
 import shlex
-import warnings
 from pathlib import Path
 
-from bidiffuser.cliutil import positive_int
 from bidiffuser.errors import BiDiffuserError
 
 from ..errors import EasyGenError
-from .model_args import add_model_args
+from .engine_args import add_engine_args, load_engine, quiet_libraries, resolve_model
 
 COMMAND_HELP = """\
 in-chat commands:
@@ -30,61 +28,19 @@ in-chat commands:
 An empty line sends the attached images alone; //text sends "/text"."""
 
 
-def _non_negative(text: str) -> float:
-    value = float(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
-    return value
-
-
-def _probability(text: str) -> float:
-    value = float(text)
-    if not 0 < value <= 1:
-        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {value}")
-    return value
-
-
-def _default_feature_cache() -> Path:
-    from ..constants import user_cache_dir
-    return user_cache_dir() / "features"
-
-
 def add_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
         "chat", help="chat in the terminal: upload images, get text and image replies",
         description="Chat with EasyGen: attach images with --image-file or /image, get answers streamed\n"
                     "token by token; pictures the model draws are saved as PNG under --out-dir.",
         epilog=COMMAND_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_model_args(p, ". Default: the built-in shapes demo model (built on first use, see `easygen demo`)",
-                   required=False)
+    add_engine_args(p)
 
-    g = p.add_argument_group("generation")
-    g.add_argument("--temperature", type=_non_negative, default=0.2, metavar="T",
-                   help="sampling temperature; 0 = greedy (default 0.2)")
-    g.add_argument("--top-p", type=_probability, default=1.0, metavar="P", help="nucleus sampling mass (default 1.0)")
-    g.add_argument("--max-new-tokens", type=positive_int, default=None, metavar="N",
-                   help="longest reply in tokens (default 512, at most half the model's context)")
-    g.add_argument("--seed", type=int, default=None, metavar="N",
-                   help="random seed: same seed, same replies and pictures")
-
-    g = p.add_argument_group("images")
+    g = p.add_argument_group("chat")
     g.add_argument("--image-file", action="append", default=[], metavar="PATH",
                    help="image for the first message (may repeat)")
     g.add_argument("--out-dir", type=Path, default=Path("easygen-images"), metavar="DIR",
                    help="where image replies are saved as PNG (default ./easygen-images)")
-    g.add_argument("--steps", type=positive_int, default=None, metavar="N",
-                   help="BiDiffuser steps to draw an image reply (default 50; the demo model: its recipe's)")
-    g.add_argument("--scale", type=float, default=None, metavar="S",
-                   help="guidance scale for image replies (default 7; the demo model: its recipe's)")
-    g.add_argument("--feature-steps", type=positive_int, default=None, metavar="N",
-                   help="BiDiffuser steps that read an uploaded image; keep the value the model was trained "
-                        "with (default 50; the demo model: its recipe's)")
-    g.add_argument("--feature-scale", type=float, default=None, metavar="S",
-                   help="guidance scale that reads an uploaded image; keep the training value "
-                        "(default 7; the demo model: its recipe's)")
-    g.add_argument("--feature-cache", type=Path, default=None, metavar="DIR",
-                   help="cache of image features, keyed by image content and settings "
-                        "(default $XDG_CACHE_HOME/easygen/features, else ~/.cache/easygen/features)")
 
     g = p.add_argument_group("interface")
     g.add_argument("--style", choices=("simple", "rich"), default="rich",
@@ -99,30 +55,6 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     return p
 
 
-@contextlib.contextmanager
-def quiet_libraries():
-    """Keep library chatter out of the chat (weight-loading progress bars, diffusers' float32
-    notice, deprecation warnings meant for developers) and restore the previous state afterwards,
-    since tests run the command in-process. Errors still show. (``run_main`` already sets the
-    environment defaults that do this for a fresh process, and filters DeepSpeed's stdout notice.)"""
-    import diffusers.utils.logging as dlog
-    import transformers.utils.logging as tlog
-    saved = [(m, m.get_verbosity(), m.is_progress_bar_enabled()) for m in (tlog, dlog)]
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", FutureWarning)
-            warnings.simplefilter("ignore", DeprecationWarning)
-            for m, _, _ in saved:
-                m.set_verbosity_error()
-                m.disable_progress_bar()
-            yield
-    finally:
-        for m, verbosity, bars in saved:
-            m.set_verbosity(verbosity)
-            if bars:
-                m.enable_progress_bar()
-
-
 def run(args) -> int:
     from bidiffuser.images import load_image
     from fastchat_ext.chat_io import SimpleChatIO, make_chat_io
@@ -130,9 +62,7 @@ def run(args) -> int:
     for path in args.image_file:  # a bad image fails now, before minutes of loading
         load_image(path)
     io = SimpleChatIO() if args.json or args.prompt is not None else make_chat_io(args.style)
-    if args.model_path is None:
-        args.model_path = str(_demo_model(args))
-    _fill_bidiffuser_defaults(args)
+    resolve_model(args)
     with quiet_libraries():
         session = _load_session(args, io)
         if args.prompt is not None:
@@ -142,59 +72,11 @@ def run(args) -> int:
         return session.loop()
 
 
-def _demo_model(args) -> Path:
-    """No --model-path: the built-in shapes demo, built first (once, with progress) when it is absent."""
-    import sys
-    from contextlib import redirect_stdout
-
-    from ..demo.recipe import DemoModel, build, default_dir
-    from ..errors import EasyGenError
-
-    given = [flag for flag, value in (("--model-base", args.model_base), ("--lora", args.lora),
-                                      ("--projector", args.projector), ("--bidiffuser", args.bidiffuser)) if value]
-    if given:
-        raise EasyGenError(f"{given[0]} needs --model-path (without one, chat uses the built-in demo model)")
-    demo = DemoModel(default_dir())
-    if not demo.is_built():
-        log = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731  stdout stays the chat's
-        log(f"No --model-path given: building the built-in shapes demo model in {demo.root} "
-            f"(once; about 20 minutes on 2 CPU cores; set EASYGEN_DEMO_DIR to build it elsewhere)")
-        with redirect_stdout(sys.stderr):
-            build(demo.root, log=log)
-    return demo.easygen
-
-
-def _fill_bidiffuser_defaults(args) -> None:
-    """BiDiffuser settings left unset: the demo recipe's for a demo model, else EasyGen's defaults."""
-    from ..demo.recipe import recipe_of
-
-    recipe = recipe_of(args.model_path)
-    defaults = {"steps": 50, "scale": 7.0, "feature_steps": 50, "feature_scale": 7.0}
-    if recipe is not None:
-        defaults = {"steps": recipe.image_steps, "scale": recipe.image_scale,
-                    "feature_steps": recipe.feature_steps, "feature_scale": recipe.feature_scale}
-    for name, value in defaults.items():
-        if getattr(args, name) is None:
-            setattr(args, name, value)
-
-
 def _load_session(args, io) -> "ChatSession":
-    from ..assistant import Assistant, GenerationSettings
-    from ..builder import load_pretrained
-    from ..features import ImageFeatureExtractor
+    from ..assistant import Assistant
 
     with io.busy(f"loading {args.model_path}"):
-        loaded = load_pretrained(args.model_path, model_base=args.model_base, lora=args.lora,
-                                 projector=args.projector, bidiffuser=args.bidiffuser, device=args.device,
-                                 dtype=args.dtype)
-    features = None
-    if loaded.bidiffuser is not None:
-        features = ImageFeatureExtractor(loaded.bidiffuser, steps=args.feature_steps, scale=args.feature_scale,
-                                         cache_dir=args.feature_cache or _default_feature_cache())
-    # (the Assistant caps the answer at half the model's context)
-    settings = GenerationSettings(temperature=args.temperature, top_p=args.top_p,
-                                  max_new_tokens=args.max_new_tokens or 512, seed=args.seed,
-                                  image_steps=args.steps, image_scale=args.scale)
+        loaded, features, settings = load_engine(args)
     assistant = Assistant(loaded, settings, out_dir=args.out_dir.resolve(), features=features)
     pictures = "on" if features else "off (no BiDiffuser directory)"
     io.banner(f"EasyGen chat · {args.model_path} ({loaded.layout}) · images {pictures}\n"

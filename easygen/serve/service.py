@@ -1,0 +1,215 @@
+"""The queue in front of the engine, shared by every HTTP front (the OpenAI API, the web page, the
+FastChat worker).
+
+One engine thread owns the model. Requests wait in a bounded queue (a full queue is refused at once,
+so the front can answer 429); when the thread takes a chat turn it also takes the turns waiting
+behind it that sample the same way and answers them in one batched ``generate`` call, each still
+streaming its own text. A job whose client went away is skipped if it is still waiting, and stops
+at its next token (or drawing step) if it is running.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Callable
+
+from bidiffuser.errors import BiDiffuserError, first_line
+
+from ..assistant import CONVERSATION_FORMAT, CONVERSATION_VERSION, Assistant, Cancelled, GenerationSettings
+from ..builder import LoadedModel
+from ..features import ImageFeatureExtractor
+from ..generation import generate_rows
+from ..image_reply import render_image_replies
+
+log = logging.getLogger("easygen.serve")
+
+# emit(kind, payload) from the engine thread: ("text", str), ("progress", (step, total)),
+# ("done", Reply | list[Path]), ("error", Exception)
+Emit = Callable[[str, object], None]
+
+
+class QueueFull(Exception):
+    def __init__(self, retry_after: int):
+        super().__init__(f"the server is busy: {retry_after} s")
+        self.retry_after = retry_after
+
+
+@dataclass
+class ChatJob:
+    """One chat turn: the history (``Assistant.messages`` form, images by path), the new user turn."""
+    history: list[dict]
+    text: str
+    images: list[str]
+    settings: GenerationSettings
+    emit: Emit
+    system: str = ""
+    force_image: bool = False
+    cancelled: threading.Event = field(default_factory=threading.Event)
+
+    def batch_key(self):
+        """Jobs with equal keys can share one generate call (a seeded job runs alone: reproducible)."""
+        s = self.settings
+        if s.seed is not None or s.num_beams > 1:
+            return None
+        return (s.temperature, s.top_p)
+
+
+@dataclass
+class DrawJob:
+    """Text to image: ``n`` pictures of ``prompt``."""
+    prompt: str
+    n: int
+    emit: Emit
+    seed: int | None = None
+    cancelled: threading.Event = field(default_factory=threading.Event)
+
+
+class ChatService:
+    def __init__(self, loaded: LoadedModel, features: ImageFeatureExtractor | None, out_dir: str | Path,
+                 settings: GenerationSettings, max_queue: int = 64, max_batch: int = 8):
+        self.loaded, self.features, self.out_dir = loaded, features, Path(out_dir)
+        self.settings = settings           # the server's defaults (steps, scale, max_new_tokens, ...)
+        self.max_queue, self.max_batch = max_queue, max_batch
+        self._queue: deque = deque()
+        self._cond = threading.Condition()
+        self._running = 0
+        self._closed = False
+        self._seconds_per_job = 1.0        # running average, for Retry-After
+        self._thread = threading.Thread(target=self._loop, name="easygen-engine", daemon=True)
+
+    # -- the fronts' side ---------------------------------------------------------------------------
+    def start(self) -> "ChatService":
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        with self._cond:
+            self._closed = True
+            for job in self._queue:
+                job.cancelled.set()
+            self._cond.notify_all()
+        self._thread.join(timeout=30)
+
+    def submit(self, job: ChatJob | DrawJob) -> None:
+        """Queue ``job``; raises QueueFull when ``max_queue`` jobs are already waiting or running."""
+        with self._cond:
+            if self._closed:
+                raise QueueFull(5)
+            if len(self._queue) + self._running >= self.max_queue:
+                raise QueueFull(max(1, round(self._seconds_per_job * (len(self._queue) + 1) / self.max_batch)))
+            self._queue.append(job)
+            self._cond.notify()
+
+    def status(self) -> dict:
+        with self._cond:
+            return {"queue_length": len(self._queue), "running": self._running, "max_queue": self.max_queue,
+                    "max_batch": self.max_batch}
+
+    @property
+    def model_settings(self) -> GenerationSettings:
+        return self.settings
+
+    def assistant(self, settings: GenerationSettings | None = None, system: str = "") -> Assistant:
+        """A fresh conversation over the shared model (cheap: the model and feature cache are shared)."""
+        return Assistant(self.loaded, settings or self.settings, out_dir=self.out_dir, features=self.features,
+                         system_message=system)
+
+    # -- the engine thread --------------------------------------------------------------------------
+    def _take(self) -> list | None:
+        with self._cond:
+            while not self._queue and not self._closed:
+                self._cond.wait()
+            if self._closed:
+                return None
+            first = self._queue.popleft()
+            batch = [first]
+            key = first.batch_key() if isinstance(first, ChatJob) else None
+            if key is not None:
+                for job in list(self._queue):
+                    if len(batch) >= self.max_batch:
+                        break
+                    if isinstance(job, ChatJob) and job.batch_key() == key:
+                        self._queue.remove(job)
+                        batch.append(job)
+            batch = [j for j in batch if not j.cancelled.is_set()]  # clients that left while waiting
+            self._running = len(batch)
+            return batch
+
+    def _loop(self) -> None:
+        while True:
+            batch = self._take()
+            if batch is None:
+                return
+            start = time.perf_counter()
+            try:
+                if batch and isinstance(batch[0], DrawJob):
+                    self._draw(batch[0])
+                elif batch:
+                    self._chat(batch)
+            except Exception as e:  # never let one bad turn stop the engine
+                log.exception("engine error")
+                for job in batch:
+                    job.emit("error", e)
+            finally:
+                with self._cond:
+                    self._running = 0
+                if batch:
+                    took = (time.perf_counter() - start) / len(batch) * min(len(batch), self.max_batch)
+                    self._seconds_per_job = 0.8 * self._seconds_per_job + 0.2 * took
+
+    def _chat(self, jobs: list[ChatJob]) -> None:
+        ready = []  # (job, assistant, turn)
+        for job in jobs:
+            try:
+                a = self.assistant(job.settings, job.system)
+                a.from_json({"format": CONVERSATION_FORMAT, "version": CONVERSATION_VERSION,
+                             "messages": job.history}, source="messages")
+                emit = job.emit
+                turn = a.prepare(job.text, job.images, on_token=lambda piece, emit=emit: emit("text", piece),
+                                 should_stop=job.cancelled.is_set)
+                ready.append((job, a, turn))
+            except BiDiffuserError as e:
+                job.emit("error", e)
+        if not ready:
+            return
+        s = ready[0][0].settings
+        generate_rows(self.loaded.model, self.loaded.processor, [t.row for _, _, t in ready], s.temperature,
+                      s.top_p, s.num_beams, s.seed)
+        for job, a, turn in ready:
+            try:
+                reply = a.complete(turn, lambda step, total, job=job: job.emit("progress", (step, total)),
+                                   force_image=job.force_image)
+                job.emit("done", reply)
+            except Cancelled:
+                job.emit("error", Cancelled("stopped"))
+            except BiDiffuserError as e:
+                job.emit("error", e)
+
+    def _draw(self, job: DrawJob) -> None:
+        if self.loaded.bidiffuser is None:
+            job.emit("error", BiDiffuserError("this server has no BiDiffuser model: it cannot draw"))
+            return
+        s = self.settings
+
+        def progress(step: int, total: int) -> None:
+            if job.cancelled.is_set():
+                raise Cancelled("stopped")
+            job.emit("progress", (step, total))
+
+        try:
+            paths = render_image_replies(self.loaded.bidiffuser, [job.prompt] * job.n, self.out_dir, s.image_steps,
+                                         s.image_scale, job.seed, progress)
+            job.emit("done", paths)
+        except Cancelled as e:
+            job.emit("error", e)
+        except BiDiffuserError as e:
+            job.emit("error", BiDiffuserError(first_line(e)))
+
+
+def with_overrides(settings: GenerationSettings, **changes) -> GenerationSettings:
+    """``settings`` with the non-None ``changes`` applied."""
+    return replace(settings, **{k: v for k, v in changes.items() if v is not None})
