@@ -95,7 +95,9 @@ class ImageInbox:
                 if w * h > self.limits.max_pixels:  # a decompression bomb is refused before decoding
                     raise self._too_large(f"{w}x{h} pixels, more than {self.limits.max_pixels}", param)
                 im.load()
-        except (UnidentifiedImageError, Image.DecompressionBombError):
+        except Image.DecompressionBombError:  # Pillow's own header check, past twice its pixel limit
+            raise self._too_large("a decompression bomb (its header claims too many pixels)", param) from None
+        except UnidentifiedImageError:
             raise bad_request("the image could not be read (not an image, or an unsupported format)", param,
                               "invalid_image") from None
         except (OSError, SyntaxError, ValueError) as e:

@@ -79,6 +79,7 @@ class ChatService:
         self._running = 0
         self._closed = False
         self._seconds_per_job = 1.0        # running average, for Retry-After
+        self.stats = {"jobs": 0, "batches": 0, "largest_batch": 0, "cancelled": 0}
         self._thread = threading.Thread(target=self._loop, name="easygen-engine", daemon=True)
 
     # -- the fronts' side ---------------------------------------------------------------------------
@@ -107,7 +108,7 @@ class ChatService:
     def status(self) -> dict:
         with self._cond:
             return {"queue_length": len(self._queue), "running": self._running, "max_queue": self.max_queue,
-                    "max_batch": self.max_batch}
+                    "max_batch": self.max_batch, **self.stats}
 
     @property
     def model_settings(self) -> GenerationSettings:
@@ -135,8 +136,14 @@ class ChatService:
                     if isinstance(job, ChatJob) and job.batch_key() == key:
                         self._queue.remove(job)
                         batch.append(job)
-            batch = [j for j in batch if not j.cancelled.is_set()]  # clients that left while waiting
+            live = [j for j in batch if not j.cancelled.is_set()]  # clients that left while waiting
+            self.stats["cancelled"] += len(batch) - len(live)
+            batch = live
             self._running = len(batch)
+            if batch:
+                self.stats["jobs"] += len(batch)
+                self.stats["batches"] += 1
+                self.stats["largest_batch"] = max(self.stats["largest_batch"], len(batch))
             return batch
 
     def _loop(self) -> None:
