@@ -8,6 +8,8 @@ import concurrent.futures as futures
 import io
 import json
 import struct
+import subprocess
+import sys
 import time
 import urllib.request
 import zlib
@@ -19,7 +21,7 @@ from PIL import Image, ImageDraw
 from .serving import easygen_serve
 
 pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore:torch.distributed is disabled:UserWarning")]
-KEY = "test-key-123"
+KEY = "none"  # the module's server wants no key; the queue test's server does
 
 
 def data_url(image: Image.Image, fmt: str = "PNG") -> str:
@@ -40,7 +42,7 @@ def shape_image(colour: str, kind: str, size: int) -> Image.Image:
 @pytest.fixture(scope="module")
 def server(ci_demo, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("serve")
-    with easygen_serve(ci_demo.easygen, tmp, "--temperature", "0", "--steps", "2", "--api-key", KEY,
+    with easygen_serve(ci_demo.easygen, tmp, "--temperature", "0", "--steps", "2",
                        "--max-images", "3", "--max-body-mb", "1", "--max-image-pixels", "1000000") as base:
         yield base
 
@@ -230,15 +232,22 @@ def test_too_many_images_and_too_large_a_body(server):
     assert code == 400 and "not valid JSON" in err["error"]["message"]
 
 
-def test_auth_is_required_and_errors_leave_the_server_serving(server, client):
-    for key in (None, "wrong"):
-        code, headers, err = post(f"{server}/v1/chat/completions", {"model": "easygen-demo", "messages": []}, key=key)
-        assert code == 401 and err["error"]["code"] == "invalid_api_key" and headers["www-authenticate"] == "Bearer"
-    with pytest.raises(openai.AuthenticationError):
-        openai.OpenAI(base_url=f"{server}/v1", api_key="nope", max_retries=0).models.list()
+def test_unknown_paths_are_openai_errors_and_the_server_keeps_serving(server, client):
     with pytest.raises(openai.NotFoundError):  # an unknown path: a 404 in the same error format
         openai.OpenAI(base_url=f"{server}/v2", api_key=KEY, max_retries=0).models.list()
     assert ask(client, "What color is the shape?").choices[0].message.content is not None
+
+
+def test_the_readme_examples_run(server, tmp_path):
+    from .test_readme import REPO, readme_block
+    port = server.rsplit(":", 1)[1]
+    curl = " ".join(line.rstrip("\\") for line in readme_block("readme:serve-curl")).replace("8000", port)
+    r = subprocess.run(curl, shell=True, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and "data:image/png;base64," in json.loads(r.stdout)["choices"][0]["message"]["content"]
+    script = "\n".join(readme_block("readme:serve-python")).replace("8000", port)
+    r = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() and "[picture] data:image/png;base64," in r.stdout
 
 
 def test_a_full_queue_answers_429_and_a_client_that_leaves_frees_its_slot(ci_demo, tmp_path):
@@ -246,8 +255,11 @@ def test_a_full_queue_answers_429_and_a_client_that_leaves_frees_its_slot(ci_dem
     with easygen_serve(ci_demo.easygen, tmp_path, "--temperature", "0", "--steps", "400", "--max-queue", "1",
                        "--out-dir", str(out), env={"EASYGEN_API_KEY": "env-key"}) as base:
         client = openai.OpenAI(base_url=f"{base}/v1", api_key="env-key", max_retries=0, timeout=120)
-        code, _, _ = post(f"{base}/v1/chat/completions", {"model": "easygen-demo", "messages": []}, key=None)
-        assert code == 401  # the key came from the environment
+        for key in (None, "wrong"):  # the key came from the environment
+            code, headers, err = post(f"{base}/v1/chat/completions", {"model": "easygen-demo", "messages": []}, key)
+            assert code == 401 and err["error"]["code"] == "invalid_api_key" and headers["www-authenticate"] == "Bearer"
+        with pytest.raises(openai.AuthenticationError):
+            openai.OpenAI(base_url=f"{base}/v1", api_key="nope", max_retries=0).models.list()
 
         stream = ask(client, "Draw a green square.", stream=True)
         next(iter(stream))  # the turn is running: the queue (1) is full
