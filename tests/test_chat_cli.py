@@ -287,7 +287,7 @@ def test_lora_adapter_flags_reach_the_builder(tiny_easygen_dir, tmp_path, monkey
 
 
 @pytest.mark.parametrize("flags, message", [
-    (["--lora", "adapter"], "easygen: error: --lora needs --model-path (without one, chat uses the built-in demo"),
+    (["--lora", "adapter"], "easygen: error: --lora needs --model-path (without one, the built-in demo model is used"),
     (["--model-path", "m", "--top-p", "1.5"], "--top-p: must be in (0, 1]"),
     (["--model-path", "m", "--temperature", "-1"], "--temperature: must be 0 or more"),
     (["--model-path", "m", "--image-file", "nope.png"], "easygen: error: image not found: nope.png"),
