@@ -15,7 +15,7 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, NoReturn
+from typing import Callable, MutableMapping, NoReturn
 
 import torch
 
@@ -80,7 +80,8 @@ FORCED_DESCRIPTION_TOKENS = 64
 class Assistant:
     def __init__(self, loaded: LoadedModel, settings: GenerationSettings | None = None,
                  out_dir: str | os.PathLike = "easygen-images", features: ImageFeatureExtractor | None = None,
-                 feature_cache: str | os.PathLike | None = None, system_message: str = ""):
+                 feature_cache: str | os.PathLike | None = None, system_message: str = "",
+                 feature_memo: MutableMapping[str, torch.Tensor] | None = None):
         self.model, self.processor, self.pipe = loaded.model, loaded.processor, loaded.bidiffuser
         self.settings = settings or GenerationSettings()
         self.out_dir = Path(out_dir)
@@ -91,7 +92,8 @@ class Assistant:
         # {"role": "user"|"assistant", "content": str, "images": [path]}; assistant turns also have
         # "generated": [png path] (their "images" stay empty: only user images feed the LLM)
         self.messages: list[dict] = []
-        self._feature_memo: dict[str, torch.Tensor] = {}
+        # image path -> features; a server shares one (bounded) memo between its conversations
+        self._feature_memo = {} if feature_memo is None else feature_memo
 
     def reset(self) -> None:
         self.messages.clear()

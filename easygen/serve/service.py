@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
@@ -30,6 +30,25 @@ log = logging.getLogger("easygen.serve")
 # emit(kind, payload) from the engine thread: ("text", str), ("progress", (step, total)),
 # ("done", Reply | list[Path]), ("error", Exception)
 Emit = Callable[[str, object], None]
+
+
+class LRUMemo(OrderedDict):
+    """A dict that keeps the ``size`` most recently used entries (features of recent images)."""
+
+    def __init__(self, size: int):
+        super().__init__()
+        self.size = size
+
+    def __getitem__(self, key):
+        value = super().__getitem__(key)
+        self.move_to_end(key)
+        return value
+
+    def __setitem__(self, key, value):
+        super().__setitem__(key, value)
+        self.move_to_end(key)
+        while len(self) > self.size:
+            self.popitem(last=False)
 
 
 class QueueFull(Exception):
@@ -79,6 +98,8 @@ class ChatService:
         self._running = 0
         self._closed = False
         self._seconds_per_job = 1.0        # running average, for Retry-After
+        # uploads are files named by their content hash, so a path always means the same image
+        self._feature_memo = LRUMemo(256)
         self.stats = {"jobs": 0, "batches": 0, "largest_batch": 0, "cancelled": 0}
         self._thread = threading.Thread(target=self._loop, name="easygen-engine", daemon=True)
 
@@ -117,7 +138,7 @@ class ChatService:
     def assistant(self, settings: GenerationSettings | None = None, system: str = "") -> Assistant:
         """A fresh conversation over the shared model (cheap: the model and feature cache are shared)."""
         return Assistant(self.loaded, settings or self.settings, out_dir=self.out_dir, features=self.features,
-                         system_message=system)
+                         system_message=system, feature_memo=self._feature_memo)
 
     # -- the engine thread --------------------------------------------------------------------------
     def _take(self) -> list | None:
