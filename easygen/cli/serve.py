@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 from pathlib import Path
 
 from bidiffuser.cliutil import positive_int
@@ -101,8 +102,15 @@ def run(args) -> int:
         app = create_app(service, config)
         print(f"easygen serve: {config.model_name} ({args.model_path}) on http://{args.host}:{args.port}"
               f"{'' if api_key is None else ' (API key required)'}", flush=True)
+        # uvicorn re-raises the SIGTERM it caught once it has shut down; turned into SystemExit, it
+        # still ends the process with status 0, after the engine stops and the temporary folder goes.
+        signal.signal(signal.SIGTERM, _exit)
         try:
             uvicorn.run(app, host=args.host, port=args.port, log_level="warning", timeout_graceful_shutdown=5)
         finally:
             service.stop()
     return 0
+
+
+def _exit(signum, frame):
+    raise SystemExit(0)
