@@ -35,11 +35,12 @@ def wait_http(url: str, proc: subprocess.Popen | None = None, timeout: float = 1
 
 
 @contextlib.contextmanager
-def running(argv: list[str], ready_url: str, log: Path, env: dict | None = None, timeout: float = 120.0):
-    """Run ``argv`` (a server) until the block ends; its output goes to ``log``."""
+def running(argv: list[str], ready_url: str, log: Path, env: dict | None = None, timeout: float = 120.0,
+            cwd: Path | None = None):
+    """Run ``argv`` (a server) in ``cwd`` until the block ends; its output goes to ``log``."""
     with open(log, "wb") as out:
         proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})},
-                                start_new_session=True)
+                                start_new_session=True, cwd=cwd)
     try:
         wait_http(ready_url, proc, timeout, log)
         yield proc

@@ -23,6 +23,7 @@ SUBCOMMANDS: dict[str, str] = {
     "export": "easygen.cli.export",
     "demo": "easygen.cli.demo",
     "serve": "easygen.cli.serve",
+    "worker": "easygen.cli.worker",
 }
 
 

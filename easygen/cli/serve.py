@@ -37,21 +37,22 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     return p
 
 
-def add_server_args(p: argparse.ArgumentParser, default_port: int = 8000) -> None:
-    """Listening, access and limits: shared with ``easygen worker``."""
+def add_server_args(p: argparse.ArgumentParser, default_port: int = 8000, http_api: bool = True) -> None:
+    """Listening, limits and (for the HTTP API) access: shared with ``easygen worker``."""
     g = p.add_argument_group("server")
     g.add_argument("--host", default="127.0.0.1",
                    help="address to listen on (default 127.0.0.1: this machine only; 0.0.0.0 opens it to the network)")
     g.add_argument("--port", type=int, default=default_port, help=f"port (default {default_port})")
     g.add_argument("--model-name", default=None,
                    help="the model id clients ask for (default: easygen-demo for the demo, else the directory name)")
-    g.add_argument("--api-key", default=None,
-                   help=f"require Authorization: Bearer KEY on /v1 routes (default: ${API_KEY_ENV} if set, else none)")
+    if http_api:
+        g.add_argument("--api-key", default=None, help="require Authorization: Bearer KEY on /v1 routes "
+                       f"(default: ${API_KEY_ENV} if set, else none)")
+        g.add_argument("--max-body-mb", type=float, default=32.0, help="largest request body in MiB (default 32)")
     g.add_argument("--max-queue", type=positive_int, default=64,
-                   help="requests waiting or running before new ones get 429 (default 64)")
+                   help="requests waiting or running before new ones are refused (default 64)")
     g.add_argument("--max-batch-size", type=positive_int, default=8,
                    help="chat turns answered together in one generate call (default 8)")
-    g.add_argument("--max-body-mb", type=float, default=32.0, help="largest request body in MiB (default 32)")
     g.add_argument("--max-image-mb", type=float, default=10.0, help="largest image in MiB (default 10)")
     g.add_argument("--max-image-pixels", type=positive_int, default=4096 * 4096,
                    help="largest image in pixels, checked before decoding (default 16777216 = 4096x4096)")
@@ -104,7 +105,7 @@ def run(args) -> int:
               f"{'' if api_key is None else ' (API key required)'}", flush=True)
         # uvicorn re-raises the SIGTERM it caught once it has shut down; turned into SystemExit, it
         # still ends the process with status 0, after the engine stops and the temporary folder goes.
-        signal.signal(signal.SIGTERM, _exit)
+        signal.signal(signal.SIGTERM, exit_on_sigterm)
         try:
             uvicorn.run(app, host=args.host, port=args.port, log_level="warning", timeout_graceful_shutdown=5)
         finally:
@@ -112,5 +113,5 @@ def run(args) -> int:
     return 0
 
 
-def _exit(signum, frame):
+def exit_on_sigterm(signum, frame):
     raise SystemExit(0)

@@ -35,7 +35,7 @@ NEUTRAL = {"logprobs": (False, None), "presence_penalty": (0, None), "frequency_
            "parallel_tool_calls": (None, True, False), "top_logprobs": (None, 0), "logit_bias": (None, {}),
            "response_format": (None, {"type": "text"}), "store": (None, False), "metadata": (None, {})}
 MAX_STOP = 4
-_MARKDOWN_IMAGE = re.compile(r"!\[([^\]\n]*)\]\(([^)\s]*)\)")
+MARKDOWN_IMAGE = re.compile(r"!\[([^\]\n]*)\]\(([^)\s]*)\)")
 
 
 @dataclass
@@ -132,7 +132,7 @@ def _messages(messages, inbox: ImageInbox) -> tuple[str, list[dict], dict]:
                                   "too_many_images")
             paths = [inbox.save(url, f"{where}.content[{k}]") for k, url in urls]
         else:
-            text = _MARKDOWN_IMAGE.sub(lambda g: f"{IMG_OPEN}{g.group(1)}{IMG_CLOSE}",
+            text = MARKDOWN_IMAGE.sub(lambda g: f"{IMG_OPEN}{g.group(1)}{IMG_CLOSE}",
                                        _text_only(m.get("content"), where, allow_none=True))
             paths = []
         if turns and turns[-1]["role"] == role:  # two in a row: one turn, as the template needs
