@@ -62,17 +62,17 @@ def bench_model(root: Path) -> Path:
     return build(root, recipe, log=lambda line: None).easygen
 
 
-def one_request(client, k: int, urls: list[str], max_tokens: int) -> tuple[float, bool]:
+def one_request(client, k: int, urls: list[str], max_tokens: int) -> tuple[float, bool, int]:
     start = time.perf_counter()
     try:
         r = client.chat.completions.create(model=client.model_name, max_tokens=max_tokens, messages=[
             {"role": "user", "content": [{"type": "image_url", "image_url": {"url": urls[k % len(urls)]}},
                                          {"type": "text", "text": QUESTIONS[k % len(QUESTIONS)]}]}])
-        ok = r.choices[0].message.content is not None
+        ok, tokens = r.choices[0].message.content is not None, r.usage.completion_tokens
     except openai.OpenAIError as e:
         print(f"  request {k}: {type(e).__name__}: {e}", flush=True)
-        ok = False
-    return time.perf_counter() - start, ok
+        ok, tokens = False, 0
+    return time.perf_counter() - start, ok, tokens
 
 
 def load(client, n: int, concurrency: int, urls: list[str], max_tokens: int) -> dict:
@@ -80,8 +80,9 @@ def load(client, n: int, concurrency: int, urls: list[str], max_tokens: int) -> 
     with futures.ThreadPoolExecutor(concurrency) as pool:
         results = list(pool.map(lambda k: one_request(client, k, urls, max_tokens), range(n)))
     wall = time.perf_counter() - start
-    lat = sorted(t for t, _ in results)
-    return {"concurrency": concurrency, "requests": n, "errors": sum(not ok for _, ok in results),
+    lat = sorted(t for t, _, _ in results)
+    return {"concurrency": concurrency, "requests": n, "errors": sum(not ok for _, ok, _ in results),
+            "completion_tokens": sum(k for _, _, k in results),
             "seconds": round(wall, 2), "requests_per_s": round(n / wall, 2),
             "p50_s": round(statistics.median(lat), 3), "p95_s": round(lat[min(len(lat) - 1, int(0.95 * len(lat)))], 3)}
 
@@ -126,6 +127,8 @@ def main() -> None:
             soak = load(client, args.memory_requests, 8, urls, args.max_tokens)
             rss_after = server_rss_mb(base)
     base_rps = next((r["requests_per_s"] for r in rows if r["concurrency"] == 1), None)
+    tokens = [r["completion_tokens"] / max(r["requests"], 1) for r in rows]
+    print(f"answers: {min(tokens):.1f} to {max(tokens):.1f} tokens on average")
     lines = ["| concurrency | requests | errors | requests/s | vs 1 | p50 latency | p95 latency |",
              "|---|---|---|---|---|---|---|"]
     for r in rows:

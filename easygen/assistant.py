@@ -166,8 +166,10 @@ class Assistant:
             raise EasyGenError("images need a BiDiffuser model directory (--bidiffuser)")
         paths = []
         for p in images:
-            load_image(p)  # a bad file fails now, with its name, before anything changes
-            paths.append(str(Path(p).resolve()))
+            path = str(Path(p).resolve())
+            if path not in self._feature_memo:  # (an image already read needs no second check)
+                load_image(p)  # a bad file fails now, with its name, before anything changes
+            paths.append(path)
         user = {"role": "user", "content": text, "images": paths}
         # Work on a new list: an error or Ctrl-C leaves the session as it was before this turn.
         kept, ids, notices = self._fit_context(self.messages + [user])

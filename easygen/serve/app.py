@@ -201,7 +201,7 @@ def create_app(service: ChatService, config: ServeConfig) -> FastAPI:
             reply = await wait_done(request, queue, job)
             if reply is None:  # the client left; nobody reads an answer
                 return JSONResponse({}, status_code=499)
-            return completion(cid, config.model_name, reply, to_url)
+            return JSONResponse(completion(cid, config.model_name, reply, to_url))  # (no re-encoding by FastAPI)
         return StreamingResponse(_stream(job, queue, cid, req, to_url), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 

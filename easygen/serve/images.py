@@ -86,6 +86,11 @@ class ImageInbox:
     def _store(self, data: bytes, param: str) -> str:
         if len(data) > self.limits.max_bytes:
             raise self._too_large(f"{len(data)} bytes, more than {self.limits.max_bytes}", param)
+        digest = hashlib.sha256(data).hexdigest()
+        for ext in FORMATS.values():  # these very bytes were checked and kept before
+            known = self.folder / f"{digest}.{ext}"
+            if known.exists():
+                return str(known)
         try:
             with Image.open(io.BytesIO(data)) as im:  # reads the header only
                 fmt, (w, h) = im.format, im.size
@@ -102,7 +107,7 @@ class ImageInbox:
                               "invalid_image") from None
         except (OSError, SyntaxError, ValueError) as e:
             raise bad_request(f"corrupt or truncated image: {e}", param, "invalid_image") from None
-        path = self.folder / f"{hashlib.sha256(data).hexdigest()}.{FORMATS[fmt]}"
+        path = self.folder / f"{digest}.{FORMATS[fmt]}"
         if not path.exists():
             tmp = path.with_suffix(".part")
             tmp.write_bytes(data)
