@@ -7,6 +7,7 @@ import base64
 import io
 import json
 import sys
+import time
 import urllib.request
 
 import openai
@@ -123,7 +124,10 @@ def test_worker_routes_follow_the_fastchat_contract(stack):
     assert any(a == b for a, b in zip(texts, texts[1:]))  # the text is re-sent while the picture is drawn
     assert "![" in texts[-1] and not any("<Img" in t for t in texts)
 
-    status = json.loads(post(f"{worker}/worker_get_status", {}))
+    deadline = time.monotonic() + 10  # the engine marks itself idle just after its last frame
+    while (status := json.loads(post(f"{worker}/worker_get_status", {})))["queue_length"] and \
+            time.monotonic() < deadline:
+        time.sleep(0.05)
     assert status["model_names"] == ["easygen-demo"] and status["queue_length"] == 0
     assert json.loads(post(f"{worker}/model_details", {}))["context_length"] == 256
     count = json.loads(post(f"{worker}/count_token", {"prompt": prompt}))["count"]
