@@ -41,6 +41,7 @@ IMAGE_NAME = re.compile(r"easygen-[0-9a-f]{32}\.png")
 MAX_DRAWINGS = 4            # n of /v1/images/generations
 MAX_IMAGE_PROMPT = 1000     # characters
 KEEP_ALIVE_SECONDS = 10     # an SSE comment at least this often while the engine works
+INLINE_PARSE_BYTES = 64 * 1024  # smaller requests are checked on the event loop (a thread hop costs more)
 
 
 @dataclass
@@ -99,6 +100,7 @@ def create_app(service: ChatService, config: ServeConfig) -> FastAPI:
             if len(data) > config.max_body_bytes:
                 raise APIError(413, f"request body too large: more than {config.max_body_bytes} bytes",
                                "request_too_large")
+        request.state.body_size = len(data)
         try:
             body = json.loads(data)
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
@@ -187,7 +189,10 @@ def create_app(service: ChatService, config: ServeConfig) -> FastAPI:
     async def chat(request: Request):
         authorize(request)
         body = await read_json(request)
-        req: ChatRequest = await run_in_threadpool(parse_chat_request, body, config.inbox, max_tokens_limit)
+        if request.state.body_size > INLINE_PARSE_BYTES:  # decoding large images must not stall the event loop
+            req: ChatRequest = await run_in_threadpool(parse_chat_request, body, config.inbox, max_tokens_limit)
+        else:
+            req = parse_chat_request(body, config.inbox, max_tokens_limit)
         check_model(req.model)
         if req.images or any(m["images"] for m in req.history):
             if service.features is None:
