@@ -141,6 +141,13 @@ class ChatService:
                          system_message=system, feature_memo=self._feature_memo)
 
     # -- the engine thread --------------------------------------------------------------------------
+    def _end(self, job, kind: str, payload) -> None:
+        """A job's last event; it stops counting as running first, so /health and the worker's
+        queue length never lag behind an answer the client already has."""
+        with self._cond:
+            self._running = max(0, self._running - 1)
+        job.emit(kind, payload)
+
     def _take(self) -> list | None:
         with self._cond:
             while not self._queue and not self._closed:
@@ -181,7 +188,7 @@ class ChatService:
             except Exception as e:  # never let one bad turn stop the engine
                 log.exception("engine error")
                 for job in batch:
-                    job.emit("error", e)
+                    self._end(job, "error", e)
             finally:
                 with self._cond:
                     self._running = 0
@@ -201,7 +208,7 @@ class ChatService:
                                  should_stop=job.cancelled.is_set)
                 ready.append((job, a, turn))
             except BiDiffuserError as e:
-                job.emit("error", e)
+                self._end(job, "error", e)
         if not ready:
             return
         s = ready[0][0].settings
@@ -211,15 +218,15 @@ class ChatService:
             try:
                 reply = a.complete(turn, lambda step, total, job=job: job.emit("progress", (step, total)),
                                    force_image=job.force_image)
-                job.emit("done", reply)
+                self._end(job, "done", reply)
             except Cancelled:
-                job.emit("error", Cancelled("stopped"))
+                self._end(job, "error", Cancelled("stopped"))
             except BiDiffuserError as e:
-                job.emit("error", e)
+                self._end(job, "error", e)
 
     def _draw(self, job: DrawJob) -> None:
         if self.loaded.bidiffuser is None:
-            job.emit("error", BiDiffuserError("this server has no BiDiffuser model: it cannot draw"))
+            self._end(job, "error", BiDiffuserError("this server has no BiDiffuser model: it cannot draw"))
             return
         s = self.settings
 
@@ -231,11 +238,11 @@ class ChatService:
         try:
             paths = render_image_replies(self.loaded.bidiffuser, [job.prompt] * job.n, self.out_dir, s.image_steps,
                                          s.image_scale, job.seed, progress)
-            job.emit("done", paths)
+            self._end(job, "done", paths)
         except Cancelled as e:
-            job.emit("error", e)
+            self._end(job, "error", e)
         except BiDiffuserError as e:
-            job.emit("error", BiDiffuserError(first_line(e)))
+            self._end(job, "error", BiDiffuserError(first_line(e)))
 
 
 def with_overrides(settings: GenerationSettings, **changes) -> GenerationSettings:
