@@ -4,9 +4,11 @@ worker's own routes follow FastChat's worker contract."""
 from __future__ import annotations
 
 import base64
+import http.client
 import io
 import json
 import sys
+import threading
 import time
 import urllib.request
 
@@ -14,19 +16,19 @@ import openai
 import pytest
 from PIL import Image, ImageDraw
 
-from fastchat_ext.model_worker import PromptError, parse_prompt
+from fastchat_ext.model_worker import PromptError, build_prompt, image_url as worker_image, parse_prompt
 
 from .serving import free_port, running
 
 pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore:torch.distributed is disabled:UserWarning")]
 
 
-def image_url(rgb=(40, 80, 220)) -> str:
+def image_url(rgb=(40, 80, 220), fmt="PNG") -> str:
     im = Image.new("RGB", (64, 64), "white")
     ImageDraw.Draw(im).ellipse((12, 12, 52, 52), fill=rgb)
     buf = io.BytesIO()
-    im.save(buf, format="PNG")
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+    im.save(buf, format=fmt)
+    return f"data:image/{fmt.lower()};base64," + base64.b64encode(buf.getvalue()).decode()
 
 
 def post(url: str, body: dict) -> bytes:
@@ -85,6 +87,17 @@ def test_the_stock_api_server_serves_text_images_and_drawings(stack):
     assert url.startswith("data:image/png;base64,")
     assert Image.open(io.BytesIO(base64.b64decode(url.split(",", 1)[1]))).size == (64, 64)
 
+    # a later turn: the picture (kilobytes of data URL) comes back in the history; the worker reads
+    # it as the model's <Img>description</Img> again, for the length check too
+    later = c.chat.completions.create(model="easygen-demo", temperature=0, messages=[
+        {"role": "user", "content": [{"type": "image_url", "image_url": {"url": image_url()}},
+                                     {"type": "text", "text": "What is this?"}]},
+        {"role": "assistant", "content": content},
+        {"role": "user", "content": [{"type": "image_url", "image_url": {"url": image_url((220, 40, 40))}},
+                                     {"type": "image_url", "image_url": {"url": image_url((40, 220, 40))}},
+                                     {"type": "text", "text": "And these?"}]}])
+    assert later.choices[0].message.content and 3 * positions < later.usage.prompt_tokens < 256
+
 
 def test_streaming_breaks_in_the_stock_server_and_works_with_the_fix(stack):
     _, api, fixed = stack
@@ -118,6 +131,10 @@ def test_worker_routes_follow_the_fastchat_contract(stack):
     assert bad["error_code"] == 40001 and "marks 1 images but 0" in bad["text"]
     junk = json.loads(post(f"{worker}/worker_generate", {"prompt": prompt, "images": ["data:image/png;base64,AAAA"]}))
     assert junk["error_code"] == 40001 and "could not be read" in junk["text"]
+    bare = image_url(fmt="JPEG").split(",", 1)[1]  # newer FastChat sends the base64 alone ("/9j/..." for a JPEG)
+    ok = json.loads(post(f"{worker}/worker_generate", {"prompt": prompt, "images": [bare], "temperature": 0,
+                                                        "max_new_tokens": 4}))
+    assert ok["error_code"] == 0 and ok["text"]
 
     raw = post(f"{worker}/worker_generate_stream", {"prompt": " USER: Draw a red circle. ASSISTANT:", "temperature": 0})
     texts = [json.loads(f)["text"] for f in raw.split(b"\0") if f]
@@ -146,3 +163,124 @@ def test_prompts_are_read_back_into_turns():
     assert parse_prompt("Be brief. USER: hi ASSISTANT:")[0] == "Be brief."
     with pytest.raises(PromptError):
         parse_prompt("### Human: hi ### Assistant:")
+    # an empty assistant message (FastChat writes "ASSISTANT:" alone); a drawn picture, back as its tag
+    assert parse_prompt(" USER: hi ASSISTANT:USER: again ASSISTANT:")[1][1] == \
+        {"role": "assistant", "content": "", "num_images": 0}
+    drawn = parse_prompt(" USER: Draw. ASSISTANT: Here: ![a red circle](data:image/png;base64,iVBO+/=)</s>"
+                         "USER: Thanks. ASSISTANT:")[1][1]["content"]
+    assert drawn == "Here: <Img>a red circle</Img>"
+    prompt = (" USER: $$<image>$$What is this? ASSISTANT: A red circle.</s>"
+              "USER: $$<image>$$$$<image>$$And these? ASSISTANT:")
+    assert build_prompt(*parse_prompt(prompt)) == prompt
+    # the question is read exactly, even when it quotes the role names
+    assert parse_prompt(" USER: Say ASSISTANT: hi. USER: ok? ASSISTANT:")[1] == \
+        [{"role": "user", "content": "Say ASSISTANT: hi. USER: ok?", "num_images": 0}]
+    assert parse_prompt(" USER: a ASSISTANT: b</s>USER: c ASSISTANT: d</s>USER: e ASSISTANT:")[1][3]["content"] == "d"
+    for broken in ("USER: hi", " USER: a ASSISTANT: b</s>", " USER: a</s>USER: b ASSISTANT:"):
+        with pytest.raises(PromptError):
+            parse_prompt(broken)
+
+
+def test_images_are_passed_on_as_urls():
+    url = image_url(fmt="JPEG")
+    assert worker_image(url) == url
+    assert worker_image(url.split(",", 1)[1]) == "data:image/png;base64," + url.split(",", 1)[1]
+    assert worker_image("https://example.com/a.png") == "https://example.com/a.png"
+    assert worker_image("file:///etc/passwd") == "file:///etc/passwd"  # (refused by the engine)
+    with pytest.raises(PromptError):
+        worker_image(None)
+
+
+class SlowEngine:
+    """Answers " Hello" and then draws until cancelled."""
+    context_length = 64
+
+    def __init__(self):
+        self.cancels = []
+
+    def submit(self, turns, image_urls, params, emit):
+        cancelled = threading.Event()
+        self.cancels.append(cancelled)
+
+        def run():
+            emit("text", " Hello")
+            step = 0
+            while not cancelled.wait(0.05):
+                emit("progress", (step, 1000))
+                step += 1
+
+        threading.Thread(target=run, daemon=True).start()
+        return cancelled.set
+
+    def count_tokens(self, prompt):
+        return len(prompt)
+
+    def queue_length(self):
+        return sum(not c.is_set() for c in self.cancels)
+
+
+@pytest.fixture
+def slow_worker(monkeypatch):
+    """The worker app on an engine that never finishes, served in this process."""
+    import logging
+
+    import uvicorn
+    from fastchat.serve import base_model_worker
+
+    from fastchat_ext.model_worker import EasyGenWorker, create_app
+
+    # (FastChat's first worker would otherwise send this process's stdout and stderr to its log file)
+    monkeypatch.setattr(base_model_worker, "logger", logging.getLogger("test_fastchat_worker"))
+    monkeypatch.setattr(base_model_worker, "worker", None)
+    engine = SlowEngine()
+    worker = EasyGenWorker(engine, "http://127.0.0.1:1", "http://127.0.0.1:2", "m", "m",
+                           limit_worker_concurrency=1, register=False)
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(create_app(worker), host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.02)
+    yield port, engine
+    server.should_exit = True
+    thread.join(10)
+
+
+def open_stream(port: int, body: dict) -> http.client.HTTPResponse:
+    """A streaming request; closing the response closes the connection (nothing else holds it)."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    conn.request("POST", "/worker_generate_stream", json.dumps(body), {"Content-Type": "application/json"})
+    return conn.getresponse()
+
+
+def test_a_client_that_goes_away_cancels_its_request(slow_worker):
+    port, engine = slow_worker
+    body = {"prompt": " USER: hi ASSISTANT:"}
+    first = open_stream(port, body)
+    frames = first.read(200).split(b"\0")
+    assert json.loads(frames[0]) == {"text": "Hello", "error_code": 0}  # (the answer's leading space dropped)
+    assert json.loads(frames[1])["text"] == "Hello"                      # re-sent while drawing
+
+    # limit_worker_concurrency=1: a second request waits in the worker and counts in the queue length
+    second = []
+    threading.Thread(target=lambda: second.append(open_stream(port, body)), daemon=True).start()
+    deadline = time.monotonic() + 5
+    while json.loads(post(f"http://127.0.0.1:{port}/worker_get_status", {}))["queue_length"] < 2:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    assert len(engine.cancels) == 1
+
+    first.close()  # the client goes away
+    assert engine.cancels[0].wait(5)
+    while not second:  # the waiting request gets its turn
+        assert time.monotonic() < deadline + 5
+        time.sleep(0.05)
+    assert json.loads(second[0].read(100).split(b"\0")[0])["text"] == "Hello"
+    second[0].close()
+    assert engine.cancels[1].wait(5)
+
+    # the non-streaming route notices a client that gave up waiting
+    with pytest.raises(OSError):  # (socket.timeout)
+        urllib.request.urlopen(urllib.request.Request(f"http://127.0.0.1:{port}/worker_generate",
+                                                      data=json.dumps(body).encode()), timeout=0.3)
+    assert len(engine.cancels) == 3 and engine.cancels[2].wait(5)

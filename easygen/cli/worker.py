@@ -10,6 +10,8 @@ import signal
 import tempfile
 from pathlib import Path
 
+from bidiffuser.cliutil import positive_int
+
 from .engine_args import add_engine_args, quiet_libraries, resolve_model
 from .serve import add_server_args
 
@@ -23,6 +25,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     g.add_argument("--controller-address", default="http://127.0.0.1:21001", help="the FastChat controller")
     g.add_argument("--worker-address", default=None,
                    help="the address the controller and API server reach this worker at (default http://HOST:PORT)")
+    g.add_argument("--limit-worker-concurrency", type=positive_int, default=None, metavar="N",
+                   help="requests handed to the engine at once; more wait in the worker and count in the queue "
+                        "length the controller balances by (default: --max-queue, so only the engine's queue limits)")
     g.add_argument("--no-register", dest="register", action="store_false",
                    help="do not register with the controller (to call the worker routes directly)")
     return p
@@ -44,7 +49,8 @@ def run(args) -> int:
         address = args.worker_address or f"http://{args.host}:{args.port}"
         name = model_name(args)
         worker = EasyGenWorker(engine, args.controller_address, address, str(args.model_path), name,
-                               limit_worker_concurrency=args.max_queue, register=args.register)
+                               limit_worker_concurrency=args.limit_worker_concurrency or args.max_queue,
+                               register=args.register)
         print(f"easygen worker: {name} at {address}"
               f"{f', registered with {args.controller_address}' if args.register else ''}", flush=True)
         signal.signal(signal.SIGTERM, exit_on_sigterm)
