@@ -32,7 +32,7 @@ from ..assistant import Cancelled
 from ..image_reply import ImageTagStream
 from .errors import APIError, bad_request
 from .images import ImageInbox
-from .openai_chat import (ChatRequest, chunk, completion, completion_id, parse_chat_request, png_data_url,
+from .openai_chat import (ChatRequest, alt_text, chunk, completion, completion_id, parse_chat_request, png_data_url,
                           reply_content, usage)
 from .service import ChatJob, ChatService, DrawJob, QueueFull, with_overrides
 
@@ -238,7 +238,7 @@ def create_app(service: ChatService, config: ServeConfig) -> FastAPI:
                     reply = payload
                     _, images = reply_content(reply, to_url)
                     urls = [p["image_url"]["url"] for p in images]
-                    rest = tags.finish(lambda d, k: f"![{d}]({urls[k]})" if k < len(urls) else d, reply.text)
+                    rest = tags.finish(lambda d, k: f"![{alt_text(d)}]({urls[k]})" if k < len(urls) else d, reply.text)
                     delta = {"content": rest} if rest else {}
                     if images:
                         delta["images"] = images

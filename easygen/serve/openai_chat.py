@@ -204,11 +204,11 @@ ImageURL = Callable[[Path], str]  # a drawn PNG -> the URL the client gets
 def reply_content(reply: Reply, image_url: ImageURL) -> tuple[str, list[dict]]:
     """The message content (markdown images where the tags stood) and its ``images`` parts."""
     urls = [image_url(p) for p in reply.image_paths]
-    content = replace_image_tags(reply.text, lambda d, k: f"![{_alt(d)}]({urls[k]})" if k < len(urls) else d)
+    content = replace_image_tags(reply.text, lambda d, k: f"![{alt_text(d)}]({urls[k]})" if k < len(urls) else d)
     return content, [{"type": "image_url", "image_url": {"url": u}} for u in urls]
 
 
-def _alt(description: str) -> str:
+def alt_text(description: str) -> str:
     return description.replace("[", "(").replace("]", ")").replace("\n", " ")
 
 
