@@ -36,7 +36,7 @@ from .processor import EasyGenProcessor
 PROJECTOR_FILE = "projector.safetensors"
 # Where each known layout keeps the projector: EasyGen's release, then ours.
 PROJECTOR_PREFIXES = ("model.fastchat_proj.", "projector.")
-# Keys of the original code's unused variant head (DESIGN.md section 4): dropped on load.
+# Keys of the original code's unused variant head (clip_proj): dropped on load.
 UNUSED_PREFIXES = ("model.clip_proj.",)
 # config.json fields that describe a file, not a model.
 CONFIG_NOISE = ("model_type", "architectures", "transformers_version", "_name_or_path", "auto_map")

@@ -1,6 +1,6 @@
 """Benchmark readers: COCO Karpathy captions and VQAv2 questions.
 
-Accepted files (DESIGN.md section 4):
+Accepted files:
 
 - Karpathy ``dataset_coco.json``: ``{"images": [{"filepath", "filename", "cocoid", "split",
   "sentences": [{"raw"}]}]}`` (``filepath``/``cocoid`` optional, as in the Flickr variants);

@@ -13,7 +13,7 @@ from ..assistant import Cancelled
 from ..image_reply import ImageTagStream
 from .errors import APIError
 from .images import ImageInbox
-from .openai_chat import MARKDOWN_IMAGE, png_data_url, reply_content
+from .openai_chat import png_data_url, reply_content
 from .service import ChatJob, ChatService, QueueFull, with_overrides
 
 
@@ -40,13 +40,11 @@ class ServiceEngine:
                 raise APIError(400, "this worker has no BiDiffuser model: it cannot read images")
             if len(image_urls) > self.inbox.limits.max_images:
                 raise APIError(400, f"too many images: at most {self.inbox.limits.max_images} per request")
-            paths = [self.inbox.save(_as_url(u), f"images[{k}]") for k, u in enumerate(image_urls)]
+            paths = [self.inbox.save(u, f"images[{k}]") for k, u in enumerate(image_urls)]
             messages, k = [], 0
             for t in turns:
-                content = t["content"]
-                if t["role"] == "assistant":  # a picture it drew comes back as markdown: the model's tag again
-                    content = MARKDOWN_IMAGE.sub(lambda m: f"<Img>{m.group(1)}</Img>", content)
-                elif IMAGE_PLACEHOLDER in content:
+                content = t["content"]  # (the worker already turned markdown pictures back into tags)
+                if t["role"] == "user" and IMAGE_PLACEHOLDER in content:
                     raise APIError(400, f"a message contains {IMAGE_PLACEHOLDER}, which marks image slots")
                 messages.append({"role": t["role"], "content": content, "images": paths[k:k + t["num_images"]]})
                 k += t["num_images"]
@@ -68,12 +66,6 @@ class ServiceEngine:
         except QueueFull as e:
             raise Busy(f"the worker is busy: retry in {e.retry_after} s") from None
         return lambda: None
-
-
-def _as_url(image: str) -> str:
-    """FastChat passes image URLs as the client sent them; a bare base64 string is taken as one image."""
-    return image if image.startswith(("data:", "http://", "https://", "/", "file:")) else \
-        "data:image/png;base64," + image
 
 
 def _translate(emit: Emit):
