@@ -10,6 +10,7 @@ from typing import Callable, Sequence
 from .errors import BiDiffuserError
 
 DTYPE_NAMES = ("float32", "bfloat16", "float16")
+PRECISION_NAMES = ("auto",) + DTYPE_NAMES  # BiDiffuser precision policies (bidiffuser.precision)
 
 
 def add_device_args(p: argparse.ArgumentParser) -> None:

@@ -24,6 +24,7 @@ from .errors import BiDiffuserError
 from .images import ImageInput, as_pil, center_crop_resize, pil_to_tensor, tensor_to_pil
 from .model_dir import BiDiffuserConfig, read_config
 from .modes import MODES  # noqa: F401  (re-exported)
+from .precision import Precision
 from .sampler import NoiseSchedule, dpm_solver_pp_sample
 from .uvit import load_uvit
 
@@ -74,41 +75,49 @@ class BiDiffuser:
     """Components load lazily, so ``image_to_text_latents`` never loads the CLIP text encoder."""
 
     def __init__(self, config: BiDiffuserConfig, device: str | torch.device = "cpu",
-                 dtype: torch.dtype = torch.float32):
+                 dtype: torch.dtype = torch.float32, precision: Precision | None = None):
+        """``precision`` gives each component its dtype (see bidiffuser.precision); without it,
+        every component runs in ``dtype``."""
         self.config = config
         self.device = torch.device(device)
-        self.dtype = dtype
+        self.precision = precision or Precision.uniform(dtype)
+        self.dtype = self.precision.uvit  # the U-ViT's: what its latents depend on most
         self.schedule = NoiseSchedule.stable_diffusion()
 
     @classmethod
-    def from_pretrained(cls, directory: str | os.PathLike, device="cpu", dtype=torch.float32) -> "BiDiffuser":
-        return cls(read_config(directory), device=device, dtype=dtype)
+    def from_pretrained(cls, directory: str | os.PathLike, device="cpu", dtype=torch.float32,
+                        precision: Precision | None = None) -> "BiDiffuser":
+        return cls(read_config(directory), device=device, dtype=dtype, precision=precision)
 
     # -- components ---------------------------------------------------------------------------
     @_component
     def uvit(self):
-        return load_uvit(self.config.path("uvit"), self.config.uvit, self.device, self.dtype)
+        return load_uvit(self.config.path("uvit"), self.config.uvit, self.device, self.precision.uvit)
 
     @_component
     def caption_decoder(self):
         cfg = self.config
         return load_caption_decoder(cfg.path("caption_decoder"), cfg.caption_decoder, cfg.path("tokenizer"),
-                                    self.device, self.dtype)
+                                    self.device, self.precision.caption_decoder)
 
     @_component
     def autoencoder(self):
-        return load_autoencoder(self.config.path("autoencoder"), self.config.autoencoder, self.device, self.dtype)
+        return load_autoencoder(self.config.path("autoencoder"), self.config.autoencoder, self.device,
+                                self.precision.autoencoder)
 
     @_component
     def clip_image(self):
-        return load_clip_image_encoder(self.config.path("clip_image"), self.device, self.dtype,
+        return load_clip_image_encoder(self.config.path("clip_image"), self.device, self.precision.clip,
                                        backend=self.config.clip_backend)
 
     @_component
     def clip_text(self):
         # The text latent has num_text_tokens rows: 77 for v1, fewer for small models.
-        return load_clip_text_encoder(self.config.path("clip_text"), self.device, self.dtype,
+        return load_clip_text_encoder(self.config.path("clip_text"), self.device, self.precision.clip,
                                       backend=self.config.clip_backend, max_length=self.config.uvit.num_text_tokens)
+
+    def _in(self, dtype: torch.dtype):
+        return self.precision.compute(dtype, self.device)
 
     # -- shapes and noise -----------------------------------------------------------------------
     @property
@@ -128,9 +137,10 @@ class BiDiffuser:
         return torch.randn(shape, generator=generator).to(self.device)
 
     def _nnet(self, img, clip, text, t_img, t_text):
-        """One U-ViT call in the model dtype; outputs back in float32 for the solver."""
-        dt = self.dtype
-        outs = self.uvit(img.to(dt), clip.to(dt), text.to(dt), t_img, t_text, self.config.data_type)
+        """One U-ViT call in its dtype; outputs back in float32 for the solver."""
+        dt = self.precision.uvit
+        with self._in(dt):
+            outs = self.uvit(img.to(dt), clip.to(dt), text.to(dt), t_img, t_text, self.config.data_type)
         return [o.float() for o in outs]
 
     def _sample(self, x: torch.Tensor, model_fn, steps: int, progress: Progress | None) -> torch.Tensor:
@@ -238,9 +248,10 @@ class BiDiffuser:
             generator = list(generator)
         pils = [center_crop_resize(as_pil(im), self.config.resolution) for im in images]
         with torch.inference_mode():
-            pixels = pil_to_tensor(pils).to(self.device, self.dtype)
+            pixels = pil_to_tensor(pils).to(self.device, self.precision.autoencoder)
             z = encode_image(self.autoencoder, pixels, generator=generator).float()
-            clip = self.clip_image.encode(pils).float()
+            with self._in(self.precision.clip):
+                clip = self.clip_image.encode(pils).float()
         return z, clip
 
     def encode_prompts(self, prompts: Sequence[str]) -> torch.Tensor:
@@ -248,14 +259,16 @@ class BiDiffuser:
         if isinstance(prompts, str):
             prompts = [prompts]
         with torch.inference_mode():
-            return self.caption_decoder.encode_prefix(self.clip_text.encode(list(prompts)).to(self.dtype)).float()
+            with self._in(self.precision.clip):
+                features = self.clip_text.encode(list(prompts))
+            return self.caption_decoder.encode_prefix(features.to(self.precision.caption_decoder)).float()
 
     def decode_images(self, z: torch.Tensor) -> list[Image.Image]:
         with torch.inference_mode():
-            return tensor_to_pil(decode_latents(self.autoencoder, z.to(self.dtype)))
+            return tensor_to_pil(decode_latents(self.autoencoder, z.to(self.precision.autoencoder)))
 
     def decode_texts(self, text_latents: torch.Tensor) -> list[str]:
-        return self.caption_decoder.generate_captions(text_latents.to(self.dtype))
+        return self.caption_decoder.generate_captions(text_latents.to(self.precision.caption_decoder))
 
     # -- public modes -----------------------------------------------------------------------------------
     def image_to_text_latents(self, images: Sequence[ImageInput], steps: int = 50, scale: float = 7.0,

@@ -19,7 +19,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import AutoTokenizer
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
 from bidiffuser.checkpoint import (CheckpointError, atomic_dir, load_strict, read_json, read_state_dict,
@@ -28,7 +27,9 @@ from bidiffuser.cliutil import resolve_device, torch_dtype
 from bidiffuser.errors import BiDiffuserError
 from bidiffuser.model_dir import read_config
 from bidiffuser.pipeline import BiDiffuser
+from bidiffuser.precision import Precision
 
+from .llama_tokenizer import load_tokenizer
 from .model import EasyGenConfig, EasyGenForCausalLM
 from .projector import build_projector
 from .processor import EasyGenProcessor
@@ -171,7 +172,7 @@ def _apply_lora(model, adapter: Path, merge: bool):
 def _tokenizer(*candidates: Path):
     for d in candidates:
         if d is not None and any((d / f).exists() for f in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")):
-            return AutoTokenizer.from_pretrained(str(d))
+            return load_tokenizer(d)
     raise BiDiffuserError(f"no tokenizer found in {', '.join(str(c) for c in candidates if c)}")
 
 
@@ -187,8 +188,12 @@ def load_pretrained(model_path: str | os.PathLike, model_base: str | os.PathLike
                     lora: str | os.PathLike | None = None, projector: str | os.PathLike | None = None,
                     merge_lora: bool = False, bidiffuser: str | os.PathLike | None = None,
                     device: str | torch.device | None = None, dtype: str | torch.dtype = "float32",
-                    load_bidiffuser: bool = True, new_projector_hidden: int | None = None) -> LoadedModel:
+                    load_bidiffuser: bool = True, new_projector_hidden: int | None = None,
+                    bidiffuser_dtype: str = "auto") -> LoadedModel:
     """Load an EasyGen model in any of the four layouts (see the module docstring).
+
+    ``dtype`` is the LLM's; ``bidiffuser_dtype`` names BiDiffuser's precision policy
+    (``bidiffuser.precision.Precision.named``: by default the original's, whatever the LLM's).
 
     ``new_projector_hidden``: a plain LLaMA without a projector gets a new random one of this hidden
     size, its input width read from the BiDiffuser directory (how stage 1 starts)."""
@@ -228,7 +233,8 @@ def load_pretrained(model_path: str | os.PathLike, model_base: str | os.PathLike
 
     pipe = None
     if load_bidiffuser and bidiffuser_dir is not None:
-        pipe = BiDiffuser.from_pretrained(bidiffuser_dir, device=device, dtype=dtype)
+        pipe = BiDiffuser.from_pretrained(bidiffuser_dir, device=device,
+                                          precision=Precision.named(bidiffuser_dtype, device))
         width = pipe.config.caption_decoder.n_embd
         if width != model.config.mm_hidden_size:
             raise BiDiffuserError(f"BiDiffuser {bidiffuser_dir} gives {width}-d image features but the model's "

@@ -101,7 +101,7 @@ class ImageFeatureExtractor:
         self.batch_size = batch_size
         # the fingerprint is computed once: it reads the weight files
         self.settings = feature_settings(bidiffuser.config.fingerprint(), self.steps, self.scale, self.seed,
-                                         bidiffuser.dtype)
+                                         bidiffuser.precision.name)
         u = bidiffuser.config.uvit
         self.latent_shape = (u.num_text_tokens, u.text_dim)
         self.hits = self.misses = 0
@@ -171,7 +171,14 @@ class ImageFeatureExtractor:
 
     def __call__(self, images: Sequence[ImageInput], progress: Progress | None = None) -> torch.Tensor:
         """B x 77 x D float32 features (CPU) in input order: ``decode_prefix`` of ``latents(images)``."""
-        latents = self.latents(images, progress)
+        return self._decode_prefix(self.latents(images, progress))
+
+    def from_texts(self, texts: Sequence[str]) -> torch.Tensor:
+        """B x 77 x D features of texts: CLIP text encoder, ``encode_prefix``, ``decode_prefix`` (the
+        original's caption-derived stage-1 features; cheap, so never cached)."""
+        return self._decode_prefix(self.bidiffuser.encode_prompts(list(texts)).cpu())
+
+    def _decode_prefix(self, latents: torch.Tensor) -> torch.Tensor:
         decode_prefix = self.bidiffuser.caption_decoder.decode_prefix
         weight = decode_prefix.weight
         with torch.no_grad():  # not inference_mode: the features feed trainable layers downstream

@@ -5,11 +5,19 @@ image. Tokenizing it gives ordinary token ids plus, per image, ``num_image_token
 sentinel ``IMAGE_TOKEN_ID``; the model later replaces each sentinel run by the projected image
 features (77 positions: the BiDiffuser text latent).
 
-Tokenization rule (as LLaVA and MiniGPT-4 do it): split the prompt at the placeholders, tokenize each
-text chunk on its own without special tokens, and join the chunks with the sentinel runs, after the
-tokenizer's own leading special tokens (LLaMA: BOS). A SentencePiece-style tokenizer therefore
-starts the chunk after an image with its word-start marker; training and generation share this
-code, so the model always sees the same ids for the same prompt.
+The token layout is the original EasyGen's, token for token (the released weights expect it)::
+
+    <s> ▁US ER : ▁< Img >  [77 image positions]  ▁</ Img > ▁  ▁What ... ▁A SS IST ANT : ▁A ... </s> ▁US ER : ...
+
+* the prompt starts at "USER:" (empty system message, no separator before the first turn);
+* the text is cut at each image and right after the "</Img> " that closes it, and every piece is
+  tokenized on its own, so each starts with SentencePiece's word-start marker; the original builds
+  "USER: <Img>", "</Img> " and the question the same way, each with the slow LLaMA tokenizer;
+* special tokens inside the text ("</s>") are the tokenizer's; the text after one starts a word;
+* BOS comes with the image prefix: a prompt without any image has none, as in the original's
+  text-only samples.
+
+Training and generation share this code, so the model always sees the same ids for the same prompt.
 """
 from __future__ import annotations
 
@@ -17,7 +25,7 @@ from typing import Sequence
 
 import torch
 
-from easygen.constants import IGNORE_INDEX, IMAGE_PLACEHOLDER, IMAGE_TOKEN_ID, NUM_IMAGE_TOKENS
+from easygen.constants import IGNORE_INDEX, IMAGE_PLACEHOLDER, IMAGE_TOKEN_ID, IMG_CLOSE, NUM_IMAGE_TOKENS
 from fastchat_ext.conversation import new_conversation, user_message
 
 _ROLES = {"user": 0, "human": 0, "assistant": 1, "gpt": 1}  # LLaVA's names accepted as aliases
@@ -34,7 +42,7 @@ class EasyGenProcessor:
         self.tokenizer = tokenizer
         self.num_image_tokens = num_image_tokens
         # The special tokens the tokenizer puts before any text (LLaMA: [BOS]), found by encoding
-        # a probe both ways rather than assumed, so tokenize_prompt equals tokenizer(prompt).
+        # a probe both ways rather than assumed; they open every prompt that holds an image.
         # Trailing specials (add_eos_token) are deliberately not copied: a prompt is continued.
         with_special = tokenizer("a").input_ids
         plain = tokenizer("a", add_special_tokens=False).input_ids
@@ -63,34 +71,63 @@ class EasyGenProcessor:
             conv.append_message(conv.roles[role], content)
         return conv
 
+    @staticmethod
+    def _text(conv) -> str:
+        """FastChat's prompt, without the separator it puts after an empty system message (the
+        original starts at "USER:")."""
+        prompt = conv.get_prompt()
+        return prompt if conv.system_message else prompt.removeprefix(conv.sep)
+
     def build_prompt(self, messages: Sequence[dict], system: str = "") -> str:
         """The prompt text; after a user turn it ends with "ASSISTANT:" (ready for generation)."""
         conv = self._conversation(messages, system)
         if len(messages) % 2 == 1:
             conv.append_message(conv.roles[1], None)
-        return conv.get_prompt()
+        return self._text(conv)
 
     # ------------------------------------------------------------------ ids
+    @staticmethod
+    def pieces(text: str) -> list[tuple[int, int] | None]:
+        """The layout's cut of ``text``: (start, end) spans, each tokenized on its own, and None
+        where an image goes. The "</Img> " right after an image (its trailing space included) is
+        a piece of its own."""
+        out, pos = [], 0
+        for k, chunk in enumerate(text.split(IMAGE_PLACEHOLDER)):
+            if k:  # an image sits between this chunk and the previous one
+                out.append(None)
+                pos += len(IMAGE_PLACEHOLDER)
+                if chunk.startswith(IMG_CLOSE):
+                    close = len(IMG_CLOSE) + chunk[len(IMG_CLOSE):].startswith(" ")
+                    out.append((pos, pos + close))
+                    pos, chunk = pos + close, chunk[close:]
+            if chunk:
+                out.append((pos, pos + len(chunk)))
+            pos += len(chunk)
+        return out
+
     def _encode(self, text: str, spans: bool = False) -> tuple[list[int], list[tuple[int, int]]]:
         """Ids of ``text`` with sentinel runs and, if asked (fast tokenizers only), each id's
         character span in ``text`` (the placeholder's span for sentinels, empty for BOS)."""
-        ids, where = list(self.prefix_ids), [(0, 0)] * len(self.prefix_ids)
+        cut = self.pieces(text)
+        bos = self.prefix_ids if None in cut else []
+        ids, where = list(bos), [(0, 0)] * len(bos)
         pos = 0
-        for k, chunk in enumerate(text.split(IMAGE_PLACEHOLDER)):
-            if k:  # an image sits between this chunk and the previous one
+        for piece in cut:
+            if piece is None:
                 ids += [IMAGE_TOKEN_ID] * self.num_image_tokens
                 where += [(pos, pos + len(IMAGE_PLACEHOLDER))] * self.num_image_tokens
                 pos += len(IMAGE_PLACEHOLDER)
-            if chunk:
-                enc = self.tokenizer(chunk, add_special_tokens=False, return_offsets_mapping=spans)
-                ids += enc.input_ids
-                if spans:
-                    where += [(pos + a, pos + b) for a, b in enc.offset_mapping]
-            pos += len(chunk)
+                continue
+            a, pos = piece
+            enc = self.tokenizer(text[a:pos], add_special_tokens=False, return_offsets_mapping=spans)
+            ids += enc.input_ids
+            if spans:
+                where += [(a + s, a + e) for s, e in enc.offset_mapping]
         return ids, where
 
     def tokenize_prompt(self, prompt: str) -> list[int]:
-        """BOS + prompt ids, each ``<ImageHere>`` replaced by ``num_image_tokens`` sentinel ids."""
+        """The prompt's ids (see the layout above), each ``<ImageHere>`` replaced by
+        ``num_image_tokens`` sentinel ids."""
         return self._encode(prompt)[0]
 
     def tokenize_conversation(self, messages: Sequence[dict], max_length: int | None = None) -> dict:
@@ -108,15 +145,14 @@ class EasyGenProcessor:
         """
         if not getattr(self.tokenizer, "is_fast", False):
             raise TypeError("tokenize_conversation needs a fast tokenizer (character offsets)")
-        conv = self._conversation(messages)
-        prompt = conv.get_prompt()
+        prompt = self._text(self._conversation(messages))
 
         reply_spans = []
         for i in range(1, len(messages), 2):
             if not messages[i].get("content"):
                 continue
             before = self.build_prompt(messages[:i])                     # ends with "ASSISTANT:"
-            upto = self._conversation(messages[:i + 1]).get_prompt()   # ends with "reply</s>"
+            upto = self._text(self._conversation(messages[:i + 1]))   # ends with "reply</s>"
             if not (upto.startswith(before) and prompt.startswith(upto)):
                 raise AssertionError("the conversation template does not build prompts incrementally")
             reply_spans.append((len(before), len(upto)))

@@ -17,6 +17,7 @@ from tokenizers import Regex, Tokenizer, models, pre_tokenizers, trainers
 from transformers import LlamaConfig, LlamaTokenizer
 
 from easygen.constants import IMG_CLOSE, IMG_OPEN
+from easygen.llama_tokenizer import llama_tokenizer
 
 SPECIAL_TOKENS = ("<unk>", "<s>", "</s>")  # ids 0, 1, 2, as in LLaMA
 NUM_BYTE_TOKENS = 256
@@ -62,8 +63,8 @@ def build_llama_tokenizer(out_dir: str | Path | None, corpus: list[str] | None =
 
     ``vocab_size`` is an upper bound (special + byte tokens included); a small corpus may yield
     fewer pieces, so size models with ``len(tokenizer)``. When ``out_dir`` is given, the tokenizer
-    is written there with ``save_pretrained`` and ``AutoTokenizer.from_pretrained(out_dir)`` loads
-    it offline. ``<Img>``/``</Img>`` stay ordinary text (the corpus just makes them short pieces).
+    is written there with ``save_pretrained`` and ``easygen.llama_tokenizer.load_tokenizer(out_dir)``
+    loads it offline, with the same behaviour as LLaMA's (see that module). ``<Img>``/``</Img>`` stay ordinary text (the corpus just makes them short pieces).
     """
     reserved = len(SPECIAL_TOKENS) + NUM_BYTE_TOKENS
     if vocab_size <= reserved:
@@ -92,8 +93,7 @@ def build_llama_tokenizer(out_dir: str | Path | None, corpus: list[str] | None =
         vocab.setdefault(piece, len(vocab))
     merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in learned["merges"]]
 
-    tokenizer = LlamaTokenizer(vocab=vocab, merges=merges, add_bos_token=True, add_eos_token=False,
-                               pad_token="<unk>")
+    tokenizer = llama_tokenizer(vocab, merges)
     if out_dir is not None:
         tokenizer.save_pretrained(str(out_dir))
     return tokenizer

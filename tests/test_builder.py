@@ -4,6 +4,7 @@ import shutil
 
 import pytest
 import torch
+from PIL import Image
 from peft import LoraConfig, get_peft_model
 from transformers import LlamaForCausalLM
 
@@ -117,10 +118,22 @@ def _saved_projector(lm, tmp_path):
     return path
 
 
-def test_dtype_is_honoured(tiny_easygen_dir):
+def test_llm_and_bidiffuser_dtypes_are_independent(tiny_easygen_dir):
+    """The LLM takes --dtype; BiDiffuser its own policy: by default (CPU) all float32, and in half
+    precision only the U-ViT and CLIP, the VAE and caption decoder staying float32 (the original's)."""
     loaded = load_pretrained(tiny_easygen_dir, dtype="bfloat16")
     assert {p.dtype for p in loaded.model.parameters()} == {torch.bfloat16}
-    assert loaded.bidiffuser.dtype == torch.bfloat16
+    pipe = loaded.bidiffuser
+    assert pipe.precision.name == "float32" and next(pipe.uvit.parameters()).dtype == torch.float32
+
+    pipe = load_pretrained(tiny_easygen_dir, bidiffuser_dtype="bfloat16").bidiffuser
+    dtypes = {name: {p.dtype for p in getattr(pipe, name).parameters()}
+              for name in ("uvit", "autoencoder", "caption_decoder")}
+    assert dtypes == {"uvit": {torch.bfloat16}, "autoencoder": {torch.float32}, "caption_decoder": {torch.float32}}
+    out = pipe.image_to_text_latents([Image.new("RGB", (40, 30), "red")], steps=2, seed=0)
+    assert out.dtype == torch.float32 and torch.isfinite(out).all()
+    images = pipe.text_to_image("a red circle", steps=2, seed=0).images
+    assert images[0].size == (pipe.config.resolution,) * 2
 
 
 def test_bad_checkpoints_are_clear_errors(tiny_easygen_dir, tmp_path):

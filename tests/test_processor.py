@@ -8,10 +8,10 @@ import time
 import pytest
 import torch
 from fastchat.conversation import conv_templates, get_conv_template
-from transformers import AutoTokenizer
 
 import fastchat_ext.conversation as easygen_conv
-from easygen.constants import IGNORE_INDEX, IMAGE_PLACEHOLDER, IMAGE_SLOT, IMAGE_TOKEN_ID
+from easygen.constants import IGNORE_INDEX, IMAGE_PLACEHOLDER, IMAGE_SLOT, IMAGE_TOKEN_ID, IMG_CLOSE
+from easygen.llama_tokenizer import load_tokenizer
 from easygen.processor import EasyGenProcessor
 from easygen.tiny import build_llama_tokenizer, tiny_llama_config
 
@@ -30,10 +30,10 @@ REPLIES = [m["content"] for m in MESSAGES if m["role"] == "assistant"]
 
 @pytest.fixture(scope="module")
 def tokenizer(tmp_path_factory):
-    """The tiny tokenizer, saved and reloaded through AutoTokenizer (the offline user path)."""
+    """The tiny tokenizer, saved and reloaded as the builder loads it (the offline user path)."""
     out = tmp_path_factory.mktemp("tiny_tokenizer")
     build_llama_tokenizer(out)
-    return AutoTokenizer.from_pretrained(out)
+    return load_tokenizer(out)
 
 
 @pytest.fixture(scope="module")
@@ -82,12 +82,14 @@ def test_prompt_matches_fastchat_vicuna(proc):
                f"And what colour is this {IMAGE_SLOT} square?", REPLIES[2]]
     for i, text in enumerate(written):
         conv.append_message(conv.roles[i % 2], text)
-    assert proc.build_prompt(MESSAGES) == conv.get_prompt()
+    # The original EasyGen starts at "USER:": no separator after the empty system message.
+    assert " " + proc.build_prompt(MESSAGES) == conv.get_prompt()
 
     conv.append_message(conv.roles[0], "One more?")
     conv.append_message(conv.roles[1], None)
     prompt = proc.build_prompt(MESSAGES + [{"role": "user", "content": "One more?"}])
-    assert prompt == conv.get_prompt() and prompt.endswith("USER: One more? ASSISTANT:")
+    assert " " + prompt == conv.get_prompt() and prompt.endswith("USER: One more? ASSISTANT:")
+    assert proc.build_prompt(MESSAGES[:1], system="Be brief.").startswith("Be brief. USER: ")
 
 
 def test_bad_messages_are_rejected(proc):
@@ -98,12 +100,13 @@ def test_bad_messages_are_rejected(proc):
 
 
 # ---------------------------------------------------------------- prompt ids
-def test_tokenize_prompt_without_image_equals_tokenizer(proc, tokenizer):
+def test_tokenize_prompt_without_image_equals_tokenizer_without_bos(proc, tokenizer):
+    """As in the original, BOS comes with the image prefix: a text-only prompt has none."""
     text_only = [{"role": m["role"], "content": m["content"].replace("<image> ", "")} for m in MESSAGES]
     for prompt in [proc.build_prompt(text_only[:1]), proc.build_prompt(text_only),
                    "plain text with </s> inside and ü"]:
         assert IMAGE_PLACEHOLDER not in prompt
-        assert proc.tokenize_prompt(prompt) == tokenizer(prompt).input_ids
+        assert proc.tokenize_prompt(prompt) == tokenizer(prompt, add_special_tokens=False).input_ids
 
 
 def test_image_runs_are_77_sentinels_in_place(proc, tokenizer):
@@ -111,13 +114,19 @@ def test_image_runs_are_77_sentinels_in_place(proc, tokenizer):
     ids = proc.tokenize_prompt(prompt)
     assert runs(ids) == [(s, 77) for s, _ in runs(ids)] and len(runs(ids)) == 2
     assert proc.count_images(ids) == 2 and proc.count_images(torch.tensor(ids)) == 2
-    # Independently: the first run starts right after the ids of the text before the placeholder;
-    # each later text chunk is tokenized on its own (no special tokens) between the runs.
+    # Independently: the first run starts right after BOS and the ids of the text before the
+    # placeholder; after each image, "</Img> " and the rest are each tokenized on their own.
     head, middle, tail = prompt.split(IMAGE_PLACEHOLDER)
     (first, _), (second, _) = runs(ids)
-    assert first == len(tokenizer(head).input_ids)
-    assert ids[first + 77:second] == tokenizer(middle, add_special_tokens=False).input_ids
-    assert ids[second + 77:] == tokenizer(tail, add_special_tokens=False).input_ids
+    assert ids[:first] == tokenizer(head).input_ids
+
+    def after_image(text):
+        close = IMG_CLOSE + " "
+        assert text.startswith(close)
+        return (tokenizer(close, add_special_tokens=False).input_ids
+                + tokenizer(text[len(close):], add_special_tokens=False).input_ids)
+    assert ids[first + 77:second] == after_image(middle)
+    assert ids[second + 77:] == after_image(tail)
 
 
 def test_eos_text_is_one_token(tokenizer):
@@ -192,7 +201,7 @@ def test_tiny_tokenizer_is_fast_llama_like_and_round_trips(tmp_path):
     t0 = time.perf_counter()
     tok = build_llama_tokenizer(tmp_path)
     assert time.perf_counter() - t0 < 1.0
-    loaded = AutoTokenizer.from_pretrained(tmp_path)
+    loaded = load_tokenizer(tmp_path)
     assert [loaded.unk_token_id, loaded.bos_token_id, loaded.eos_token_id] == [0, 1, 2]
     assert loaded.convert_ids_to_tokens([3, 258]) == ["<0x00>", "<0xFF>"]  # LLaMA's byte tokens
     assert len(loaded) == len(tok) <= 1000
@@ -202,6 +211,9 @@ def test_tiny_tokenizer_is_fast_llama_like_and_round_trips(tmp_path):
     assert ids[0] == 1 and 0 not in ids  # BOS first; byte fallback: never <unk>
     assert loaded.decode(ids, skip_special_tokens=True) == text  # <Img>/</Img> are not special
     assert len(loaded.tokenize("<Img>")) <= 2
+    # LLaMA's slow-tokenizer behaviour: a word starts after </s>, and before a leading space.
+    assert loaded.tokenize("a</s>USER") == ["▁a", "</s>", *loaded.tokenize("USER")]
+    assert loaded.tokenize(" a")[0] == "▁"
 
 
 def test_tiny_llama_config():

@@ -16,7 +16,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     tasks = p.add_subparsers(dest="demo_task", required=True, metavar="TASK")
     b = tasks.add_parser("build", help="generate the data and train every stage (resumable; ~20 min on 2 CPU cores)")
     b.add_argument("--out", type=Path, default=None, metavar="DIR",
-                   help="where to build (default $EASYGEN_DEMO_DIR, else ~/.cache/easygen/demo-shapes-v2)")
+                   help="where to build (default $EASYGEN_DEMO_DIR, else ~/.cache/easygen/demo-shapes-v3)")
     b.add_argument("--recipe", choices=["full", "ci"], default="full",
                    help="full (the default) or ci: a few steps of everything, to test the plumbing")
     e = tasks.add_parser("eval", help="caption, VQA and image-reply accuracy and CIDEr on held-out images")

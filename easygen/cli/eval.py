@@ -4,7 +4,9 @@
 Both run the same way: read the benchmark, generate what the predictions file does not hold yet
 (resumable; split across ranks under torchrun), then on rank 0 score, write the results JSON
 atomically and print a one-screen summary. Defaults follow LAVIS's COCO captioning recipe (beam 5,
-8 to 30 new tokens, no sampling) and the usual short-answer VQA prompt (greedy, short answers).
+8 to 30 new tokens, no sampling); the prompts are EasyGen's own (``--prompt-style easygen``, what
+its released weights and our recipe train on) unless ``--prompt-style llava`` or ``--prompt`` says
+otherwise.
 
 Only argparse and the light bidiffuser.cliutil are imported at the top (``easygen --help`` stays
 instant); torch, the model and pycocoevalcap are imported when a command runs.
@@ -16,8 +18,8 @@ import argparse
 from bidiffuser.cliutil import positive_int
 from .model_args import add_model_args
 
-CAPTION_PROMPT = "A short image caption:"
-VQA_PROMPT = "{question}\nAnswer the question using a single word or phrase."
+# Kept light: easygen --help must not import torch (easygen.eval.prompts imports nothing heavy).
+from ..eval.prompts import DEFAULT_PROMPT_STYLE, PROMPT_STYLES
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -32,7 +34,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     c.add_argument("--gt", metavar="JSON", help="LAVIS coco_karpathy_test_gt.json: the references "
                    "(default: the captions in the LAVIS file)")
     c.add_argument("--split", help="Karpathy split of dataset_coco.json: test (default), val, train, restval")
-    _common(c, prompt=CAPTION_PROMPT, beam=5, max_new=30, min_new=8)
+    _common(c, task="caption", beam=5, max_new=30, min_new=8)
     c.add_argument("--no-java", action="store_true",
                    help="score without Java (simple tokenizer, no METEOR/SPICE): labelled non-comparable")
     c.add_argument("--spice", action="store_true",
@@ -42,11 +44,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                          description="Answer VQAv2-format questions and score them with the official VQA accuracy.")
     v.add_argument("--questions", required=True, metavar="JSON", help="VQAv2 questions file")
     v.add_argument("--annotations", required=True, metavar="JSON", help="VQAv2 annotations file")
-    _common(v, prompt=VQA_PROMPT, beam=1, max_new=10, min_new=1)
+    _common(v, task="vqa", beam=1, max_new=10, min_new=1)
     return p
 
 
-def _common(p: argparse.ArgumentParser, prompt: str, beam: int, max_new: int, min_new: int) -> None:
+def _common(p: argparse.ArgumentParser, task: str, beam: int, max_new: int, min_new: int) -> None:
     add_model_args(p)
     g = p.add_argument_group("data and output")
     g.add_argument("--image-root", required=True, metavar="DIR", help="folder the image paths are relative to")
@@ -57,8 +59,12 @@ def _common(p: argparse.ArgumentParser, prompt: str, beam: int, max_new: int, mi
                         "(default: OUT with .predictions.jsonl)")
     g.add_argument("--quiet", action="store_true", help="no progress bar")
     g = p.add_argument_group("generation")
-    g.add_argument("--prompt", default=prompt, help=f"user message{' template' if '{' in prompt else ''} "
-                   f"(default: {prompt!r})")
+    styles = "; ".join(f"{name}: {getattr(style, task)!r}" for name, style in PROMPT_STYLES.items())
+    g.add_argument("--prompt-style", choices=sorted(PROMPT_STYLES), default=DEFAULT_PROMPT_STYLE,
+                   help=f"which recipe's prompt to use (default {DEFAULT_PROMPT_STYLE}, the original EasyGen's; "
+                        f"{styles})")
+    g.add_argument("--prompt", help="user message" + (" template with {question}" if task == "vqa" else "")
+                   + " (overrides --prompt-style)")
     g.add_argument("--beam", type=positive_int, default=beam, metavar="N",
                    help=f"beam size (default {beam}; 1 = greedy)")
     g.add_argument("--max-new-tokens", type=positive_int, default=max_new, metavar="N", help=f"default {max_new}")
@@ -73,6 +79,7 @@ def _common(p: argparse.ArgumentParser, prompt: str, beam: int, max_new: int, mi
 
 
 def run(args: argparse.Namespace) -> int:
+    import sys
     import time
     from pathlib import Path
 
@@ -86,6 +93,9 @@ def run(args: argparse.Namespace) -> int:
     started = time.time()
     if not 0 <= args.min_new_tokens <= args.max_new_tokens:
         raise EasyGenError(f"--min-new-tokens {args.min_new_tokens} must lie between 0 and --max-new-tokens")
+    style = "custom" if args.prompt else args.prompt_style
+    if not args.prompt:
+        args.prompt = getattr(PROMPT_STYLES[args.prompt_style], args.eval_task)
     if args.eval_task == "vqa" and "{question}" not in args.prompt:
         raise EasyGenError("--prompt for vqa must contain {question}")
     out = Path(args.out)
@@ -116,12 +126,16 @@ def run(args: argparse.Namespace) -> int:
         raise EasyGenError("no BiDiffuser directory: give --bidiffuser (or put it in the model directory as bidiffuser/)")
     # Everything the predictions depend on: a predictions file made under another header is refused.
     header = {"task": args.eval_task, "model": model_fp, "bidiffuser": read_config(bidiffuser_dir).fingerprint(),
-              "prompt": args.prompt, "decoding": decoding, "features": features, "dtype": args.dtype}
+              "prompt": args.prompt, "decoding": decoding, "features": features, "dtype": args.dtype,
+              "bidiffuser_dtype": args.bidiffuser_dtype}
+
+    print(f"easygen eval: prompt style {style}: {args.prompt!r}", file=sys.stderr)
 
     def make_predict():
         qa = runner.load_image_qa(args.model_path, args.model_base, args.lora, args.projector, str(bidiffuser_dir),
                                   args.device, args.dtype, dist, args.feature_steps, args.feature_scale,
-                                  args.feature_seed, args.feature_cache, args.batch_size, decoding)
+                                  args.feature_seed, args.feature_cache, args.batch_size, decoding,
+                                  args.bidiffuser_dtype)
 
         def predict(batch):
             if args.eval_task == "caption":
@@ -145,8 +159,8 @@ def run(args: argparse.Namespace) -> int:
                       "projector": args.projector, "fingerprint": header["model"]},
             "bidiffuser": {"path": str(bidiffuser_dir), "fingerprint": header["bidiffuser"]},
             "data": data_info,
-            "prompt": args.prompt, "decoding": decoding, "features": features, "dtype": args.dtype,
-            "predictions": str(predictions), "reused_predictions": preds.reused, "world_size": dist.world,
+            "prompt_style": style, "prompt": args.prompt, "decoding": decoding, "features": features,
+            "dtype": args.dtype, "bidiffuser_dtype": args.bidiffuser_dtype, "predictions": str(predictions), "reused_predictions": preds.reused, "world_size": dist.world,
         }
         results.update(_score_caption(args, samples, preds.records) if args.eval_task == "caption"
                        else _score_vqa(args, samples, preds.records))
@@ -192,10 +206,11 @@ def summary(r: dict, out) -> str:
     lines = [f"EasyGen eval: {title}",
              f"  model       {r['model']['path']}  (fingerprint {r['model']['fingerprint'][:12]})",
              f"  bidiffuser  {r['bidiffuser']['path']}  (fingerprint {r['bidiffuser']['fingerprint'][:12]})",
-             f"  prompt      {r['prompt']!r}",
+             f"  prompt      {r['prompt']!r}  ({r.get('prompt_style', 'custom')} style)",
              f"  decoding    beam {d['num_beams']}, {d['min_new_tokens']}-{d['max_new_tokens']} new tokens, "
              "no sampling",
-             f"  features    BiDiffuser {f['steps']} steps, scale {f['scale']:g}, seed {f['seed']}; {r['dtype']}"]
+             f"  features    BiDiffuser {f['steps']} steps, scale {f['scale']:g}, seed {f['seed']}; LLM {r['dtype']}, "
+             f"BiDiffuser {r.get('bidiffuser_dtype', 'auto')}"]
     if r["task"] == "caption":
         lines.append(f"  tokenizer   {r['tokenizer']}")
     rule = "  " + "-" * 40

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from bidiffuser.cliutil import add_device_args
+from bidiffuser.cliutil import PRECISION_NAMES, add_device_args
 
 
 def add_model_args(p: argparse.ArgumentParser, model_path_note: str = "", required: bool = True) -> None:
@@ -17,3 +17,7 @@ def add_model_args(p: argparse.ArgumentParser, model_path_note: str = "", requir
     g.add_argument("--projector", metavar="FILE", help="projector file, for a plain LLaMA/Vicuna --model-path")
     g.add_argument("--bidiffuser", metavar="DIR", help="BiDiffuser model directory (default: MODEL_PATH/bidiffuser)")
     add_device_args(g)
+    g.add_argument("--bidiffuser-dtype", choices=PRECISION_NAMES, default="auto",
+                   help="precision of the U-ViT and CLIP encoders, independent of the LLM's --dtype (default auto: "
+                        "float16 autocast on CUDA, as the original EasyGen; float32 on CPU). The VAE and the "
+                        "caption decoder always run in float32")

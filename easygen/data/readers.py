@@ -28,20 +28,12 @@ from easygen.constants import IMAGE_PLACEHOLDER, IMG_CLOSE, IMG_OPEN
 from easygen.json_fields import BadRow, json_field, json_list
 from easygen.errors import EasyGenError
 from easygen.eval.data import read_json, read_karpathy
+from easygen.eval.prompts import DESCRIBE_INSTRUCTIONS
 from fastchat_ext.conversation import user_message
 
-# Brief-description instructions for caption data (from LLaVA's stage-1 list): a caption example
-# gets one, chosen from its id, so the choice is the same in every run and on every rank.
-CAPTION_PROMPTS = (
-    "Describe the image concisely.",
-    "Provide a brief description of the given image.",
-    "Offer a succinct explanation of the picture presented.",
-    "Summarize the visual content of the image.",
-    "Give a short and clear explanation of the image.",
-    "Share a concise interpretation of the image provided.",
-    "Write a terse but informative summary of the picture.",
-    "Render a clear and concise summary of the photo.",
-)
+# Caption data gets one of the original EasyGen's brief-description instructions, chosen from the
+# example's id, so the choice is the same in every run and on every rank.
+CAPTION_PROMPTS = DESCRIBE_INSTRUCTIONS
 
 _LLAVA_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
 
@@ -71,7 +63,14 @@ def caption_example(example_id: str, image: Path, caption: str, source: str) -> 
     return {"id": example_id, "images": [os.path.abspath(image)],
             "messages": [{"role": "user", "content": caption_prompt(example_id), "num_images": 1},
                          {"role": "assistant", "content": caption.strip()}],
-            "source": source}
+            "source": source, "caption": caption.strip()}
+
+
+def caption_text_example(example: dict) -> dict:
+    """A caption example whose image features come from the caption's own text (CLIP text encoder,
+    then the caption decoder's prefix), as the original EasyGen's stage 1 adds them: the LLM learns
+    to read BiDiffuser's text space from both sides."""
+    return {**example, "id": f"{example['id']}#text", "images": [], "feature_texts": [example["caption"]]}
 
 
 def _resolve(root: Path, image: Any) -> Path:

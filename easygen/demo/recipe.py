@@ -40,7 +40,7 @@ from ..errors import EasyGenError
 from . import world
 
 FORMAT = "easygen-demo-shapes"
-VERSION = 2  # the default folder's name carries it: a new recipe never meets an old cache
+VERSION = 3  # the default folder's name carries it: a new recipe never meets an old cache
 Log = Callable[[str], None]
 FEATURE_SEED = 1234  # `easygen features`, `easygen train` and chat's default: one image, one feature
 

@@ -14,24 +14,39 @@ class Batcher:
                  features: ImageFeatureExtractor | None):
         self.examples, self.processor, self.max_length, self.features = examples, processor, max_length, features
 
-    def tokenize(self, index: int) -> tuple[list[int], list[int], list[str]]:
+    def tokenize(self, index: int) -> tuple[list[int], list[int], list]:
+        """(ids, labels, feature sources): an image path each, or ("text", caption) for features made
+        from text (an example with ``feature_texts`` instead of images)."""
         ex = self.examples[index]
         tok = self.processor.tokenize_conversation(ex["messages"], max_length=self.max_length)
         ids, labels = tok["input_ids"], tok["labels"]
         kept = self.processor.count_images(ids)  # truncation may drop trailing images
-        return ids, labels, list(ex.get("images", []))[:kept]
+        sources = list(ex.get("images", [])) + [("text", t) for t in ex.get("feature_texts", [])]
+        return ids, labels, sources[:kept]
 
     def __call__(self, indices: list[int]) -> dict:
         rows = [self.tokenize(i) for i in indices]
         batch = self.processor.pad_batch([r[0] for r in rows], side="right", labels=[r[1] for r in rows])
-        images = [p for r in rows for p in r[2]]
-        if images:
+        sources = [s for r in rows for s in r[2]]
+        if sources:
             if self.features is None:
                 raise EasyGenError("the data has images but no BiDiffuser directory is configured "
                                    "(set bidiffuser=DIR, or put it in the model directory as bidiffuser/)")
-            batch["image_features"] = self.features(images)
+            batch["image_features"] = self._features(sources)
         batch["num_tokens"] = int(batch["attention_mask"].sum())  # every position the model processes
         return batch
+
+    def _features(self, sources: list) -> torch.Tensor:
+        """Features in ``sources`` order: images through the extractor, texts through BiDiffuser's
+        text encoder (both end in ``decode_prefix``)."""
+        texts = [i for i, s in enumerate(sources) if isinstance(s, tuple)]
+        images = [i for i, s in enumerate(sources) if not isinstance(s, tuple)]
+        parts = {}
+        if images:
+            parts.update(zip(images, self.features([sources[i] for i in images])))
+        if texts:
+            parts.update(zip(texts, self.features.from_texts([sources[i][1] for i in texts])))
+        return torch.stack([parts[i] for i in range(len(sources))])
 
 
 def to_device(batch: dict, device: torch.device) -> dict:

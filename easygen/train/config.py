@@ -32,6 +32,9 @@ class TrainConfig:
     lora_alpha: int = 16
     lora_dropout: float = 0.05
     lora_targets: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    train_projector: bool = True         # instruct: False freezes the projector (the original's LoRA run)
+    train_lm_head: bool = False          # pretrain: also train lm_head (the original's stage 1)
+    caption_text_features: bool = False  # also train each caption on features made from its own text
     projector_hidden_size: int = 3072    # for a new projector (stage 1 from a plain LLaMA)
     lr: float = 2e-5
     weight_decay: float = 0.0
@@ -68,6 +71,10 @@ class TrainConfig:
             problems.append("strategy deepspeed needs deepspeed_config (see scripts/zero2.json)")
         if self.lora and self.stage == "pretrain":
             problems.append("lora applies to stage instruct (stage pretrain trains only the projector)")
+        if self.train_lm_head and self.stage != "pretrain":
+            problems.append("train_lm_head applies to stage pretrain (stage instruct trains the LLM already)")
+        if not self.train_projector and self.stage == "pretrain":
+            problems.append("train_projector=false leaves nothing to train in stage pretrain")
         if self.precision not in ("auto", "bf16", "fp32"):
             problems.append("precision must be auto, bf16 or fp32")
         if self.max_grad_norm < 0:
@@ -81,7 +88,8 @@ class TrainConfig:
 
     # Settings that fix the data order and what is trained: a resumed run must keep them.
     RESUME_KEYS = ("stage", "model", "projector", "data", "lora", "lora_r", "lora_alpha", "lora_targets",
-                   "micro_batch_size", "grad_accum", "epochs", "max_steps", "seed", "strategy", "max_length")
+                   "micro_batch_size", "grad_accum", "epochs", "max_steps", "seed", "strategy", "max_length",
+                   "train_projector", "train_lm_head", "caption_text_features")
 
     def resume_mismatch(self, saved: dict) -> list[str]:
         """The resume-relevant settings that differ from a run's saved ``train_config.json``."""
@@ -100,9 +108,27 @@ def _parse_value(text: str):
         return text
 
 
-def load_config(path: str | None, overrides: list[str] = (), **defaults) -> TrainConfig:
-    """File values over ``defaults``, then ``key=value`` overrides; unknown keys are an error."""
-    values = dict(defaults)
+# Named recipes (``easygen train --preset NAME``): ours, and the original EasyGen's as its training
+# scripts and code run them. The README compares them; any setting can still be overridden.
+PRESETS: dict[str, dict] = {
+    "stage1": dict(stage="pretrain", lr=2e-3, warmup_ratio=0.03),
+    "lora": dict(stage="instruct", lora=True, lora_r=8, lora_alpha=16, lr=2e-4,
+                 lora_targets=["q_proj", "k_proj", "v_proj", "o_proj"], train_projector=True),
+    "original-stage1": dict(stage="pretrain", lr=2e-5, warmup_ratio=0.04, train_lm_head=True,
+                            caption_text_features=True, micro_batch_size=4, grad_accum=4, max_length=2048,
+                            activation_checkpointing=True),
+    "original-lora": dict(stage="instruct", lora=True, lora_r=8, lora_alpha=32, lora_dropout=0.05,
+                          lora_targets=["q_proj", "v_proj"], train_projector=False, lr=2e-5, warmup_ratio=0.03,
+                          micro_batch_size=32, grad_accum=4, max_length=2048, activation_checkpointing=True),
+}
+
+
+def load_config(path: str | None, overrides: list[str] = (), preset: str | None = None, **defaults) -> TrainConfig:
+    """``preset`` values, then ``defaults``, then file values, then ``key=value`` overrides; unknown
+    keys are an error."""
+    if preset is not None and preset not in PRESETS:
+        raise EasyGenError(f"unknown preset {preset!r} (choose from {', '.join(PRESETS)})")
+    values = {**PRESETS.get(preset, {}), **defaults}
     if path:
         p = Path(path)
         if not p.is_file():

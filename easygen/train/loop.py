@@ -36,6 +36,7 @@ from bidiffuser.train_checkpoint import (STATE_FILE, complete_checkpoints, load_
 
 from ..builder import load_pretrained
 from ..constants import IGNORE_INDEX
+from ..data.readers import caption_text_example
 from ..errors import EasyGenError
 from ..features import ImageFeatureExtractor
 from .batches import Batcher, to_device
@@ -60,14 +61,17 @@ def build_model(cfg: TrainConfig, device="cpu"):
     if cfg.stage == "pretrain":
         model.requires_grad_(False)
         model.projector.requires_grad_(True)
+        model.lm_head.requires_grad_(cfg.train_lm_head)  # the original's stage 1 trains it too
     elif cfg.lora:
         from peft import LoraConfig, get_peft_model
         model = get_peft_model(model, LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
                                                  lora_dropout=cfg.lora_dropout, target_modules=cfg.lora_targets,
                                                  modules_to_save=None))
-        model.base_model.model.projector.requires_grad_(True)  # the projector is tuned with the adapter
+        # ours tunes the projector with the adapter; the original's LoRA run keeps it frozen
+        model.base_model.model.projector.requires_grad_(cfg.train_projector)
     else:
         model.requires_grad_(True)
+        model.projector.requires_grad_(cfg.train_projector)
     if cfg.activation_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
@@ -178,6 +182,11 @@ def train(cfg: TrainConfig, examples: list[dict], eval_examples: list[dict] | No
             p.write_text(cfg.to_json())
     bf16 = _use_bf16(cfg, env)
 
+    if cfg.caption_text_features:
+        extra = [caption_text_example(ex) for ex in examples if ex.get("caption") and len(ex["images"]) == 1]
+        if env.is_main:
+            print(f"caption_text_features: {len(extra)} caption examples also trained on features of their text")
+        examples = examples + extra
     model, loaded = build_model(cfg, device=env.device)
     features = None
     if loaded.bidiffuser is not None:
