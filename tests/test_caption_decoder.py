@@ -95,11 +95,7 @@ def test_config_json_roundtrip():
 # ------------------------------------------------------------------ official layout
 
 def _official_format_file():
-    here = Path(__file__).resolve().parents[1]
-    for root in (here / "shared", here.parent / "shared"):
-        if (root / "formats" / "caption_decoder.pth.json").exists():
-            return root / "formats" / "caption_decoder.pth.json"
-    pytest.skip("shared/formats/caption_decoder.pth.json not present in this checkout")
+    return Path(__file__).resolve().parent / "fixtures" / "formats" / "caption_decoder.pth.json"
 
 
 def test_official_keys_and_shapes_match_reference_file():
