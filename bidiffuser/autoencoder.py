@@ -207,7 +207,7 @@ def load_autoencoder(path: str | os.PathLike, config: AutoencoderConfig | None =
     path = Path(path)
     if path.is_dir():
         path = path / "diffusion_pytorch_model.safetensors"
-    sd = read_state_dict(path, "autoencoder checkpoint")
+    sd = read_state_dict(path, "autoencoder checkpoint", dtype=dtype)
     sd = {k: v for k, v in sd.items() if not k.startswith("loss.")}
 
     with torch.device("meta"):
@@ -219,8 +219,9 @@ def load_autoencoder(path: str | os.PathLike, config: AutoencoderConfig | None =
         sd = ldm_to_diffusers(sd, config)
     check_state_dict(expected, sd, path)
 
-    vae = build_autoencoder(config)
-    vae.load_state_dict(sd, strict=True)
+    with torch.device("meta"):
+        vae = build_autoencoder(config)
+    vae.load_state_dict(sd, strict=True, assign=True)
     return vae.to(device=device, dtype=dtype).eval().requires_grad_(False)
 
 

@@ -231,9 +231,10 @@ def load_uvit(path, config: UViTConfig, device="cpu", dtype=torch.float32) -> UV
     prefix) or our safetensors into a U-ViT built from ``config``, strictly."""
     from .checkpoint import load_strict, read_state_dict, strip_prefix
 
-    sd = strip_prefix(read_state_dict(path, "U-ViT checkpoint"))
+    # Built on the meta device and given the file's tensors, already in ``dtype``: the 952M U-ViT
+    # is held once, not as a state dict plus a model plus a converted copy.
+    sd = strip_prefix(read_state_dict(path, "U-ViT checkpoint", dtype=dtype))
     with torch.device("meta"):
         model = UViT(config)
-    model = model.to_empty(device="cpu")
-    load_strict(model, sd, path)
+    load_strict(model, sd, path, assign=True)
     return model.to(device=device, dtype=dtype).eval()

@@ -10,6 +10,7 @@ by absolute path: user uploads under ``images``, pictures the assistant drew und
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import os
@@ -94,6 +95,10 @@ class Assistant:
         self.messages: list[dict] = []
         # image path -> features; a server shares one (bounded) memo between its conversations
         self._feature_memo = {} if feature_memo is None else feature_memo
+        self.profiler = None  # an easygen.profiling.Profiler times each phase of a turn when set
+
+    def _phase(self, name: str):
+        return contextlib.nullcontext() if self.profiler is None else self.profiler.phase(name)
 
     def reset(self) -> None:
         self.messages.clear()
@@ -149,7 +154,8 @@ class Assistant:
         ``force_image`` makes the answer end in a picture when the model did not ask for one."""
         turn = self.prepare(text, images, on_token=on_token, should_stop=should_stop)
         s = self.settings
-        generate_rows(self.model, self.processor, [turn.row], s.temperature, s.top_p, s.num_beams, s.seed)
+        with self._phase("generate"):
+            generate_rows(self.model, self.processor, [turn.row], s.temperature, s.top_p, s.num_beams, s.seed)
         return self.complete(turn, on_image_progress, force_image=force_image)
 
     def prepare(self, text: str, images: list[str | os.PathLike] = (), on_token: Callable[[str], None] | None = None,
@@ -173,7 +179,8 @@ class Assistant:
         user = {"role": "user", "content": text, "images": paths}
         # Work on a new list: an error or Ctrl-C leaves the session as it was before this turn.
         kept, ids, notices = self._fit_context(self.messages + [user])
-        features = self._image_features(kept)
+        with self._phase("features"):
+            features = self._image_features(kept)
         row = Row(ids, features, self.max_new_tokens, tuple(self.settings.stop), on_token, should_stop)
         return Turn(kept, ids, features, notices, row)
 
@@ -186,7 +193,8 @@ class Assistant:
         answer = row.text.strip()
         requests = find_image_requests(answer)
         if force_image and not requests and self.pipe is not None:
-            answer = self._force_image(turn, answer)
+            with self._phase("generate the picture's description"):
+                answer = self._force_image(turn, answer)
             requests = find_image_requests(answer)
         reply = Reply(answer, notices=list(turn.notices), finish_reason=row.finish_reason or "stop",
                       prompt_tokens=len(turn.ids), completion_tokens=len(row.tokens))
@@ -202,8 +210,9 @@ class Assistant:
                     if on_image_progress is not None:
                         on_image_progress(step, total)
 
-                reply.image_paths = render_image_replies(self.pipe, requests, self.out_dir, s.image_steps,
-                                                         s.image_scale, s.seed, progress)
+                with self._phase("draw"):
+                    reply.image_paths = render_image_replies(self.pipe, requests, self.out_dir, s.image_steps,
+                                                             s.image_scale, s.seed, progress)
                 reply.image_descriptions = list(requests)
         # Committed last: Ctrl-C while the picture is drawn drops the whole turn, as during generation.
         self.messages = turn.kept + [{"role": "assistant", "content": answer, "images": [],
@@ -213,7 +222,8 @@ class Assistant:
     def _force_image(self, turn: Turn, answer: str) -> str:
         """Continue ``answer`` with IMG_OPEN and let the model write the description, up to IMG_CLOSE."""
         head = (answer + " " if answer else "") + IMG_OPEN
-        ids = turn.ids + self.processor.tokenizer(" " + head, add_special_tokens=False).input_ids
+        # A fresh stretch of text starts with the word-start marker: the space after "ASSISTANT:".
+        ids = turn.ids + self.processor.tokenizer(head, add_special_tokens=False).input_ids
         if turn.row.on_text is not None:
             turn.row.on_text((" " if answer else "") + IMG_OPEN)
         row = Row(ids, turn.features, FORCED_DESCRIPTION_TOKENS, (IMG_CLOSE,), turn.row.on_text, turn.row.should_stop)

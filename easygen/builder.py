@@ -52,16 +52,16 @@ class LoadedModel:
     layout: str  # which of the four layouts was read (for logs and result files)
 
 
-def read_hf_weights(directory: Path) -> dict[str, torch.Tensor]:
+def read_hf_weights(directory: Path, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
     """All tensors of an HF model directory: ``*.safetensors`` shards, else ``pytorch_model*.bin``
-    (read with weights_only=True)."""
+    (read with weights_only=True), converted to ``dtype`` tensor by tensor as they are read."""
     files = sorted(directory.glob("*.safetensors")) or sorted(directory.glob("pytorch_model*.bin"))
     files = [f for f in files if f.name != PROJECTOR_FILE]
     if not files:
         raise CheckpointError(f"no model weights (*.safetensors or pytorch_model*.bin) in {directory}")
     sd: dict[str, torch.Tensor] = {}
     for f in files:
-        sd.update(read_state_dict(f, "model weights"))
+        sd.update(read_state_dict(f, "model weights", dtype=dtype))
     return sd
 
 
@@ -140,7 +140,7 @@ def _load_llm(path: Path, projector: str | None, dtype: torch.dtype,
         raise BiDiffuserError(f"model directory not found: {path}")
     raw = read_json(path / "config.json", "model config")
     model_type = raw.get("model_type")
-    llm, proj = split_projector(read_hf_weights(path))
+    llm, proj = split_projector(read_hf_weights(path, dtype))
     if projector is not None:
         proj = read_projector(projector)
     elif not proj and (path / PROJECTOR_FILE).exists():

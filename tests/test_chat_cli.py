@@ -235,7 +235,8 @@ def test_large_images_are_resized_and_absurd_ones_refused(tiny_easygen_dir, tiny
     bomb = tmp_path / "bomb.png"
     Image.new("1", (8193, 8193)).save(bomb)  # 67 megapixels of nothing: a decompression bomb
     stdin = f"/image {big}\n/image {bomb}\nwhat is it?\n"
-    argv = _flags(tiny_easygen_dir, tmp_path, "--bidiffuser", tiny_dir, "--dtype", "bfloat16")
+    argv = _flags(tiny_easygen_dir, tmp_path, "--bidiffuser", tiny_dir, "--dtype", "bfloat16",
+                  "--bidiffuser-dtype", "bfloat16")
     code, out, err = _chat(monkeypatch, capsys, argv, stdin)
     assert code == 0 and out.count("\n") == 1  # the question was answered
     assert f"attached {big} (4000x3000, resized to 32x32, centre-cropped)" in err
@@ -243,7 +244,7 @@ def test_large_images_are_resized_and_absurd_ones_refused(tiny_easygen_dir, tiny
     from safetensors import safe_open
     [cached] = (tmp_path / "cache").rglob("*.safetensors")
     with safe_open(str(cached), framework="pt") as f:
-        assert f.metadata()["dtype"] == "bfloat16"  # --dtype reached BiDiffuser
+        assert f.metadata()["dtype"] == "uvit+clip bfloat16 autocast"  # --bidiffuser-dtype reached BiDiffuser
 
 
 def test_load_rejects_bad_files_with_one_line_and_keeps_the_session(tiny_easygen_dir, files, tmp_path, monkeypatch,

@@ -110,7 +110,7 @@ def test_caption_end_to_end(caption_run, tiny_dir):
     assert r["task"] == "caption" and r["num_images"] == 3 and r["world_size"] == 1
     assert r["bidiffuser"]["fingerprint"] == read_config(tiny_dir).fingerprint()
     assert len(r["model"]["fingerprint"]) == 64
-    assert r["prompt"] == "A short image caption:"
+    assert r["prompt"] == "Describe the image concisely." and r["prompt_style"] == "easygen"
     assert r["decoding"] == {"num_beams": 2, "max_new_tokens": 4, "min_new_tokens": 1, "do_sample": False}
     assert r["features"] == {"steps": 2, "scale": 7.0, "seed": 1234}
     assert r["data"]["split"] == "test" and r["data"]["format"] == "karpathy"
@@ -187,7 +187,7 @@ def test_vqa_end_to_end_resume_and_known_answers(model_dir, image_root, tmp_path
     full = json.loads((tmp_path / "full.json").read_text())
     assert rc == 0, stderr
     assert full["num_questions"] == 5 and set(full["per_answer_type"]) == {"other", "yes/no", "number"}
-    assert full["prompt"] == "{question}\nAnswer the question using a single word or phrase."
+    assert full["prompt"] == "{question} please giving an short answer." and full["prompt_style"] == "easygen"
     full_preds = tmp_path / "full.predictions.jsonl"
     records = read_jsonl(full_preds)[1:]
     assert sorted(r["id"] for r in records) == sorted(s.id for s in read_vqa(QUESTIONS, ANNOTATIONS, image_root))

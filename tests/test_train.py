@@ -63,6 +63,48 @@ def test_stage1_changes_only_the_projector(tmp_path, tiny_easygen_dir, capsys):
     assert all(r["tokens_per_s"] > 0 and r["lr"] >= 0 for r in records if "loss" in r)
 
 
+def test_original_stage1_preset_trains_lm_head_and_caption_text_features(tmp_path, tiny_easygen_dir, capsys):
+    """--preset original-stage1: the projector and lm_head change, nothing else; each caption example
+    is trained a second time on features of its own text."""
+    cfg = _config(tmp_path, tiny_easygen_dir, max_steps=3, micro_batch_size=2, grad_accum=1, max_length=256,
+                  lr=1e-2, activation_checkpointing=False)
+    assert main(["train", "--preset", "original-stage1", "--config", str(cfg)]) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"caption_text_features: [1-9]\d* caption examples also trained", out)
+    before = load_file(tiny_easygen_dir / "model.safetensors")
+    after = load_file(tmp_path / "run" / "final" / "model.safetensors")
+    changed = sorted(k for k in before if not torch.equal(before[k], after[k]))
+    assert "lm_head.weight" in changed and "projector.fc1.weight" in changed
+    assert all(k.startswith("projector.") or k == "lm_head.weight" for k in changed)
+    saved = json.loads((tmp_path / "run" / "train_config.json").read_text())
+    assert (saved["train_lm_head"], saved["caption_text_features"], saved["lr"]) == (True, True, 1e-2)
+
+
+def test_presets_and_new_settings_are_checked(tmp_path, tiny_easygen_dir, capsys):
+    from easygen.train.config import PRESETS, load_config
+
+    lora = load_config(None, ["model=m", "data=d"], preset="original-lora")
+    assert (lora.stage, lora.lora, lora.lora_alpha, lora.lora_targets, lora.train_projector, lora.lr) == \
+        ("instruct", True, 32, ["q_proj", "v_proj"], False, 2e-5)
+    assert set(PRESETS) == {"stage1", "lora", "original-stage1", "original-lora"}
+    cfg = _config(tmp_path, tiny_easygen_dir)
+    assert main(["train", "--stage", "instruct", "--config", str(cfg), "train_lm_head=true"]) == 2
+    assert "train_lm_head applies to stage pretrain" in capsys.readouterr().err
+    assert main(["train", "--config", str(cfg)]) == 2
+    assert "give --stage" in capsys.readouterr().err
+
+
+def test_frozen_projector_under_lora(tmp_path, tiny_easygen_dir):
+    from easygen.train.config import load_config
+    from easygen.train.loop import build_model
+
+    cfg = load_config(None, [f"model={tiny_easygen_dir}", "data=d"], preset="original-lora")
+    model, _ = build_model(cfg)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in n for n in trainable)
+    assert {n.split(".")[-4] for n in trainable} == {"q_proj", "v_proj"}
+
+
 def test_config_errors_are_one_line(tmp_path, tiny_easygen_dir, capsys):
     cfg = _config(tmp_path, tiny_easygen_dir)
     assert main(["train", "--stage", "instruct", "--config", str(cfg), "learning_rate=1"]) == 2
@@ -199,4 +241,6 @@ def test_gradient_accumulation_equals_one_big_batch(tmp_path, tiny_easygen_dir):
     changed = [k for k in finals[0] if not torch.equal(finals[0][k], load_file(tiny_easygen_dir / "model.safetensors")[k])]
     assert changed
     for k in finals[0]:
-        torch.testing.assert_close(finals[0][k], finals[1][k], rtol=1e-4, atol=1e-5, msg=k)
+        # atol 1e-4 against updates of ~1e-2: Adam divides by the gradient's size, so float noise in
+        # near-zero gradients (rare tokens' embedding rows) shows up as differences of a few 1e-5.
+        torch.testing.assert_close(finals[0][k], finals[1][k], rtol=1e-4, atol=1e-4, msg=k)

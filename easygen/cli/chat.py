@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import os
 import shlex
+import sys
 from pathlib import Path
 
 from bidiffuser.errors import BiDiffuserError
@@ -41,6 +43,12 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="image for the first message (may repeat)")
     g.add_argument("--out-dir", type=Path, default=Path("easygen-images"), metavar="DIR",
                    help="where image replies are saved as PNG (default ./easygen-images)")
+    g.add_argument("--force-image", action="store_true",
+                   help="every answer ends in a picture: when the model does not ask for one, it continues "
+                        "with <Img> and writes the description itself")
+    g.add_argument("--profile", nargs="?", const="-", metavar="JSON",
+                   help="print seconds, peak resident memory and resident weights per phase (load, features, "
+                        "generate, draw) on stderr at the end; with a file name, also write them there as JSON")
 
     g = p.add_argument_group("interface")
     g.add_argument("--style", choices=("simple", "rich"), default="rich",
@@ -63,33 +71,48 @@ def run(args) -> int:
         load_image(path)
     io = SimpleChatIO() if args.json or args.prompt is not None else make_chat_io(args.style)
     resolve_model(args)
-    with quiet_libraries():
-        session = _load_session(args, io)
-        if args.prompt is not None:
-            return session.answer_once(args.prompt, args.image_file)
-        for path in args.image_file:
-            session.attach(path)
-        return session.loop()
+    profiler = None
+    if args.profile:
+        from ..profiling import Profiler
+        profiler = Profiler()
+    try:
+        with quiet_libraries():
+            session = _load_session(args, io, profiler)
+            if args.prompt is not None:
+                return session.answer_once(args.prompt, args.image_file)
+            for path in args.image_file:
+                session.attach(path)
+            return session.loop()
+    finally:
+        if profiler is not None and profiler.phases:
+            print(profiler.table(), file=sys.stderr)
+            if args.profile != "-":
+                Path(args.profile).write_text(json.dumps({"phases": [p.to_json() for p in profiler.phases]}, indent=1))
 
 
-def _load_session(args, io) -> "ChatSession":
+def _load_session(args, io, profiler=None) -> "ChatSession":
     from ..assistant import Assistant
+    from ..profiling import resident_weight_bytes
 
-    with io.busy(f"loading {args.model_path}"):
+    with io.busy(f"loading {args.model_path}"), (profiler.phase("load") if profiler else contextlib.nullcontext()):
         loaded, features, settings = load_engine(args)
     assistant = Assistant(loaded, settings, out_dir=args.out_dir.resolve(), features=features)
+    if profiler is not None:
+        profiler.weights = lambda: resident_weight_bytes(loaded)
+        profiler.phases[-1].weights = profiler.weights()
+        assistant.profiler = profiler
     pictures = "on" if features else "off (no BiDiffuser directory)"
     io.banner(f"EasyGen chat · {args.model_path} ({loaded.layout}) · images {pictures}\n"
               f"Type a message; /help for commands; Ctrl-D to quit.")
-    return ChatSession(assistant, io, json_mode=args.json)
+    return ChatSession(assistant, io, json_mode=args.json, force_image=args.force_image)
 
 
 class ChatSession:
     """The chat loop over one ``Assistant``: slash commands, attached images, replies. Bad input
     gets a one-line message and the session goes on."""
 
-    def __init__(self, assistant, io, json_mode: bool = False):
-        self.assistant, self.io, self.json_mode = assistant, io, json_mode
+    def __init__(self, assistant, io, json_mode: bool = False, force_image: bool = False):
+        self.assistant, self.io, self.json_mode, self.force_image = assistant, io, json_mode, force_image
         self.pending: list[str] = []  # images attached to the next message
         self.commands = {"/image": self.attach, "/reset": self.reset, "/save": self.save, "/load": self.load,
                          "/help": self.help}
@@ -158,7 +181,8 @@ class ChatSession:
         self.io.start_reply()
         done = False
         try:
-            reply = self.assistant.send(text, images, on_token=stream, on_image_progress=update)
+            reply = self.assistant.send(text, images, on_token=stream, on_image_progress=update,
+                                        force_image=self.force_image)
             done = True
             return reply
         finally:

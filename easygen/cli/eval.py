@@ -79,7 +79,6 @@ def _common(p: argparse.ArgumentParser, task: str, beam: int, max_new: int, min_
 
 
 def run(args: argparse.Namespace) -> int:
-    import sys
     import time
     from pathlib import Path
 
@@ -128,8 +127,6 @@ def run(args: argparse.Namespace) -> int:
     header = {"task": args.eval_task, "model": model_fp, "bidiffuser": read_config(bidiffuser_dir).fingerprint(),
               "prompt": args.prompt, "decoding": decoding, "features": features, "dtype": args.dtype,
               "bidiffuser_dtype": args.bidiffuser_dtype}
-
-    print(f"easygen eval: prompt style {style}: {args.prompt!r}", file=sys.stderr)
 
     def make_predict():
         qa = runner.load_image_qa(args.model_path, args.model_base, args.lora, args.projector, str(bidiffuser_dir),
