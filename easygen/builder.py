@@ -189,11 +189,12 @@ def load_pretrained(model_path: str | os.PathLike, model_base: str | os.PathLike
                     merge_lora: bool = False, bidiffuser: str | os.PathLike | None = None,
                     device: str | torch.device | None = None, dtype: str | torch.dtype = "float32",
                     load_bidiffuser: bool = True, new_projector_hidden: int | None = None,
-                    bidiffuser_dtype: str = "auto") -> LoadedModel:
+                    bidiffuser_dtype: str = "auto", quantization: str | None = None) -> LoadedModel:
     """Load an EasyGen model in any of the four layouts (see the module docstring).
 
     ``dtype`` is the LLM's; ``bidiffuser_dtype`` names BiDiffuser's precision policy
     (``bidiffuser.precision.Precision.named``: by default the original's, whatever the LLM's).
+    ``quantization`` ("8bit", "4bit") loads the LLM's decoder layers through bitsandbytes.
 
     ``new_projector_hidden``: a plain LLaMA without a projector gets a new random one of this hidden
     size, its input width read from the BiDiffuser directory (how stage 1 starts)."""
@@ -224,6 +225,12 @@ def load_pretrained(model_path: str | os.PathLike, model_base: str | os.PathLike
         new_projector = (read_config(bidiffuser_dir).caption_decoder.n_embd, new_projector_hidden)
 
     model, layout = _load_llm(base, projector, dtype, new_projector)
+    if quantization is not None:
+        if merge_lora:
+            raise BiDiffuserError("a LoRA adapter cannot be merged into a quantized model: leave out --merge-lora")
+        from .quantize import quantize_llm
+        quantize_llm(model, quantization, device, dtype)
+        layout += f"+{quantization}"
     if adapter is not None:
         model = _apply_lora(model, adapter, merge_lora)
         layout += "+lora" + ("(merged)" if merge_lora else "")

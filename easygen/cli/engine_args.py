@@ -99,7 +99,7 @@ def load_engine(args):
 
     loaded = load_pretrained(args.model_path, model_base=args.model_base, lora=args.lora, projector=args.projector,
                              bidiffuser=args.bidiffuser, device=args.device, dtype=args.dtype,
-                             bidiffuser_dtype=args.bidiffuser_dtype)
+                             bidiffuser_dtype=args.bidiffuser_dtype, quantization=args.quantization)
     features = None
     if loaded.bidiffuser is not None:
         features = ImageFeatureExtractor(loaded.bidiffuser, steps=args.feature_steps, scale=args.feature_scale,

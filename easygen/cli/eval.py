@@ -126,13 +126,13 @@ def run(args: argparse.Namespace) -> int:
     # Everything the predictions depend on: a predictions file made under another header is refused.
     header = {"task": args.eval_task, "model": model_fp, "bidiffuser": read_config(bidiffuser_dir).fingerprint(),
               "prompt": args.prompt, "decoding": decoding, "features": features, "dtype": args.dtype,
-              "bidiffuser_dtype": args.bidiffuser_dtype}
+              "bidiffuser_dtype": args.bidiffuser_dtype, "quantization": args.quantization}
 
     def make_predict():
         qa = runner.load_image_qa(args.model_path, args.model_base, args.lora, args.projector, str(bidiffuser_dir),
                                   args.device, args.dtype, dist, args.feature_steps, args.feature_scale,
                                   args.feature_seed, args.feature_cache, args.batch_size, decoding,
-                                  args.bidiffuser_dtype)
+                                  args.bidiffuser_dtype, args.quantization)
 
         def predict(batch):
             if args.eval_task == "caption":

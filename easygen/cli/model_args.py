@@ -17,6 +17,11 @@ def add_model_args(p: argparse.ArgumentParser, model_path_note: str = "", requir
     g.add_argument("--projector", metavar="FILE", help="projector file, for a plain LLaMA/Vicuna --model-path")
     g.add_argument("--bidiffuser", metavar="DIR", help="BiDiffuser model directory (default: MODEL_PATH/bidiffuser)")
     add_device_args(g)
+    q = g.add_mutually_exclusive_group()
+    q.add_argument("--load-8bit", dest="quantization", action="store_const", const="8bit",
+                   help="LLM decoder layers in 8 bits (bitsandbytes LLM.int8(); CPU and CUDA)")
+    q.add_argument("--load-4bit", dest="quantization", action="store_const", const="4bit",
+                   help="LLM decoder layers in 4 bits (bitsandbytes NF4; CPU and CUDA)")
     g.add_argument("--bidiffuser-dtype", choices=PRECISION_NAMES, default="auto",
                    help="precision of the U-ViT and CLIP encoders, independent of the LLM's --dtype (default auto: "
                         "float16 autocast on CUDA, as the original EasyGen; float32 on CPU). The VAE and the "

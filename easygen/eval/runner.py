@@ -273,7 +273,7 @@ class ImageQA:
 def load_image_qa(model_path: str, model_base: str | None, lora: str | None, projector: str | None,
                   bidiffuser: str | None, device: str | None, dtype: str, dist: Dist, feature_steps: int,
                   feature_scale: float, feature_seed: int, feature_cache: str | None, batch_size: int,
-                  generate_kwargs: dict, bidiffuser_dtype: str = "auto") -> ImageQA:
+                  generate_kwargs: dict, bidiffuser_dtype: str = "auto", quantization: str | None = None) -> ImageQA:
     """Load the model with the one builder, on this rank's GPU under torchrun."""
     import torch
 
@@ -287,7 +287,8 @@ def load_image_qa(model_path: str, model_base: str | None, lora: str | None, pro
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
     loaded = load_pretrained(model_path, model_base=model_base, lora=lora, projector=projector,
-                             bidiffuser=bidiffuser, device=dev, dtype=dtype, bidiffuser_dtype=bidiffuser_dtype)
+                             bidiffuser=bidiffuser, device=dev, dtype=dtype, bidiffuser_dtype=bidiffuser_dtype,
+                             quantization=quantization)
     if loaded.bidiffuser is None:
         raise EasyGenError("no BiDiffuser directory: give --bidiffuser")
     features = ImageFeatureExtractor(loaded.bidiffuser, steps=feature_steps, scale=feature_scale, seed=feature_seed,
