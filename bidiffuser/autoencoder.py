@@ -222,7 +222,9 @@ def load_autoencoder(path: str | os.PathLike, config: AutoencoderConfig | None =
     with torch.device("meta"):
         vae = build_autoencoder(config)
     vae.load_state_dict(sd, strict=True, assign=True)
-    return vae.to(device=device, dtype=dtype).eval().requires_grad_(False)
+    # The tensors are already in ``dtype`` (read that way); diffusers' .to(dtype=...) would only
+    # print its "modules that should be kept in float32" warning.
+    return vae.to(device=device).eval().requires_grad_(False)
 
 
 def _scale(vae: AutoencoderKL) -> float:

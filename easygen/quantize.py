@@ -57,4 +57,15 @@ def quantize_llm(model, bits: str, device: torch.device, compute_dtype: torch.dt
                 new.bias = nn.Parameter(child.bias.data.to(compute_dtype), requires_grad=False)
             setattr(parent, name, new.to(device))  # bitsandbytes quantizes on the move
             replaced += 1
+    _trim_heap()
     return replaced
+
+
+def _trim_heap() -> None:
+    """Hand the freed full-precision weights back to the system (glibc keeps freed heap memory,
+    which would keep the process as large as the unquantized model)."""
+    try:
+        import ctypes
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
