@@ -30,7 +30,7 @@ from .constants import IMAGE_PLACEHOLDER, IMG_CLOSE, IMG_OPEN
 from .errors import EasyGenError
 from .features import ImageFeatureExtractor
 from .generation import Row, generate_rows
-from .image_reply import find_image_requests, render_image_replies
+from .image_reply import find_image_requests, has_stray_tags, render_image_replies
 
 CONVERSATION_FORMAT, CONVERSATION_VERSION = "easygen-conversation", 1
 
@@ -198,6 +198,9 @@ class Assistant:
             requests = find_image_requests(answer)
         reply = Reply(answer, notices=list(turn.notices), finish_reason=row.finish_reason or "stop",
                       prompt_tokens=len(turn.ids), completion_tokens=len(row.tokens))
+        if has_stray_tags(answer):
+            reply.notices.append("the answer has an unfinished picture tag; its words are shown as text, "
+                                 "no picture was drawn for them")
         if requests:
             if self.pipe is None:
                 reply.notices.append("the answer asks for an image but no BiDiffuser is loaded")

@@ -34,6 +34,13 @@ def render_image_replies(pipe: BiDiffuser, descriptions: list[str], out_dir: str
     return paths
 
 
+def has_stray_tags(text: str) -> bool:
+    """True when ``text`` holds an ``<Img>`` or ``</Img>`` outside a complete tag (say, an answer
+    cut off in the middle of a picture's description)."""
+    rest = _IMG_TAG.sub("", text)
+    return IMG_OPEN in rest or IMG_CLOSE in rest
+
+
 def replace_image_tags(text: str, render: Callable[[str, int], str]) -> str:
     """``text`` for a reader: the k-th ``<Img>description</Img>`` (as ``find_image_requests``
     counts them) becomes ``render(description, k)``; an empty tag disappears; a stray or unclosed
@@ -81,5 +88,8 @@ class ImageTagStream:
     def finish(self, render: Callable[[str, int], str], text: str | None = None) -> str:
         """The rest, rendered. ``text`` (the final answer, if it differs from what was fed) wins."""
         full = self.text if text is None else text
-        return replace_image_tags(full[self.sent:], render) if full.startswith(self.text[:self.sent]) \
-            else replace_image_tags(full, render)
+        sent = self.text[:self.sent]
+        for shown in (sent, sent.lstrip()):  # the final answer may be the streamed text, stripped
+            if full.startswith(shown):
+                return replace_image_tags(full[len(shown):], render)
+        return replace_image_tags(full, render)

@@ -115,7 +115,8 @@ class SimpleChatIO:
         update, close = progress_bar("drawing image")
 
         def update_below_reply(step: int, total: int) -> None:
-            self.end_line()  # the bar redraws its line: it must not share it with the reply
+            if self.stdout.isatty():  # the bar redraws its line: it must not share it with the reply
+                self.end_line()
             update(step, total)
         return update_below_reply, close
 

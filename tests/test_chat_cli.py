@@ -137,7 +137,8 @@ def test_terminal_session_ctrl_c_stops_a_reply_and_ctrl_d_exits(drawing_model, t
     try:
         after("/help for commands")  # the rich banner
         after("USER", DRAW_ASK.encode() + b"\r")  # the prompt: type a message
-        assert DRAW_ANSWER in after("drawing image 1", b"\x03")  # streamed, <Img> kept; then Ctrl-C
+        shown = after("drawing image 1", b"\x03")  # streamed up to the picture; then Ctrl-C
+        assert "Here it is:" in shown and "<Img>" not in shown
         after("stopped; the conversation is as it was before")
         after("USER", b"/save conv.json\r")
         after("saved 0 messages")  # the stopped turn was not kept
@@ -192,7 +193,8 @@ def test_reply_streams_token_by_token_with_sampling_flags(tiny_easygen_dir, tiny
 def test_prompt_mode_text_output_and_seeded_pictures(drawing_model, tmp_path, monkeypatch, capsys):
     code, out, _ = _chat(monkeypatch, capsys, _flags(drawing_model, tmp_path, "--prompt", DRAW_ASK, "--seed", "7"))
     text, image_line = out.splitlines()
-    assert code == 0 and text == DRAW_ANSWER and image_line.startswith("image: ")
+    # no raw tag reaches the reader: the picture shows as its description, then its file
+    assert code == 0 and text == "Here it is: [picture: a red circle]" and image_line.startswith("image: ")
     first = image_line.removeprefix("image: ")
 
     def picture(*flags):
@@ -200,6 +202,19 @@ def test_prompt_mode_text_output_and_seeded_pictures(drawing_model, tmp_path, mo
         return Image.open(out.splitlines()[1].removeprefix("image: ")).tobytes()
     assert picture("--seed", "7") == Image.open(first).tobytes()  # same seed, same picture
     assert picture("--seed", "7", "--scale", "0") != Image.open(first).tobytes()
+
+
+def test_an_answer_cut_inside_a_picture_tag_shows_its_words_and_a_notice(drawing_model, tmp_path, monkeypatch,
+                                                                        capsys):
+    from easygen.llama_tokenizer import load_tokenizer
+
+    tok = load_tokenizer(drawing_model)
+    ids = tok(DRAW_ANSWER, add_special_tokens=False).input_ids
+    cut = next(k for k in range(1, len(ids)) if "<Img>a" in tok.decode(ids[:k]))
+    code, out, err = _chat(monkeypatch, capsys, _flags(drawing_model, tmp_path, "--prompt", DRAW_ASK,
+                                                       "--max-new-tokens", str(cut)))
+    assert code == 0 and out.startswith("Here it is: a") and "<" not in out and "image:" not in out
+    assert "unfinished picture tag" in err
 
 
 def test_json_mode_one_object_per_turn_and_images_at_several_turns(tiny_easygen_dir, tiny_loaded, files, tmp_path,

@@ -176,13 +176,25 @@ class ChatSession:
         return 0
 
     def _send(self, text: str, images: list[str]):
-        stream = None if self.json_mode else self.io.reply_token
+        from ..image_reply import ImageTagStream
+
+        # The reader never sees a raw <Img>...</Img>: text streams until a tag starts, and the rest
+        # shows once the pictures exist, each as "[picture: description]" before its image: line.
+        tags = ImageTagStream()
+
+        def show(piece: str) -> None:
+            if piece:
+                self.io.reply_token(piece)
+
+        stream = None if self.json_mode else (lambda t: show(tags.feed(t)))
         update, close = self.io.image_progress()
         self.io.start_reply()
         done = False
         try:
             reply = self.assistant.send(text, images, on_token=stream, on_image_progress=update,
                                         force_image=self.force_image)
+            if stream is not None:
+                show(tags.finish(lambda description, k: f"[picture: {description}]", text=reply.text))
             done = True
             return reply
         finally:
