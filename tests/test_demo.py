@@ -54,7 +54,8 @@ def test_chat_without_model_flags_uses_the_demo_and_draws(demo, tmp_path, monkey
                           "0", "--out-dir", str(tmp_path), "--steps", "2")
     assert code == 0, err
     text, picture = out.splitlines()
-    assert "<Img>" in text and picture.startswith("image: ")
+    # the picture shows as its description, never as a raw tag
+    assert "[picture: " in text and "<Img>" not in text and picture.startswith("image: ")
     with Image.open(picture.removeprefix("image: ")) as im:
         assert im.size == (64, 64)
     assert "building" not in err  # already built: no rebuild
@@ -67,7 +68,7 @@ def test_chat_builds_the_demo_first_when_it_is_absent(tmp_path, monkeypatch, cap
                           "--temperature", "0", "--out-dir", str(tmp_path / "png"), "--steps", "2")
     assert code == 0, err
     assert "building the built-in shapes demo model" in err and f"[{len(STAGES)}/{len(STAGES)}] stage2" in err
-    assert "<Img>" in out.splitlines()[0] and DemoModel(tmp_path / "cache").is_built()
+    assert "[picture: " in out.splitlines()[0] and DemoModel(tmp_path / "cache").is_built()
 
 
 def test_chat_reads_an_uploaded_image(demo, tmp_path, monkeypatch, capsys):
