@@ -11,10 +11,12 @@ kill never leaves a directory that looks complete.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import random
 import re
 import shutil
+import warnings
 from pathlib import Path
 
 import torch
@@ -34,6 +36,15 @@ _OPTIONS = StateDictOptions(ignore_frozen_params=True)
 # Setting such a state dict must not ask for the frozen weights it leaves out (strict=True would);
 # a trainable weight missing from the checkpoint still fails, in dcp.load.
 _SET_OPTIONS = StateDictOptions(ignore_frozen_params=True, strict=False)
+
+
+@contextlib.contextmanager
+def _single_process_is_intended():
+    """dcp warns "torch.distributed is disabled ... assuming ... a single process" on every
+    one-process save and load; that is exactly what a one-process run (the demo build) means."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
 
 
 def _step_dir(root: Path, step: int) -> Path:
@@ -65,7 +76,8 @@ def save_checkpoint(root: str | Path, step: int, model, optimizer, state: dict, 
     to_save = {"model": model_sd, "optim": optim_sd}
     if extra_state:
         to_save["extra"] = dict(extra_state)
-    dcp.save(to_save, checkpoint_id=str(tmp), no_dist=not dist.is_initialized())
+    with _single_process_is_intended():
+        dcp.save(to_save, checkpoint_id=str(tmp), no_dist=not dist.is_initialized())
     save_rng(tmp, env.rank)
     barrier()
     final = _step_dir(root, step)
@@ -96,7 +108,8 @@ def load_checkpoint(path: str | Path, model, optimizer, env: DistEnv,
     sd = {"model": model_sd, "optim": optim_sd}
     if extra_state:
         sd["extra"] = dict(extra_state)
-    dcp.load(sd, checkpoint_id=str(path), no_dist=not dist.is_initialized())
+    with _single_process_is_intended():
+        dcp.load(sd, checkpoint_id=str(path), no_dist=not dist.is_initialized())
     for name, tensor in (extra_state or {}).items():
         if sd["extra"][name] is not tensor:  # DCP may hand back a new tensor instead of filling ours
             tensor.copy_(sd["extra"][name])
@@ -126,7 +139,8 @@ def load_weights_only(path: str | Path, model) -> None:
     """Read a checkpoint's trainable weights into an unsharded model in ONE process (for export)."""
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
     sd = get_model_state_dict(model, options=_OPTIONS)
-    dcp.load({"model": sd}, checkpoint_id=str(path), no_dist=True)
+    with _single_process_is_intended():
+        dcp.load({"model": sd}, checkpoint_id=str(path), no_dist=True)
     set_model_state_dict(model, sd, options=_SET_OPTIONS)
 
 
