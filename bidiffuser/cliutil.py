@@ -71,6 +71,9 @@ def quiet_libraries() -> None:
     # DeepSpeed (pulled in by transformers) prints "Setting accelerator to CPU" on *stdout* at import,
     # which would corrupt piped output; a filter on its logger, added before it exists, drops it.
     logging.getLogger("DeepSpeed").addFilter(lambda record: "Setting accelerator" not in record.getMessage())
+    # bitsandbytes (imported by peft) reports at import that an optional CPU kernel package is absent.
+    logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(
+        lambda record: "kernels-community" not in record.getMessage())
 
 
 def run_main(prog: str, main: Callable[[Sequence[str] | None], int], argv: Sequence[str] | None = None) -> int:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import logging
 import sys
 import warnings
 from pathlib import Path
@@ -121,10 +120,6 @@ def quiet_libraries():
     import diffusers.utils.logging as dlog
     import transformers.utils.logging as tlog
     saved = [(m, m.get_verbosity(), m.is_progress_bar_enabled()) for m in (tlog, dlog)]
-    # bitsandbytes (imported by peft and by --load-8bit/4bit) reports an optional CPU kernel package
-    bnb_log = logging.getLogger("bitsandbytes")
-    bnb_level = bnb_log.level
-    bnb_log.setLevel(logging.ERROR)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)
@@ -134,7 +129,6 @@ def quiet_libraries():
                 m.disable_progress_bar()
             yield
     finally:
-        bnb_log.setLevel(bnb_level)
         for m, verbosity, bars in saved:
             m.set_verbosity(verbosity)
             if bars:
