@@ -232,6 +232,15 @@ def _scale(vae: AutoencoderKL) -> float:
 
 
 @torch.no_grad()
+def image_posterior(vae: AutoencoderKL, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean, std) of the posterior of B×3×H×W images in [-1, 1], both already multiplied by the scale
+    factor: ``mean + std * noise`` is the sample ``encode_image`` draws with that noise."""
+    param = next(vae.parameters())
+    posterior = vae.encode(images.to(device=param.device, dtype=param.dtype)).latent_dist
+    return posterior.mean * _scale(vae), posterior.std * _scale(vae)
+
+
+@torch.no_grad()
 def encode_image(vae: AutoencoderKL, images: torch.Tensor, generator: torch.Generator | None = None,
                  sample: bool = True) -> torch.Tensor:
     """B×3×H×W images in [-1, 1] -> B×z×h×w latents already multiplied by the scale factor.

@@ -89,6 +89,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--activation-checkpointing", action="store_true", help="recompute block activations in backward")
     s.add_argument("--skip-bad-rows", action="store_true", help="skip malformed TSV rows (counted) instead of failing")
     s.add_argument("--copy", action="store_true", help="copy the unchanged components into OUT instead of symlinking")
+    s.add_argument("--encode-once", action="store_true",
+                   help="encode every image and caption once before training and keep them in memory (small "
+                        "data sets: saves the frozen encoders' work in every step; same results)")
     s.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available; one GPU per process)")
     s.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
                    help="compute dtype of the U-ViT and the frozen encoders; trained weights, optimizer state "

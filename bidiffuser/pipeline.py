@@ -17,7 +17,7 @@ from typing import Callable, Sequence
 import torch
 from PIL import Image
 
-from .autoencoder import decode_latents, encode_image, load_autoencoder
+from .autoencoder import decode_latents, encode_image, image_posterior, load_autoencoder
 from .caption_decoder import load_caption_decoder
 from .clip import load_clip_image_encoder, load_clip_text_encoder
 from .errors import BiDiffuserError
@@ -253,6 +253,19 @@ class BiDiffuser:
             with self._in(self.precision.clip):
                 clip = self.clip_image.encode(pils).float()
         return z, clip
+
+    def encode_image_posteriors(self, images: Sequence[ImageInput]):
+        """Images -> (scaled VAE posterior mean, its std, CLIP image embeddings B x 1 x D): what
+        ``encode_images`` samples from, for callers that draw the posterior noise themselves."""
+        if not images:
+            raise BiDiffuserError("no images given")
+        pils = [center_crop_resize(as_pil(im), self.config.resolution) for im in images]
+        with torch.inference_mode():
+            pixels = pil_to_tensor(pils).to(self.device, self.precision.autoencoder)
+            mean, std = image_posterior(self.autoencoder, pixels)
+            with self._in(self.precision.clip):
+                clip = self.clip_image.encode(pils).float()
+        return mean.float(), std.float(), clip
 
     def encode_prompts(self, prompts: Sequence[str]) -> torch.Tensor:
         """Prompts -> CLIP text features -> caption decoder encode_prefix -> B x 77 x text_dim."""

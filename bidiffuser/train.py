@@ -17,7 +17,10 @@ and the network predicts both noises, loss = MSE over the concatenated noise [ep
 term by min(SNR_n, gamma) / SNR_n of its own timestep: the near-clean steps, which teach little about
 layout, count less, and a small network learns to follow its condition in fewer steps.
 
-VAE, CLIP and the caption decoder stay frozen and encode each micro-batch on the fly. An EMA of the
+VAE, CLIP and the caption decoder stay frozen and encode each micro-batch on the fly, or, with
+``encode_once``, every image and caption once before the first step (``FrozenEncodings``: the
+posterior's mean and std, the CLIP image embedding and the text latent are kept in memory; the
+posterior noise is drawn from the same generator, so both ways give the same run). An EMA of the
 U-ViT weights is kept (and checkpointed sharded with them); it is what the new model directory gets.
 Launch with ``torchrun`` for DDP or FSDP2 (``fully_shard`` per U-ViT block, then the root). Every
 random draw of a sample (posterior noise, n, eps) comes from a generator seeded by (seed, epoch,
@@ -92,6 +95,7 @@ class TrainConfig:
     activation_checkpointing: bool = False
     skip_bad_rows: bool = False
     copy: bool = False                   # copy the frozen components into OUT instead of symlinking
+    encode_once: bool = False            # encode images/captions once, kept in memory (small data sets)
 
     def validate(self) -> "TrainConfig":
         problems = []
@@ -141,6 +145,33 @@ def encode_batch(pipe, rows: list[tuple[str, str]], gens: list[torch.Generator])
     x0 = pipe.encode_prompts([caption for _, caption in rows])
     # The pipeline encodes under inference_mode; such tensors cannot be saved for backward.
     return z.clone(), clip_img.clone(), x0.clone()
+
+
+class FrozenEncodings:
+    """Every row's frozen encodings, computed once (unique images and captions once each): the VAE
+    posterior's scaled mean and std, the CLIP image embedding and the text latent x0. ``batch``
+    gives what ``encode_batch`` gives for the same rows and generators (the posterior noise is drawn
+    as diffusers draws it for a generator list: one 1 x C x h x w tensor per row)."""
+
+    def __init__(self, pipe, rows: list[tuple[str, str]], chunk: int = 64):
+        paths, captions = list(dict.fromkeys(p for p, _ in rows)), list(dict.fromkeys(c for _, c in rows))
+        means, stds, clips, texts = [], [], [], []
+        for i in range(0, len(paths), chunk):
+            mean, std, clip = pipe.encode_image_posteriors([load_image(p) for p in paths[i:i + chunk]])
+            means.append(mean), stds.append(std), clips.append(clip)
+        for i in range(0, len(captions), chunk):
+            texts.append(pipe.encode_prompts(captions[i:i + chunk]))
+        self.mean, self.std, self.clip = torch.cat(means), torch.cat(stds), torch.cat(clips)
+        self.x0 = torch.cat(texts)
+        image_at, text_at = {p: i for i, p in enumerate(paths)}, {c: i for i, c in enumerate(captions)}
+        self.image_index = torch.tensor([image_at[p] for p, _ in rows])
+        self.text_index = torch.tensor([text_at[c] for _, c in rows])
+
+    def batch(self, indices: list[int], gens: list[torch.Generator]):
+        img, txt = self.image_index[indices], self.text_index[indices]
+        mean, std = self.mean[img], self.std[img]
+        noise = torch.cat([torch.randn((1, *mean.shape[1:]), generator=g) for g in gens]).to(mean.device)
+        return mean + std * noise, self.clip[img].clone(), self.x0[txt].clone()
 
 
 # ------------------------------------------------------------------------------------------ loss
@@ -363,6 +394,7 @@ def train(cfg: TrainConfig) -> Path:
         if amp == torch.bfloat16 and not isinstance(uvit, FSDPModule) else nullcontext  # FSDP2 casts itself
     signature = _run_signature(cfg, rows, total_steps)
 
+    encodings = FrozenEncodings(pipe, rows) if cfg.encode_once else None
     step = 0
     previous = complete_checkpoints(run)
     if previous:
@@ -384,7 +416,8 @@ def train(cfg: TrainConfig) -> Path:
         micro = sampler.epoch(epoch)[in_epoch * cfg.grad_accum:(in_epoch + 1) * cfg.grad_accum]
         for k, indices in enumerate(micro):
             gens = [sample_generator(cfg.seed, epoch, i) for i in indices]
-            z, clip_img, x0 = encode_batch(pipe, [rows[i] for i in indices], gens)
+            z, clip_img, x0 = (encodings.batch(indices, gens) if encodings is not None
+                               else encode_batch(pipe, [rows[i] for i in indices], gens))
             with _gradient_sync(model, uvit, k == len(micro) - 1), autocast():
                 if cfg.objective == "unidiffuser":
                     loss, terms = unidiffuser_loss(model, schedule, z, clip_img, x0, gens, source.data_type,

@@ -91,7 +91,8 @@ class Assistant:
         self.features = features
         self.system_message = system_message  # EasyGen is trained with none; servers may pass one
         # {"role": "user"|"assistant", "content": str, "images": [path]}; assistant turns also have
-        # "generated": [png path] (their "images" stay empty: only user images feed the LLM)
+        # "generated": [png path] (their "images" stay empty; the model sees the generated pictures
+        # in the next user turn, see _shown_images)
         self.messages: list[dict] = []
         # image path -> features; a server shares one (bounded) memo between its conversations
         self._feature_memo = {} if feature_memo is None else feature_memo
@@ -114,9 +115,25 @@ class Assistant:
         """Prompt tokens allowed: the model's context minus room for the answer."""
         return self.model.config.max_position_embeddings - self.max_new_tokens
 
+    @staticmethod
+    def _shown_images(messages: list[dict]) -> list[list[str]]:
+        """The images each message shows the model. A picture the assistant drew is shown at the
+        start of the next user turn, before that turn's uploads, so the user can ask about it like
+        about an upload; when trimming drops the exchange that drew it, it goes with it."""
+        shown, drawn = [], []
+        for m in messages:
+            if m["role"] == "user":
+                shown.append(drawn + m["images"])
+                drawn = []
+            else:
+                shown.append([])
+                drawn = list(m.get("generated", []))
+        return shown
+
     def _prompt_ids(self, messages: list[dict]) -> list[int]:
-        msgs = [{"role": m["role"], "content": m["content"], "num_images": len(m["images"])} if m["role"] == "user"
-                else {"role": m["role"], "content": m["content"]} for m in messages]
+        msgs = [{"role": m["role"], "content": m["content"], "num_images": len(images)} if m["role"] == "user"
+                else {"role": m["role"], "content": m["content"]}
+                for m, images in zip(messages, self._shown_images(messages))]
         return self.processor.tokenize_prompt(self.processor.build_prompt(msgs, system=self.system_message))
 
     def _fit_context(self, messages: list[dict]) -> tuple[list[dict], list[int], list[str]]:
@@ -136,7 +153,7 @@ class Assistant:
         return messages, ids, notices
 
     def _image_features(self, messages: list[dict]) -> torch.Tensor | None:
-        paths = [p for m in messages for p in m["images"]]
+        paths = [p for images in self._shown_images(messages) for p in images]
         if not paths:
             return None
         missing = [p for p in dict.fromkeys(paths) if p not in self._feature_memo]
@@ -297,20 +314,22 @@ def _parse_conversation(data, source: str, base_dir: Path) -> list[dict]:
         for key, value in (("images", images), ("generated", generated)):
             if not isinstance(value, list) or not all(isinstance(p, str) for p in value):
                 fail(f'{where}: "{key}" must be a list of paths')
-        if role == "assistant":
-            if images:
-                fail(f'{where}: an assistant turn has no input images (its pictures go under "generated")')
-            messages.append({"role": role, "content": content, "images": [], "generated": list(generated)})
-            continue
-        if not content.strip() and not images:
+        if role == "assistant" and images:
+            fail(f'{where}: an assistant turn has no input images (its pictures go under "generated")')
+        if role == "user" and not content.strip() and not images:
             fail(f"{where}: empty message")
         paths = []
-        for p in images:
+        # Drawn pictures are shown to the model in the next turn: both kinds must be readable now,
+        # or every later turn would fail.
+        for p in images or generated:
             path = (base_dir / Path(p).expanduser()).resolve()
             try:
-                load_image(path)  # a missing image would fail every later turn: refuse it now
+                load_image(path)
             except BiDiffuserError as e:
                 fail(f"{where}: {e}")
             paths.append(str(path))
+        if role == "assistant":
+            messages.append({"role": role, "content": content, "images": [], "generated": paths})
+            continue
         messages.append({"role": role, "content": content, "images": paths})
     return messages

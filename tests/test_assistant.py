@@ -93,3 +93,33 @@ def test_typed_image_markers_are_refused_not_spliced(tiny_loaded, tmp_path):
         with pytest.raises(EasyGenError, match="marks image slots"):
             a.send(text)
     assert a.messages == []
+
+
+def test_a_drawn_picture_is_shown_to_the_model_in_the_next_turn(tiny_easygen_dir, tmp_path):
+    """What the assistant drew is part of the conversation like an upload: the next user turn shows
+    it first (before that turn's uploads); when trimming drops the exchange that drew it, it goes too."""
+    from easygen.constants import IMAGE_TOKEN_ID
+
+    loaded = load_pretrained(tiny_easygen_dir)
+    overfit(loaded, [{"role": "user", "content": "draw a red circle"},
+                     {"role": "assistant", "content": "<Img>a red circle</Img>"}])
+    a = _assistant(loaded, tmp_path)
+    drawn = a.send("draw a red circle").image_paths[0]
+    upload = make_image(tmp_path / "b.png", color=(40, 80, 220))
+    turn = a.prepare("what color did you make it? and this one?", images=[upload])
+    per_image = loaded.model.config.num_image_tokens
+    assert turn.ids.count(IMAGE_TOKEN_ID) == 2 * per_image and turn.features.shape[0] == 2
+    assert a._shown_images(turn.kept)[-1] == [str(drawn.resolve()), str(upload.resolve())]
+    # the drawn picture's features are the ones an upload of the same file gets
+    assert a._feature_memo[str(drawn.resolve())].equal(turn.features[0])
+    # a saved conversation keeps it, and a missing drawn picture is refused at load
+    a.messages = turn.kept[:-1]
+    saved = a.to_json()
+    b = _assistant(loaded, tmp_path)
+    b.from_json(saved)
+    assert b._shown_images(b.messages + [{"role": "user", "content": "?", "images": []}])[-1] == [str(drawn.resolve())]
+    drawn.unlink()
+    with pytest.raises(EasyGenError, match="message 2"):
+        b.from_json(saved)
+    # trimming drops the drawing exchange and its picture together
+    assert a._shown_images(a.messages[2:] + [{"role": "user", "content": "?", "images": []}]) == [[]]

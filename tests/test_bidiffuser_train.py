@@ -217,6 +217,28 @@ def test_constant_lr_schedule_holds_the_peak_after_warm_up_and_snr_weighting_tra
     assert not torch.equal(written["decoder_pred.weight"], source["decoder_pred.weight"])
 
 
+def test_encode_once_gives_the_same_batches_and_the_same_run(tiny_dir, captions, tmp_path):
+    """Encoding the data once (kept in memory) is a speed-up only: same encodings, same noise draws."""
+    from bidiffuser.captions import read_caption_tsv
+    from bidiffuser.pipeline import BiDiffuser
+    from bidiffuser.train import FrozenEncodings, encode_batch, sample_generator
+
+    rows, _ = read_caption_tsv(captions, None, "raise", check_images=True)
+    pipe = BiDiffuser(read_config(tiny_dir), device=torch.device("cpu"))
+    once = FrozenEncodings(pipe, rows, chunk=3)
+    indices = [5, 0, 3]
+    a = encode_batch(pipe, [rows[i] for i in indices], [sample_generator(0, 1, i) for i in indices])
+    b = once.batch(indices, [sample_generator(0, 1, i) for i in indices])
+    for x, y in zip(a, b):
+        torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-5)
+    runs = {}
+    for name, flag in (("otf", False), ("once", True)):
+        train(config(tiny_dir, captions, tmp_path / name, t2i_weight=1.0, encode_once=flag))
+        runs[name] = load_file(tmp_path / name / "uvit.safetensors")
+    for key, value in runs["otf"].items():
+        torch.testing.assert_close(runs["once"][key], value, rtol=1e-4, atol=1e-5)
+
+
 def _cli(*args, env=None, timeout=300):
     return subprocess.run([sys.executable, "-m", "bidiffuser.cli", "train", *map(str, args)], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=timeout)

@@ -19,11 +19,14 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="where to build (default $EASYGEN_DEMO_DIR, else ~/.cache/easygen/demo-shapes-v3)")
     b.add_argument("--recipe", choices=["full", "ci"], default="full",
                    help="full (the default) or ci: a few steps of everything, to test the plumbing")
-    e = tasks.add_parser("eval", help="caption, VQA and image-reply accuracy and CIDEr on held-out images")
+    e = tasks.add_parser("eval", help="caption, VQA and image-reply accuracy and CIDEr on held-out images, "
+                                      "and accuracy per turn in held-out conversations")
     e.add_argument("--model", type=Path, default=None, metavar="DIR", help="a built demo directory (default: as build)")
     e.add_argument("--images", type=positive_int, default=120, metavar="N", help="held-out images (default 120)")
     e.add_argument("--draws", type=positive_int, default=4, metavar="N",
                    help="image replies per colour and shape (default 4: 72 drawings)")
+    e.add_argument("--conversations", type=positive_int, default=72, metavar="N",
+                   help="held-out scripted conversations of 2 to 6 turns, scored per kind of turn (default 72)")
     e.add_argument("--seed", type=int, default=2024, help="seed of the held-out images (training uses 0)")
     e.add_argument("--out", type=Path, default=None, metavar="DIR",
                    help="where the eval data, predictions, drawings and results.json go (default MODEL/eval)")
@@ -47,6 +50,7 @@ def run(args) -> int:
     demo = DemoModel(args.model or default_dir())
     if not demo.is_built():
         raise EasyGenError(f"no built demo model in {demo.root}: run `easygen demo build` first")
-    results = evaluate(demo, args.out or demo.root / "eval", n_images=args.images, draws=args.draws, seed=args.seed)
+    results = evaluate(demo, args.out or demo.root / "eval", n_images=args.images, draws=args.draws, seed=args.seed,
+                       conversations=args.conversations)
     print(format_results(results))
     return 0

@@ -6,6 +6,8 @@
     captions.tsv             image<TAB>caption, two paraphrases per image: BiDiffuser training, stage 1
     instruct.json            LLaVA conversations: captions, colour and shape questions (stage 2)
     draw.json                LLaVA conversations without images: draw requests answered with <Img>...</Img>
+    conversations.json       LLaVA conversations of 2 to 6 turns (``conversations.random_script``): several
+                             images, follow-ups, drawings and questions about them (stage 2)
     pretrain_data.json       data config of stage 1 (see easygen/data/mixture.py)
     instruct_data.json       data config of stage 2
 
@@ -19,7 +21,10 @@ from pathlib import Path
 
 from bidiffuser.checkpoint import atomic_path, write_json
 
+from fastchat_ext.conversation import user_message
+
 from . import world
+from .conversations import ScriptTurn, random_script
 from .world import Scene
 
 # The evaluation prompts of `easygen eval` (easygen/eval/cli.py) are among the training prompts, so the
@@ -45,7 +50,52 @@ def _turn(who: str, value: str) -> dict:
     return {"from": who, "value": value}
 
 
-def write_training_data(root: str | Path, n_images: int, seed: int = 0, draw_copies: int = 20) -> dict[str, Path]:
+def _human(text: str, num_images: int) -> dict:
+    """A user turn as the chat writes it (images first, "<Img>...</Img> question"), so training and
+    chat tokenize it the same way."""
+    return _turn("human", user_message(text, num_images))
+
+
+def llava_conversation(example_id: str, script: list[ScriptTurn], upload_paths: list[list[str]],
+                       drawn_path) -> dict:
+    """A script as one LLaVA entry. ``upload_paths[i]`` are turn i's uploads as files; a drawing is
+    shown as ``drawn_path(colour, shape)``, placed before the next turn's uploads, as the chat
+    ``Assistant`` shows the pictures it drew to the model in the next user turn."""
+    images, turns, pending = [], [], []
+    for turn, uploads in zip(script, upload_paths):
+        shown = pending + list(uploads)
+        images += shown
+        turns += [_human(turn.text, len(shown)), _turn("gpt", turn.answer)]
+        pending = [drawn_path(*turn.target)] if turn.draws else []
+    return {"id": example_id, "image": images, "conversations": turns}
+
+
+def write_conversations(root: Path, items: list[tuple[str, Scene]], n: int, seed: int) -> list[dict]:
+    """``n`` scripted conversations over the images ``items`` (uploads drawn at random from them; a
+    drawing shown as a random image of the scene asked for)."""
+    rng = random.Random(seed)
+    by_kind: dict[tuple[str, str], list[str]] = {}
+    for rel, scene in items:
+        by_kind.setdefault((scene.colour, scene.shape), []).append(rel)
+    out = []
+    for k in range(n):
+        picked: list[str] = []
+
+        def upload(r: random.Random) -> Scene:
+            rel, scene = r.choice(items)
+            picked.append(rel)
+            return scene
+
+        script = random_script(rng, upload)
+        queue = iter(picked)
+        uploads = [[next(queue) for _ in turn.uploads] for turn in script]
+        out.append(llava_conversation(f"conversation:{k}", script, uploads,
+                                      lambda colour, shape: rng.choice(by_kind[(colour, shape)])))
+    return out
+
+
+def write_training_data(root: str | Path, n_images: int, seed: int = 0, draw_copies: int = 20,
+                        n_conversations: int = 4000, conversation_weight: float = 1.0) -> dict[str, Path]:
     """The training files (see the module docstring); returns their paths by name."""
     root = Path(root)
     items = write_images(root, n_images, seed)
@@ -58,29 +108,34 @@ def write_training_data(root: str | Path, n_images: int, seed: int = 0, draw_cop
         # Captions are answered with the canonical caption: one right answer makes greedy decoding reliable.
         prompt = rng.choice(world.CAPTION_PROMPTS + (EVAL_CAPTION_PROMPT,))
         instruct.append({"id": f"{rel}:caption", "image": rel,
-                         "conversations": [_turn("human", f"<image>\n{prompt}"), _turn("gpt", scene.caption)]})
-        for kind, (question, answer) in (("colour", rng.choice(world.vqa_pairs(scene)[:3])),
-                                         ("shape", rng.choice(world.vqa_pairs(scene)[3:]))):
+                         "conversations": [_human(prompt, 1), _turn("gpt", scene.caption)]})
+        n_colour = len(world.COLOUR_QUESTIONS)
+        for kind, (question, answer) in (("colour", rng.choice(world.vqa_pairs(scene)[:n_colour])),
+                                         ("shape", rng.choice(world.vqa_pairs(scene)[n_colour:]))):
             suffix = EVAL_VQA_SUFFIX if rng.random() < 0.5 else ""
             instruct.append({"id": f"{rel}:{kind}", "image": rel,
-                             "conversations": [_turn("human", f"<image>\n{question}{suffix}"), _turn("gpt", answer)]})
+                             "conversations": [_human(question + suffix, 1), _turn("gpt", answer)]})
     draw = [{"id": f"draw:{colour}:{shape}:{k}",
              "conversations": [_turn("human", request.format(colour=colour, shape=shape)),
                                _turn("gpt", world.draw_reply(colour, shape))]}
             for colour in world.COLOURS for shape in world.SHAPES
             for k, request in enumerate(world.DRAW_REQUESTS)]
-    paths = {name: root / name for name in ("captions.tsv", "instruct.json", "draw.json",
+    conversations = write_conversations(root, items, n_conversations, seed + 2)
+    paths = {name: root / name for name in ("captions.tsv", "instruct.json", "draw.json", "conversations.json",
                                             "pretrain_data.json", "instruct_data.json")}
     with atomic_path(paths["captions.tsv"]) as tmp:
         tmp.write_text("\n".join(tsv) + "\n")
     write_json(paths["instruct.json"], instruct)
     write_json(paths["draw.json"], draw)
+    write_json(paths["conversations.json"], conversations)
     write_json(paths["pretrain_data.json"], {"seed": seed, "datasets": [
         {"name": "shapes_captions", "format": "tsv", "path": "captions.tsv"}]})
     # draw.json is small (54 conversations): repeated so image replies are a fair share of stage 2.
     write_json(paths["instruct_data.json"], {"seed": seed, "datasets": [
         {"name": "shapes_instruct", "format": "llava", "path": "instruct.json"},
-        {"name": "shapes_draw", "format": "llava", "path": "draw.json", "weight": float(draw_copies)}]})
+        {"name": "shapes_draw", "format": "llava", "path": "draw.json", "weight": float(draw_copies)},
+        {"name": "shapes_conversations", "format": "llava", "path": "conversations.json",
+         "weight": float(conversation_weight)}]})
     return paths
 
 

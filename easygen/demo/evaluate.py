@@ -5,8 +5,12 @@
 * VQA: ``easygen eval vqa`` on "What color is the shape?" / "What shape is it?" (VQA accuracy, which
   with ten identical reference answers is exact-match accuracy);
 * image replies: the chat ``Assistant`` answers "Draw a {colour} {shape}." and the picture it draws is
-  read back with ``world.analyse_image`` (dominant non-white colour nearest to the requested one; fill
-  ratio of the shape's bounding box nearest to the requested shape's).
+  read back with ``world.analyse_image`` (median non-white colour nearest to the requested one; the
+  shape named only when it matches one ideal shape closely: blobs count as wrong);
+* conversations: held-out scripted conversations (``conversations.random_script``) played turn by
+  turn through the chat ``Assistant``, every answer scored, with accuracy per kind of turn.
+
+Before any of it, the read-back is checked on the world's own ground-truth images (it must read them all).
 """
 from __future__ import annotations
 
@@ -15,17 +19,22 @@ from pathlib import Path
 
 from bidiffuser.checkpoint import write_json
 
-from . import world
-from .dataset import EVAL_CAPTION_PROMPT, write_eval_data
-from .recipe import DemoModel
+from ..errors import EasyGenError
 
-TARGETS = {"caption_accuracy": 90.0, "vqa_accuracy": 90.0, "image_colour_accuracy": 80.0,
-           "image_shape_accuracy": 70.0}
+from . import world
+from .conversations import DRAWING_KINDS, KINDS, READING_KINDS, random_script
+from .dataset import EVAL_CAPTION_PROMPT, write_eval_data
+from .recipe import FEATURE_SEED, DemoModel
+
+TARGETS = {"caption_accuracy": 95.0, "vqa_accuracy": 95.0, "image_picture_rate": 98.0,
+           "image_colour_accuracy": 90.0, "image_shape_accuracy": 85.0}
+# Conversation targets: every reading kind >= READING_TARGET; every drawing kind the image_* targets.
+READING_TARGET = 95.0
+UPLOAD_SIZES = (64, 96, 128)  # uploads come at several sizes; the pipeline resizes them
 
 
 def _eval_cli(*argv: str) -> dict:
     from ..cli import main
-    from ..errors import EasyGenError
     from ..eval.metrics import java_available
 
     out = Path(argv[argv.index("--out") + 1])
@@ -41,9 +50,14 @@ def _predictions(results: dict) -> list[dict]:
     return [r for r in map(json.loads, lines[1:]) if "id" in r]  # line 1 is the header
 
 
-def evaluate(demo: DemoModel, out: str | Path, n_images: int = 120, draws: int = 4, seed: int = 2024) -> dict:
-    """Run the three evaluations; write OUT/results.json and return the results."""
+def evaluate(demo: DemoModel, out: str | Path, n_images: int = 120, draws: int = 4, seed: int = 2024,
+             conversations: int = 72) -> dict:
+    """Run the evaluations; write OUT/results.json and return the results."""
     out = Path(out)
+    readback = check_readback(seed, 1000)
+    if readback["right"] != readback["images"]:
+        raise EasyGenError(f"the read-back misreads {readback['images'] - readback['right']} of "
+                           f"{readback['images']} ground-truth images; its scores would be meaningless")
     karpathy, questions, annotations, items = write_eval_data(out / "data", n_images, seed)
     truth = {str(i): (scene.colour, scene.shape) for i, (_, scene) in enumerate(items)}
     recipe = demo.recipe()
@@ -60,7 +74,9 @@ def evaluate(demo: DemoModel, out: str | Path, n_images: int = 120, draws: int =
                     "--image-root", str(out / "data"), "--out", str(out / "vqa.json"),
                     "--predictions", str(out / "vqa.predictions.jsonl"))
 
-    drawings = draw_requests(demo, out / "drawings", draws, recipe.image_steps, recipe.image_scale)
+    loaded = _load(demo)
+    drawings = draw_requests(loaded, recipe, out / "drawings", draws)
+    talks = play_conversations(loaded, demo, out / "conversations", conversations, seed + 1)
     results = {
         "model": str(demo.root), "held_out_images": n_images, "seed": seed,
         "caption_accuracy": 100 * right / len(truth),
@@ -69,28 +85,45 @@ def evaluate(demo: DemoModel, out: str | Path, n_images: int = 120, draws: int =
         "vqa_by_type": vqa["per_answer_type"],
         "image_colour_accuracy": 100 * sum(d["colour_ok"] for d in drawings) / len(drawings),
         "image_shape_accuracy": 100 * sum(d["shape_ok"] for d in drawings) / len(drawings),
-        "image_replies_with_a_picture": 100 * sum(d["picture"] is not None for d in drawings) / len(drawings),
-        "drawings": drawings, "targets": TARGETS,
+        "image_picture_rate": 100 * sum(d["picture"] is not None for d in drawings) / len(drawings),
+        "image_counts": {key: sum(d[key] for d in drawings) for key in ("colour_ok", "shape_ok")}
+        | {"picture": sum(d["picture"] is not None for d in drawings)},
+        "readback_check": readback,
+        "conversations": conversation_table(talks), "conversation_count": conversations,
+        "conversation_turns": talks,
+        "drawings": drawings, "targets": TARGETS | {"conversation_reading": READING_TARGET},
         "caption_examples": [{"truth": " ".join(truth[i]), "caption": preds[i]} for i in list(truth)[:8]],
     }
     write_json(out / "results.json", results)
     return results
 
 
-def draw_requests(demo: DemoModel, out_dir: Path, draws: int, steps: int, scale: float) -> list[dict]:
-    """Ask the chat assistant for ``draws`` pictures of every colour and shape; read each picture back."""
-    from ..assistant import Assistant, GenerationSettings
+def _load(demo: DemoModel):
     from ..builder import load_pretrained
+    return load_pretrained(demo.easygen, device="cpu")
 
-    loaded = load_pretrained(demo.easygen, device="cpu")
+
+def check_readback(seed: int, n: int) -> dict:
+    """``world.analyse_image`` on ``n`` ground-truth images (random sizes and positions): how many it reads right."""
+    import random
+    rng = random.Random(seed)
+    scenes = [world.random_scene(rng) for _ in range(n)]
+    right = sum((found.colour, found.shape) == (s.colour, s.shape)
+                for s, found in ((s, world.analyse_image(world.draw(s))) for s in scenes))
+    return {"images": n, "right": right, "seed": seed}
+
+
+def draw_requests(loaded, recipe, out_dir: Path, draws: int) -> list[dict]:
+    """Ask the chat assistant for ``draws`` pictures of every colour and shape (each in a new
+    conversation, the request's wording varied); read each picture back."""
+    from ..assistant import Assistant
+
     records = []
     for colour in world.COLOURS:
         for shape in world.SHAPES:
             for k in range(draws):
-                settings = GenerationSettings(temperature=0.0, max_new_tokens=32, seed=k, image_steps=steps,
-                                              image_scale=scale)
-                assistant = Assistant(loaded, settings, out_dir=out_dir / f"{colour}-{shape}-{k}")
-                request = world.DRAW_REQUESTS[k % len(world.DRAW_REQUESTS)].format(colour=colour, shape=shape)
+                assistant = Assistant(loaded, _settings(recipe, k), out_dir=out_dir / f"{colour}-{shape}-{k}")
+                request = world.DRAW_REQUESTS[len(records) % len(world.DRAW_REQUESTS)].format(colour=colour, shape=shape)
                 reply = assistant.send(request)
                 found = world.analyse_image(_open(reply.image_paths[0])) if reply.image_paths else None
                 records.append({"request": request, "reply": reply.text,
@@ -108,14 +141,127 @@ def _open(path):
         return im.convert("RGB")
 
 
+def _settings(recipe, seed: int):
+    from ..assistant import GenerationSettings
+    return GenerationSettings(temperature=0.0, max_new_tokens=32, seed=seed, image_steps=recipe.image_steps,
+                              image_scale=recipe.image_scale)
+
+
+def play_conversations(loaded, demo: DemoModel, out_dir: Path, n: int, seed: int) -> list[dict]:
+    """Play ``n`` held-out scripted conversations through the chat ``Assistant``; one record per turn.
+
+    A reading turn is right when the answer names the asked part (colour, shape, or both for a
+    description) of the picture it is about: for an upload its scene, for a picture the assistant
+    drew what the read-back sees in it where it sees something (else what was asked for). A
+    drawing turn records whether a picture came back and whether its colour and shape are right.
+    """
+    import random
+
+    from ..assistant import Assistant
+    from ..features import ImageFeatureExtractor
+
+    recipe = demo.recipe()
+    features = ImageFeatureExtractor(loaded.bidiffuser, steps=recipe.feature_steps, scale=recipe.feature_scale,
+                                     seed=FEATURE_SEED)
+    rng, memo, records = random.Random(seed), {}, []
+    for k in range(n):
+        folder = out_dir / f"{k:03d}"
+        folder.mkdir(parents=True, exist_ok=True)
+        assistant = Assistant(loaded, _settings(recipe, k), out_dir=folder, features=features, feature_memo=memo)
+        script = random_script(rng)
+        truths: list[tuple[str | None, str | None]] = []  # per picture in the conversation
+        for t, turn in enumerate(script):
+            uploads = []
+            for j, scene in enumerate(turn.uploads):
+                size = UPLOAD_SIZES[(k + t + j) % len(UPLOAD_SIZES)]
+                path = folder / f"upload-{t}-{j}.png"
+                world.draw(scene).resize((size, size), world_resample(size)).save(path)
+                uploads.append(path)
+                truths.append((scene.colour, scene.shape))
+            reply = assistant.send(turn.text, images=uploads)
+            record = {"conversation": k, "turn": t, "kind": turn.kind, "text": turn.text, "reply": reply.text,
+                      "uploads": [str(p) for p in uploads], "target": list(turn.target), "ask": turn.ask}
+            if turn.draws:
+                found = world.analyse_image(_open(reply.image_paths[0])) if reply.image_paths else None
+                record.update(picture=str(reply.image_paths[0]) if reply.image_paths else None,
+                              colour_ok=bool(found and found.colour == turn.target[0]),
+                              shape_ok=bool(found and found.shape == turn.target[1]),
+                              read_back=[found.colour, found.shape] if found else None)
+                # What the picture shows where the read-back can tell, else what was asked for.
+                truths.append((found.colour or turn.target[0], found.shape or turn.target[1]) if found
+                              else turn.target)
+            else:
+                truth = truths[turn.refers_to] if turn.refers_to is not None and turn.refers_to < len(truths) \
+                    else turn.target
+                said = world.parse_description(reply.text)
+                right = {"colour": said[0] == truth[0], "shape": said[1] == truth[1],
+                         "caption": said == tuple(truth)}[turn.ask]
+                record.update(truth=list(truth), right=bool(right))
+            records.append(record)
+    return records
+
+
+def world_resample(size: int):
+    from PIL import Image
+    return Image.NEAREST if size == world.IMAGE_SIZE else Image.BICUBIC
+
+
+def conversation_table(records: list[dict]) -> dict:
+    """Counts per kind of turn: reading kinds {"right", "turns"}; drawing kinds {"picture",
+    "colour_ok", "shape_ok", "turns"}."""
+    table = {}
+    for kind in KINDS:
+        rows = [r for r in records if r["kind"] == kind]
+        if kind in READING_KINDS:
+            table[kind] = {"turns": len(rows), "right": sum(r["right"] for r in rows)}
+        else:
+            table[kind] = {"turns": len(rows), "picture": sum(r["picture"] is not None for r in rows),
+                           "colour_ok": sum(r["colour_ok"] for r in rows), "shape_ok": sum(r["shape_ok"] for r in rows)}
+    return table
+
+
+def _pct(count: int, total: int) -> str:
+    return f"{count:>3}/{total:<3} {100 * count / total:5.1f}%" if total else "  -/0        "
+
+
+def _mark(count: int, total: int, target: float) -> str:
+    return "" if not total else "ok" if 100 * count / total >= target else "MISSED"
+
+
 def format_results(r: dict) -> str:
-    rows = [("caption accuracy (colour and shape)", r["caption_accuracy"], TARGETS["caption_accuracy"]),
-            ("VQA accuracy", r["vqa_accuracy"], TARGETS["vqa_accuracy"]),
-            ("image replies: colour", r["image_colour_accuracy"], TARGETS["image_colour_accuracy"]),
-            ("image replies: shape", r["image_shape_accuracy"], TARGETS["image_shape_accuracy"])]
-    lines = [f"EasyGen shapes demo, {r['held_out_images']} held-out images (seed {r['seed']}), "
-             f"{len(r['drawings'])} drawings"]
-    lines += [f"  {name:<38} {value:6.1f}%   target >= {target:.0f}%  {'ok' if value >= target else 'MISSED'}"
-              for name, value, target in rows]
-    lines.append(f"  {'CIDEr (easygen eval caption)':<38} {r['cider']:6.1f}")
+    t = TARGETS
+    n_draw = len(r["drawings"])
+    counts = r["image_counts"]
+    rows = [("caption accuracy (colour and shape)", f"{r['caption_accuracy']:5.1f}%", t["caption_accuracy"],
+             r["caption_accuracy"]),
+            ("VQA accuracy", f"{r['vqa_accuracy']:5.1f}%", t["vqa_accuracy"], r["vqa_accuracy"]),
+            ("drawings: picture returned", _pct(counts["picture"], n_draw), t["image_picture_rate"],
+             r["image_picture_rate"]),
+            ("drawings: colour", _pct(counts["colour_ok"], n_draw), t["image_colour_accuracy"],
+             r["image_colour_accuracy"]),
+            ("drawings: shape", _pct(counts["shape_ok"], n_draw), t["image_shape_accuracy"],
+             r["image_shape_accuracy"])]
+    check = r["readback_check"]
+    lines = [f"EasyGen shapes demo, held-out data (seed {r['seed']}; training uses 0). Read-back check on "
+             f"ground-truth images: {check['right']}/{check['images']} right.",
+             f"Single messages: {r['held_out_images']} images, {n_draw} drawings "
+             f"(\"Draw a {{colour}} {{shape}}.\" and paraphrases)"]
+    lines += [f"  {name:<44} {value:>15}   target >= {target:.0f}%  {'ok' if got >= target else 'MISSED'}"
+              for name, value, target, got in rows]
+    lines.append(f"  {'CIDEr (easygen eval caption)':<44} {r['cider']:>15.1f}")
+    table = r["conversations"]
+    total = sum(v["turns"] for v in table.values())
+    lines.append(f"Conversations: {r['conversation_count']} held-out scripts, {total} turns (2 to 6 per conversation)")
+    lines.append(f"  {'turn kind':<44} {'answer right':>15}   {'picture':>15}   {'colour':>15}   {'shape':>15}")
+    for kind, row in table.items():
+        if kind in READING_KINDS:
+            cell = _pct(row["right"], row["turns"])
+            lines.append(f"  {KINDS[kind]:<44} {cell:>15} {_mark(row['right'], row['turns'], READING_TARGET):<6}")
+        else:
+            cells = [f"{_pct(row[key], row['turns']):>15} {_mark(row[key], row['turns'], t[target]):<6}"
+                     for key, target in (("picture", "image_picture_rate"), ("colour_ok", "image_colour_accuracy"),
+                                         ("shape_ok", "image_shape_accuracy"))]
+            lines.append(f"  {KINDS[kind]:<44} {'':>15}   " + "".join(cells))
+    lines.append(f"  targets: answers >= {READING_TARGET:.0f}%; drawings: picture >= {t['image_picture_rate']:.0f}%, "
+                 f"colour >= {t['image_colour_accuracy']:.0f}%, shape >= {t['image_shape_accuracy']:.0f}%")
     return "\n".join(lines)

@@ -82,6 +82,11 @@ class Recipe:
     llm_batch: int = 16
     stage1_lr: float = 1e-3
     stage2_lr: float = 1e-3
+    # Stage 2 data: scripted conversations (2-6 turns) beside the single-turn captions/questions/draws.
+    conversations: int = 4000
+    conversation_weight: float = 1.0
+    draw_copies: int = 8
+    llm_context: int = 1024  # a 6-turn conversation with 6 pictures is ~300 tokens; chat keeps half for the answer
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self)
@@ -91,7 +96,7 @@ RECIPES = {
     "full": Recipe(),
     "ci": Recipe(name="ci", train_images=64, clip_steps=4, vae_steps=4, decoder_steps=4, unidiffuser_steps=2,
                  easygen_steps=2, uvit_batch=8, uvit_width=32, uvit_depth=2, feature_steps=2, llm_width=32,
-                 llm_layers=1, stage1_steps=2, stage2_steps=150, llm_batch=8, stage2_lr=3e-3),
+                 llm_layers=1, stage1_steps=2, stage2_steps=150, llm_batch=8, stage2_lr=3e-3, conversations=64),
 }
 
 
@@ -149,14 +154,17 @@ def _llm_corpus() -> list[str]:
     """Every text the LLM meets: the world's, the caption instructions of stage 1, the eval prompts,
     and the conversation template's role names."""
     from ..data.readers import CAPTION_PROMPTS
+    from .conversations import corpus as conversation_corpus
     from .dataset import EVAL_CAPTION_PROMPT, EVAL_VQA_SUFFIX
-    return world.corpus() + list(CAPTION_PROMPTS) + [EVAL_CAPTION_PROMPT, EVAL_VQA_SUFFIX.strip(), "USER: ASSISTANT:"]
+    return (world.corpus() + conversation_corpus() + list(CAPTION_PROMPTS)
+            + [EVAL_CAPTION_PROMPT, EVAL_VQA_SUFFIX.strip(), "USER: ASSISTANT:"])
 
 
 def _stage_data(root: Path, r: Recipe, log: Log) -> None:
     from .dataset import write_training_data
-    write_training_data(root / "data", r.train_images, r.seed)
-    log(f"  {r.train_images} images and their captions/conversations in {root / 'data'}")
+    write_training_data(root / "data", r.train_images, r.seed, draw_copies=r.draw_copies,
+                        n_conversations=r.conversations, conversation_weight=r.conversation_weight)
+    log(f"  {r.train_images} images, their captions and questions, {r.conversations} conversations in {root / 'data'}")
 
 
 def _stage_bidiffuser_init(root: Path, r: Recipe, log: Log) -> None:
@@ -213,7 +221,7 @@ def _train_uvit(root: Path, r: Recipe, source: str, out: str, objective: str, st
                       snr_gamma=r.uvit_snr_gamma, steps=steps, batch_size=r.uvit_batch, lr=r.uvit_lr,
                       warmup_ratio=0.02, lr_schedule=r.uvit_lr_schedule, ema_decay=0.995,
                       save_every=max(steps // 2, 1), log_every=max(steps // 20, 1), seed=r.seed, device="cpu",
-                      copy=copy))
+                      copy=copy, encode_once=True))
 
 
 def _stage_unidiffuser(root: Path, r: Recipe, log: Log) -> None:
@@ -236,7 +244,7 @@ def _stage_easygen_init(root: Path, r: Recipe, log: Log) -> None:
     shutil.rmtree(out, ignore_errors=True)
     init_tiny_easygen(out, root / "bidiffuser", seed=r.seed, corpus=_llm_corpus(), hidden_size=r.llm_width,
                       num_hidden_layers=r.llm_layers, intermediate_size=4 * r.llm_width,
-                      projector_hidden_size=4 * r.llm_width, max_position_embeddings=256)
+                      projector_hidden_size=4 * r.llm_width, max_position_embeddings=r.llm_context)
 
 
 def _cli(*argv: str) -> None:
@@ -257,7 +265,7 @@ def _train_stage(root: Path, r: Recipe, stage: str, model: Path, data: str, step
     _cli("train", "--stage", stage, f"model={model}", f"data={root / 'data' / data}",
          f"features={root / 'features'}", f"output_dir={run}", f"max_steps={steps}",
          f"micro_batch_size={r.llm_batch}", f"lr={lr}", "warmup_ratio=0.03", "precision=fp32",
-         f"save_every={steps}", "log_every=20", f"seed={r.seed}", "max_length=256",
+         f"save_every={steps}", "log_every=20", f"seed={r.seed}", f"max_length={r.llm_context // 2}",
          f"feature_steps={r.feature_steps}", f"feature_scale={r.feature_scale}", f"feature_seed={FEATURE_SEED}")
 
 

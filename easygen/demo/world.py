@@ -40,23 +40,34 @@ COLOUR_QUESTIONS: tuple[str, ...] = (
     "What color is the shape?",
     "What colour is the object in the image?",
     "Which color is the shape in this picture?",
+    "What colour does the shape have?",
+    "Tell me the color of the shape.",
 )
 SHAPE_QUESTIONS: tuple[str, ...] = (
     "What shape is it?",
     "Which shape is shown in the image?",
     "What kind of shape is in this picture?",
+    "Which of the three shapes is it?",
+    "Name the shape in the image.",
 )
 CAPTION_PROMPTS: tuple[str, ...] = (
     "Describe the image briefly.",
     "What is in this picture?",
     "Write a short caption for the image.",
+    "What do you see?",
+    "What does this image show?",
+    "Describe this picture.",
 )
 DRAW_REQUESTS: tuple[str, ...] = (
     "Draw a {colour} {shape}.",
     "Show me a picture of a {colour} {shape}.",
     "Can you make an image of a {colour} {shape}?",
+    "Please draw a {colour} {shape}.",
+    "Paint a {colour} {shape}.",
+    "Generate an image of a {colour} {shape}.",
+    "I would like a picture of a {colour} {shape}.",
+    "Could you draw me a {colour} {shape}?",
 )
-
 
 @dataclass(frozen=True)
 class Scene:
@@ -146,19 +157,41 @@ def parse_description(text: str) -> tuple[str | None, str | None]:
 
 @dataclass(frozen=True)
 class ImageAnalysis:
-    """What analyse_image read from an image; colour and shape are None for a (nearly) blank one."""
+    """What analyse_image read from an image. colour is None for a (nearly) blank image; shape is
+    None when no shape is drawn clearly enough to name (a blob, fragments, a stretched box)."""
     colour: str | None
     shape: str | None
     fill_ratio: float
     rgb: tuple[int, int, int] | None
+    match: float = 0.0  # intersection over union of the mask with the named (or best) ideal shape
 
 
 _NOT_BACKGROUND = 60.0  # RGB distance from white beyond which a pixel is surely part of the shape
 _MIN_PIXELS = 20        # fewer candidate pixels than this is noise, not a shape
+_MAX_ASPECT = 1.3       # every shape has a square bounding box; a box this stretched is no shape
+_MIN_MATCH = 0.75       # IoU with the ideal shape needed to name it (a blob fits none this well)
+
+
+def ideal_mask(shape: str, height: int, width: int) -> np.ndarray:
+    """The shape drawn as ``draw`` draws it, filling a height x width box (bool array)."""
+    image = Image.new("L", (width, height), 0)
+    pen, box = ImageDraw.Draw(image), (0, 0, width - 1, height - 1)
+    if shape == "circle":
+        pen.ellipse(box, fill=1)
+    elif shape == "square":
+        pen.rectangle(box, fill=1)
+    else:
+        pen.polygon([((width - 1) / 2, 0), (0, height - 1), (width - 1, height - 1)], fill=1)
+    return np.asarray(image, dtype=bool)
 
 
 def analyse_image(image: Image.Image) -> ImageAnalysis:
-    """Colour and shape of the one shape in an image, robust to blur and noise (generated images)."""
+    """Colour and shape of the one shape in an image, robust to blur and noise (generated images).
+
+    The colour is the median of the clearly non-white pixels, named by the nearest palette colour.
+    The shape is named only when the pixels of that colour, inside their (nearly square) bounding
+    box, overlap one ideal shape drawn in that box by at least _MIN_MATCH (intersection over
+    union): a blob or fragments match none and count as no shape, so they never score by luck."""
     image = image.convert("RGB")
     if image.size != (IMAGE_SIZE, IMAGE_SIZE):
         image = image.resize((IMAGE_SIZE, IMAGE_SIZE), Image.BILINEAR)
@@ -172,10 +205,11 @@ def analyse_image(image: Image.Image) -> ImageAnalysis:
     # The median ignores blurred edges (colour mixed with white) and noise.
     rgb = np.median(candidates, axis=0)
     colour = min(COLOURS, key=lambda name: np.linalg.norm(rgb - COLOURS[name]))
+    rgb_out = tuple(int(round(c)) for c in rgb)
 
     mask = np.linalg.norm(pixels - rgb, axis=-1) < to_white
     if not mask.any():  # scattered candidates with no common colour: nothing drawn
-        return ImageAnalysis(None, None, 0.0, None)
+        return ImageAnalysis(colour, None, 0.0, rgb_out)
     # Rows/columns with a single mask pixel are likely strays; skip them when sizing the box.
     rows = np.flatnonzero(mask.sum(axis=1) >= 2)
     cols = np.flatnonzero(mask.sum(axis=0) >= 2)
@@ -183,5 +217,14 @@ def analyse_image(image: Image.Image) -> ImageAnalysis:
         rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
     box = mask[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1]
     fill_ratio = float(box.mean())
-    shape = min(SHAPES, key=lambda name: abs(FILL_RATIO[name] - fill_ratio))
-    return ImageAnalysis(colour, shape, fill_ratio, tuple(int(round(c)) for c in rgb))
+    height, width = box.shape
+    if max(height, width) > _MAX_ASPECT * min(height, width) or min(height, width) < 4:
+        return ImageAnalysis(colour, None, fill_ratio, rgb_out)
+    outside = mask.sum() - box.sum()  # mask pixels beyond the box count against every shape
+    scores = {}
+    for name in SHAPES:
+        ideal = ideal_mask(name, height, width)
+        scores[name] = float((box & ideal).sum() / ((box | ideal).sum() + outside))
+    best = max(scores, key=scores.get)
+    shape = best if scores[best] >= _MIN_MATCH else None
+    return ImageAnalysis(colour, shape, fill_ratio, rgb_out, round(scores[best], 3))
