@@ -80,15 +80,60 @@ def test_chat_reads_an_uploaded_image(demo, tmp_path, monkeypatch, capsys):
     assert set(json.loads(out)) == {"text", "images", "notices"}
 
 
+def test_a_conversation_with_an_image_a_follow_up_and_a_late_drawing(demo, tmp_path, monkeypatch, capsys):
+    """Piped into `easygen chat --json`: an upload, a follow-up without it, a drawing late in the
+    conversation, then a question about that drawing, which the model sees in that turn."""
+    import io
+    import sys
+
+    from easygen.assistant import Assistant
+    from easygen.constants import IMAGE_TOKEN_ID
+
+    image = tmp_path / "shape.png"
+    world.draw(world.Scene("blue", "square", 30, 10, 12)).resize((96, 96)).save(image)
+    stdin = (f"/image {image}\nWhat color is the shape?\nAnd its shape?\nDraw a red circle.\n"
+             "What color did you make it?\n/save conv.json\n")
+    monkeypatch.setattr(sys, "stdin", io.StringIO(stdin))
+    monkeypatch.chdir(tmp_path)
+    code, out, err = _run(monkeypatch, capsys, demo.root, "chat", "--json", "--temperature", "0",
+                          "--max-new-tokens", "40", "--out-dir", str(tmp_path / "png"), "--feature-cache",
+                          str(tmp_path / "cache"))
+    assert code == 0, err
+    replies = [json.loads(line) for line in out.splitlines()]
+    assert len(replies) == 4 and all(set(r) == {"text", "images", "notices"} and r["text"] for r in replies), replies
+    assert len(replies[2]["images"]) == 1, replies  # the drawing came as the 3rd answer
+    saved = json.loads((tmp_path / "conv.json").read_text())["messages"]
+    assert [len(m["images"]) for m in saved] == [1, 0, 0, 0, 0, 0, 0, 0]
+    assert saved[5]["generated"] == replies[2]["images"]
+    shown = Assistant._shown_images(saved)
+    assert shown[6] == replies[2]["images"]  # the 4th question showed the model its drawing
+    from easygen.builder import load_pretrained
+    loaded = load_pretrained(demo.easygen)
+    a = Assistant(loaded)
+    a.from_json(json.loads((tmp_path / "conv.json").read_text()))
+    ids = a._prompt_ids(a.messages[:7])
+    assert ids.count(IMAGE_TOKEN_ID) == 2 * loaded.model.config.num_image_tokens  # upload + drawing
+
+
 def test_demo_eval_runs_every_measure(demo, tmp_path, monkeypatch, capsys):
+    from easygen.demo.conversations import KINDS
+
     code, out, err = _run(monkeypatch, capsys, demo.root, "demo", "eval", "--images", "3", "--draws", "1",
-                          "--out", str(tmp_path))
+                          "--conversations", "6", "--out", str(tmp_path))
     assert code == 0, err
     results = json.loads((tmp_path / "results.json").read_text())
     for key in ("caption_accuracy", "vqa_accuracy", "image_colour_accuracy", "image_shape_accuracy", "cider"):
         assert 0 <= results[key] <= 100 or key == "cider", key
     assert set(results["vqa_by_type"]) == {"color", "shape"}  # VQAv2's answer types, as the annotations name them
-    assert len(results["drawings"]) == 18 and "target >= 90%" in out
+    assert len(results["drawings"]) == 18 and "target >= 95%" in out
+    assert results["readback_check"] == {"images": 1000, "right": 1000, "seed": 2024}
+    table = results["conversations"]
+    assert set(table) == set(KINDS) and "Conversations: 6 held-out scripts" in out
+    turns = results["conversation_turns"]
+    assert sum(row["turns"] for row in table.values()) == len(turns) >= 12
+    assert {t["conversation"] for t in turns} == set(range(6))
+    for kind, description in KINDS.items():
+        assert description in out
 
 
 def test_rebuild_reuses_finished_stages_and_refuses_another_recipe(demo):
@@ -113,14 +158,17 @@ def test_data_files_read_by_the_normal_readers(tmp_path):
     from easygen.data import load_mixture
     from easygen.eval.data import read_captions, read_vqa
 
-    paths = write_training_data(tmp_path / "train", 6, seed=0, draw_copies=2)
+    paths = write_training_data(tmp_path / "train", 60, seed=0, draw_copies=2, n_conversations=5)
     rows = paths["captions.tsv"].read_text().splitlines()
-    assert len(rows) == 1 + 12 and all(world.parse_description(r.split("\t")[1]) != (None, None) for r in rows[1:])
+    assert len(rows) == 1 + 120 and all(world.parse_description(r.split("\t")[1]) != (None, None) for r in rows[1:])
     stage2 = load_mixture(paths["instruct_data.json"])
-    draws = [ex for ex in stage2.train if not ex["images"]]
-    assert len(draws) == 2 * 54 and all("<Img>" in ex["messages"][-1]["content"] for ex in draws)
-    assert len(stage2.train) - len(draws) == 18  # caption, colour and shape question per image
-    assert len(load_mixture(paths["pretrain_data.json"]).train) == 12
+    single = [ex for ex in stage2.train if len(ex["messages"]) == 2]
+    draws = [ex for ex in single if not ex["images"]]
+    n_requests = 18 * len(world.DRAW_REQUESTS)
+    assert len(draws) == 2 * n_requests and all("<Img>" in ex["messages"][-1]["content"] for ex in draws)
+    assert len(single) - len(draws) == 180  # caption, colour and shape question per image
+    assert len(stage2.train) - len(single) == 5  # the conversations (2 to 6 turns)
+    assert len(load_mixture(paths["pretrain_data.json"]).train) == 120
 
     karpathy, questions, annotations, items = write_eval_data(tmp_path / "eval", 4, seed=5)
     _, samples = read_captions(karpathy, tmp_path / "eval")

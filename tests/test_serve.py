@@ -114,11 +114,18 @@ def test_a_drawing_comes_back_as_markdown_and_images(client):
     assert png_of(url).size == (64, 64)
     assert f"]({url})" in msg.content and msg.content.count("![") == 1
     assert "<Img>" not in msg.content and "</Img>" not in msg.content
-    # the drawing in the history goes back to the model as its own tag: the next turn works
-    follow = client.chat.completions.create(model="easygen-demo", messages=[
-        {"role": "user", "content": "Draw a red circle."}, {"role": "assistant", "content": msg.content},
-        {"role": "user", "content": "What color did you make it?"}])
-    assert follow.usage.prompt_tokens < 200  # the data URL was not tokenized
+    # the drawing in the history goes back to the model as its own tag, and the picture (its data URL)
+    # is shown to the model in the next turn, as `easygen chat` shows it: 16 image positions more than
+    # the same history with the picture as a link, which stays text only
+    def follow_up(content):
+        return client.chat.completions.create(model="easygen-demo", messages=[
+            {"role": "user", "content": "Draw a red circle."}, {"role": "assistant", "content": content},
+            {"role": "user", "content": "What color did you make it?"}])
+
+    with_picture = follow_up(msg.content)
+    as_link = follow_up(msg.content.replace(url, "https://example.com/circle.png"))
+    assert with_picture.usage.prompt_tokens < 200  # the data URL was not tokenized
+    assert with_picture.usage.prompt_tokens - as_link.usage.prompt_tokens >= 16
 
 
 def test_streaming_equals_the_whole_answer(client):

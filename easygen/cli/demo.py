@@ -14,7 +14,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                     "component (CLIP, VAE, caption decoder, U-ViT, LLaMA, projector) is trained by the normal "
                     "training code. `easygen chat` with no --model-path uses it.")
     tasks = p.add_subparsers(dest="demo_task", required=True, metavar="TASK")
-    b = tasks.add_parser("build", help="generate the data and train every stage (resumable; ~20 min on 2 CPU cores)")
+    from ..demo.recipe import BUILD_MINUTES
+    b = tasks.add_parser("build", help=f"generate the data and train every stage (resumable; about {BUILD_MINUTES} "
+                                       f"min on 2 CPU cores)")
     b.add_argument("--out", type=Path, default=None, metavar="DIR",
                    help="where to build (default $EASYGEN_DEMO_DIR, else ~/.cache/easygen/demo-shapes-v3)")
     b.add_argument("--recipe", choices=["full", "ci"], default="full",
@@ -37,11 +39,15 @@ def run(args) -> int:
     import sys
     from contextlib import redirect_stdout
 
-    from ..demo.recipe import DemoModel, build, default_dir
+    from ..demo.recipe import BUILD_MINUTES, DemoModel, build, default_dir
 
     if args.demo_task == "build":
+        root = args.out or default_dir()
+        if args.recipe == "full" and not DemoModel(root).is_built():
+            print(f"building the shapes demo model in {root} (about {BUILD_MINUTES} minutes on 2 CPU cores)",
+                  file=sys.stderr, flush=True)
         with redirect_stdout(sys.stderr):  # the training commands' status lines are progress here
-            demo = build(args.out, args.recipe, log=lambda s: print(s, flush=True))
+            demo = build(root, args.recipe, log=lambda s: print(s, flush=True))
         print(f"EasyGen directory: {demo.easygen}\nBiDiffuser directory: {demo.bidiffuser}")
         return 0
 

@@ -62,7 +62,7 @@ def resolve_model(args) -> None:
     absent. Then the BiDiffuser settings left unset: the demo recipe's for a demo model, else EasyGen's."""
     from contextlib import redirect_stdout
 
-    from ..demo.recipe import DemoModel, build, default_dir, recipe_of
+    from ..demo.recipe import BUILD_MINUTES, DemoModel, build, default_dir, recipe_of
     from ..errors import EasyGenError
 
     if args.model_path is None:
@@ -74,7 +74,7 @@ def resolve_model(args) -> None:
         if not demo.is_built():
             log = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731  stdout stays the command's
             log(f"No --model-path given: building the built-in shapes demo model in {demo.root} "
-                f"(once; about 20 minutes on 2 CPU cores; set EASYGEN_DEMO_DIR to build it elsewhere)")
+                f"(once; about {BUILD_MINUTES} minutes on 2 CPU cores; set EASYGEN_DEMO_DIR to build it elsewhere)")
             with redirect_stdout(sys.stderr):
                 build(demo.root, log=log)
         args.model_path = str(demo.easygen)

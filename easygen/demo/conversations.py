@@ -151,7 +151,7 @@ def random_script(rng: random.Random, new_scene: Callable[[random.Random], Scene
         if pictures:
             options += ["follow_up"] * 2 + ["grounded_draw"] * 2
         if len(pictures) > 1:
-            options += ["earlier_image"] * 2
+            options += ["earlier_image"] * 3
         if last is not None and last.draws:
             options += ["own_drawing"] * 6
         choice = rng.choice(options)

@@ -23,14 +23,15 @@ from bidiffuser.checkpoint import atomic_path, write_json
 
 from fastchat_ext.conversation import user_message
 
+from ..eval.prompts import PROMPT_STYLES
 from . import world
 from .conversations import ScriptTurn, random_script
 from .world import Scene
 
-# The evaluation prompts of `easygen eval` (easygen/eval/cli.py) are among the training prompts, so the
-# demo model answers them the way the benchmark asks.
-EVAL_CAPTION_PROMPT = "A short image caption:"
-EVAL_VQA_SUFFIX = "\nAnswer the question using a single word or phrase."
+# The evaluation prompts of `easygen eval` (both --prompt-style choices) are among the training prompts,
+# so the demo model answers them the way the benchmark asks.
+EVAL_CAPTION_PROMPTS = tuple(style.caption for style in PROMPT_STYLES.values())
+VQA_TEMPLATES = ("{question}",) + tuple(style.vqa for style in PROMPT_STYLES.values())
 
 
 def write_images(root: Path, n: int, seed: int) -> list[tuple[str, Scene]]:
@@ -72,11 +73,22 @@ def llava_conversation(example_id: str, script: list[ScriptTurn], upload_paths: 
 
 def write_conversations(root: Path, items: list[tuple[str, Scene]], n: int, seed: int) -> list[dict]:
     """``n`` scripted conversations over the images ``items`` (uploads drawn at random from them; a
-    drawing shown as a random image of the scene asked for)."""
+    drawing shown as a random image of the scene asked for, drawn anew when ``items`` has none)."""
     rng = random.Random(seed)
     by_kind: dict[tuple[str, str], list[str]] = {}
     for rel, scene in items:
         by_kind.setdefault((scene.colour, scene.shape), []).append(rel)
+
+    def drawn(colour: str, shape: str) -> str:
+        if (colour, shape) not in by_kind:  # a small image set may lack a colour and shape
+            side = rng.randint(world.MIN_SIDE, world.MAX_SIDE)
+            scene = Scene(colour, shape, side, rng.randint(0, world.IMAGE_SIZE - side),
+                          rng.randint(0, world.IMAGE_SIZE - side))
+            rel = f"images/drawn-{colour}-{shape}.png"
+            world.draw(scene).save(root / rel)
+            by_kind[(colour, shape)] = [rel]
+        return rng.choice(by_kind[(colour, shape)])
+
     out = []
     for k in range(n):
         picked: list[str] = []
@@ -89,8 +101,7 @@ def write_conversations(root: Path, items: list[tuple[str, Scene]], n: int, seed
         script = random_script(rng, upload)
         queue = iter(picked)
         uploads = [[next(queue) for _ in turn.uploads] for turn in script]
-        out.append(llava_conversation(f"conversation:{k}", script, uploads,
-                                      lambda colour, shape: rng.choice(by_kind[(colour, shape)])))
+        out.append(llava_conversation(f"conversation:{k}", script, uploads, drawn))
     return out
 
 
@@ -106,15 +117,15 @@ def write_training_data(root: str | Path, n_images: int, seed: int = 0, draw_cop
         paraphrases = world.captions(scene.colour, scene.shape)
         tsv += [f"{rel}\t{c}" for c in rng.sample(paraphrases, 2)]
         # Captions are answered with the canonical caption: one right answer makes greedy decoding reliable.
-        prompt = rng.choice(world.CAPTION_PROMPTS + (EVAL_CAPTION_PROMPT,))
+        prompt = rng.choice(world.CAPTION_PROMPTS + EVAL_CAPTION_PROMPTS)
         instruct.append({"id": f"{rel}:caption", "image": rel,
                          "conversations": [_human(prompt, 1), _turn("gpt", scene.caption)]})
         n_colour = len(world.COLOUR_QUESTIONS)
         for kind, (question, answer) in (("colour", rng.choice(world.vqa_pairs(scene)[:n_colour])),
                                          ("shape", rng.choice(world.vqa_pairs(scene)[n_colour:]))):
-            suffix = EVAL_VQA_SUFFIX if rng.random() < 0.5 else ""
+            asked = rng.choice(VQA_TEMPLATES).format(question=question)
             instruct.append({"id": f"{rel}:{kind}", "image": rel,
-                             "conversations": [_human(question + suffix, 1), _turn("gpt", answer)]})
+                             "conversations": [_human(asked, 1), _turn("gpt", answer)]})
     draw = [{"id": f"draw:{colour}:{shape}:{k}",
              "conversations": [_turn("human", request.format(colour=colour, shape=shape)),
                                _turn("gpt", world.draw_reply(colour, shape))]}

@@ -23,7 +23,7 @@ from ..errors import EasyGenError
 
 from . import world
 from .conversations import DRAWING_KINDS, KINDS, READING_KINDS, random_script
-from .dataset import EVAL_CAPTION_PROMPT, write_eval_data
+from .dataset import write_eval_data
 from .recipe import FEATURE_SEED, DemoModel
 
 TARGETS = {"caption_accuracy": 95.0, "vqa_accuracy": 95.0, "image_picture_rate": 98.0,
@@ -66,7 +66,7 @@ def evaluate(demo: DemoModel, out: str | Path, n_images: int = 120, draws: int =
              "--feature-scale", str(recipe.feature_scale), "--feature-cache", str(out / "features")]
 
     caption = _eval_cli("caption", *model, "--karpathy", str(karpathy), "--image-root", str(out / "data"),
-                        "--out", str(out / "caption.json"), "--prompt", EVAL_CAPTION_PROMPT, "--min-new-tokens", "1",
+                        "--out", str(out / "caption.json"), "--min-new-tokens", "1",
                         "--max-new-tokens", "16", "--predictions", str(out / "caption.predictions.jsonl"))
     preds = {p["id"]: p["caption"] for p in _predictions(caption)}
     right = sum(world.parse_description(preds[i]) == truth[i] for i in truth)

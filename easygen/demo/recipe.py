@@ -42,6 +42,8 @@ from . import world
 FORMAT = "easygen-demo-shapes"
 VERSION = 3  # the default folder's name carries it: a new recipe never meets an old cache
 Log = Callable[[str], None]
+# The full recipe's measured build time on a 2-core CPU (docs/performance.md): what the build messages promise.
+BUILD_MINUTES = 20
 FEATURE_SEED = 1234  # `easygen features`, `easygen train` and chat's default: one image, one feature
 
 
@@ -96,7 +98,7 @@ RECIPES = {
     "full": Recipe(),
     "ci": Recipe(name="ci", train_images=64, clip_steps=4, vae_steps=4, decoder_steps=4, unidiffuser_steps=2,
                  easygen_steps=2, uvit_batch=8, uvit_width=32, uvit_depth=2, feature_steps=2, llm_width=32,
-                 llm_layers=1, stage1_steps=2, stage2_steps=150, llm_batch=8, stage2_lr=3e-3, conversations=64),
+                 llm_layers=1, stage1_steps=2, stage2_steps=400, llm_batch=8, stage2_lr=3e-3, conversations=64),
 }
 
 
@@ -155,9 +157,9 @@ def _llm_corpus() -> list[str]:
     and the conversation template's role names."""
     from ..data.readers import CAPTION_PROMPTS
     from .conversations import corpus as conversation_corpus
-    from .dataset import EVAL_CAPTION_PROMPT, EVAL_VQA_SUFFIX
+    from .dataset import EVAL_CAPTION_PROMPTS, VQA_TEMPLATES
     return (world.corpus() + conversation_corpus() + list(CAPTION_PROMPTS)
-            + [EVAL_CAPTION_PROMPT, EVAL_VQA_SUFFIX.strip(), "USER: ASSISTANT:"])
+            + list(EVAL_CAPTION_PROMPTS) + [t.format(question="") for t in VQA_TEMPLATES] + ["USER: ASSISTANT:"])
 
 
 def _stage_data(root: Path, r: Recipe, log: Log) -> None:

@@ -3,7 +3,9 @@
 In: a request body is checked field by field (anything EasyGen cannot honour is a 400 naming the
 field), the messages become the engine's history (images saved by ``ImageInbox``) plus the new
 user turn. Markdown images in earlier assistant messages (``![description](url)``, how this server
-returns pictures) become ``<Img>description</Img>`` again, which is what the model wrote.
+returns pictures) become ``<Img>description</Img>`` again, which is what the model wrote; a picture
+sent back as a ``data:`` URL (the default) is the assistant's drawing again and is shown to the
+model in the next user turn, as in ``easygen chat`` (links and other URLs are kept as text only).
 
 Out: the answer's ``<Img>description</Img>`` becomes ``![description](url)`` where the tag stood,
 and the message also carries ``images: [{"type": "image_url", "image_url": {"url": ...}}]`` (the
@@ -132,23 +134,34 @@ def _messages(messages, inbox: ImageInbox) -> tuple[str, list[dict], dict]:
                                   "too_many_images")
             paths = [inbox.save(url, f"{where}.content[{k}]") for k, url in urls]
         else:
-            text = MARKDOWN_IMAGE.sub(lambda g: f"{IMG_OPEN}{g.group(1)}{IMG_CLOSE}",
-                                       _text_only(m.get("content"), where, allow_none=True))
-            paths = []
+            drawn = []
+
+            def tag(g: re.Match) -> str:
+                if g.group(2).startswith("data:"):
+                    drawn.append(g.group(2))
+                return f"{IMG_OPEN}{g.group(1)}{IMG_CLOSE}"
+
+            text = MARKDOWN_IMAGE.sub(tag, _text_only(m.get("content"), where, allow_none=True))
+            images_seen += len(drawn)
+            if images_seen > inbox.limits.max_images:
+                raise bad_request(f"too many images: at most {inbox.limits.max_images} per request", where,
+                                  "too_many_images")
+            paths = [inbox.save(url, f"{where}.content") for url in drawn]
+        key = "images" if role == "user" else "generated"  # an assistant's pictures: what it drew
         if turns and turns[-1]["role"] == role:  # two in a row: one turn, as the template needs
             turns[-1]["content"] = "\n".join(t for t in (turns[-1]["content"], text) if t)
-            turns[-1]["images"] += paths
+            turns[-1][key] += paths
         else:
-            turns.append({"role": role, "content": text, "images": paths})
+            turns.append({"role": role, "content": text, "images": [], "generated": [], key: paths})
     if not turns or turns[0]["role"] != "user":
         raise bad_request("the conversation must start with a user message (after any system message)", "messages")
     if turns[-1]["role"] != "user":
         raise bad_request("the last message must be the user's", "messages")
     for t in turns:
-        if t["role"] == "assistant":
-            t["generated"] = []
-        elif not t["content"].strip() and not t["images"]:
-            raise bad_request("a user message is empty", "messages")
+        if t["role"] == "user":
+            del t["generated"]
+            if not t["content"].strip() and not t["images"]:
+                raise bad_request("a user message is empty", "messages")
     return "\n".join(system), turns[:-1], turns[-1]
 
 
