@@ -75,6 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "for training a network from scratch")
     s.add_argument("--t2i-weight", type=float, default=0.0,
                    help="weight of the text-to-image loss (text clean, image noised; default 0: off)")
+    s.add_argument("--t2i-data", default=None, metavar="TSV",
+                   help="captions TSV whose pairs train the text-to-image term (default: the --data pairs), e.g. "
+                        "the kind of pictures the model should draw")
     s.add_argument("--snr-gamma", type=float, default=None,
                    help="Min-SNR-gamma loss weighting, e.g. 5 (default: off, plain MSE)")
     s.add_argument("--ema-decay", type=float, default=0.9999,

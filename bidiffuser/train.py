@@ -62,7 +62,7 @@ OBJECTIVES = ("easygen", "unidiffuser")
 LR_SCHEDULES = ("cosine", "constant")
 # Settings that define the run: resuming with any of them changed would not continue the same run.
 _RUN_KEYS = ("objective", "seed", "batch_size", "grad_accum", "lr", "warmup_ratio", "weight_decay", "max_grad_norm",
-             "t2i_weight", "ema_decay", "snr_gamma", "lr_schedule")
+             "t2i_weight", "ema_decay", "snr_gamma", "lr_schedule", "t2i_data")
 
 
 @dataclass
@@ -96,11 +96,14 @@ class TrainConfig:
     skip_bad_rows: bool = False
     copy: bool = False                   # copy the frozen components into OUT instead of symlinking
     encode_once: bool = False            # encode images/captions once, kept in memory (small data sets)
+    t2i_data: str | None = None          # captions TSV for the text-to-image term (default: ``data``'s pairs)
 
     def validate(self) -> "TrainConfig":
         problems = []
         if self.objective not in OBJECTIVES:
             problems.append(f"objective must be one of {', '.join(OBJECTIVES)}")
+        if self.t2i_data and (self.objective != "easygen" or not self.t2i_weight):
+            problems.append("t2i_data needs the easygen objective with t2i_weight > 0")
         if self.objective == "unidiffuser" and self.t2i_weight:
             problems.append("t2i_weight belongs to the easygen objective (unidiffuser trains every direction)")
         if self.lr_schedule not in LR_SCHEDULES:
@@ -174,6 +177,30 @@ class FrozenEncodings:
         return mean + std * noise, self.clip[img].clone(), self.x0[txt].clone()
 
 
+class _T2IRows:
+    """The text-to-image rows from ``t2i_data``: micro-batch ``m`` of the run takes the next batch of
+    that file's own seeded order (epochs of its own), so a resumed run draws the same rows."""
+
+    def __init__(self, cfg: TrainConfig, pipe, env: DistEnv):
+        self.rows, _ = read_caption_tsv(cfg.t2i_data, cfg.image_root, "skip" if cfg.skip_bad_rows else "raise",
+                                        check_images=True)
+        try:
+            self.sampler = ResumableSampler(len(self.rows), cfg.batch_size, env, cfg.seed + 1)
+        except BiDiffuserError as e:
+            raise BiDiffuserError(f"{cfg.t2i_data}: {e}") from None
+        self.pipe, self.seed = pipe, cfg.seed
+        self.encodings = FrozenEncodings(pipe, self.rows) if cfg.encode_once else None
+
+    def batch(self, micro_batch: int):
+        epoch, at = divmod(micro_batch, self.sampler.batches_per_rank)
+        indices = self.sampler.epoch(epoch)[at]
+        # negative example indices: generators apart from the main rows' (which count from 0)
+        gens = [sample_generator(self.seed, epoch, -1 - i) for i in indices]
+        if self.encodings is not None:
+            return (*self.encodings.batch(indices, gens), gens)
+        return (*encode_batch(self.pipe, [self.rows[i] for i in indices], gens), gens)
+
+
 # ------------------------------------------------------------------------------------------ loss
 def snr_weights(schedule: NoiseSchedule, n: torch.Tensor, gamma: float | None) -> torch.Tensor:
     """Per-row Min-SNR-gamma weights min(SNR_n, gamma) / SNR_n (all ones without gamma)."""
@@ -191,11 +218,12 @@ def _noise_mse(out: torch.Tensor, eps: torch.Tensor, weights: torch.Tensor) -> t
 
 
 def easygen_loss(nnet, schedule: NoiseSchedule, z, clip_img, x0, gens: list[torch.Generator],
-                 t2i_weight: float = 0.0, data_type: int = 1,
-                 snr_gamma: float | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+                 t2i_weight: float = 0.0, data_type: int = 1, snr_gamma: float | None = None,
+                 t2i_rows: tuple | None = None) -> tuple[torch.Tensor, dict[str, float]]:
     """EasyGen's BiDiffuser loss (see the module docstring); returns (loss, its terms as floats).
 
-    With a t2i term the two conditionings run as ONE batched forward (rows: i2t, then t2i).
+    With a t2i term the two conditionings run as ONE batched forward (rows: i2t, then t2i). The
+    t2i rows are the same pairs, or ``t2i_rows = (z, clip_img, x0, gens)`` of other pairs.
     """
     B, dev = z.shape[0], z.device
     draw = lambda shape: torch.stack([torch.randn(shape, generator=g) for g in gens]).to(dev)  # noqa: E731
@@ -205,12 +233,14 @@ def easygen_loss(nnet, schedule: NoiseSchedule, z, clip_img, x0, gens: list[torc
     img, clip, text = z, clip_img, schedule.add_noise(x0, eps, n)
     t_img, t_text = zeros, n
     if t2i_weight:
-        n2 = torch.cat([schedule.sample_timesteps(1, g) for g in gens])
-        eps_img, eps_clip = draw(z.shape[1:]), draw(clip_img.shape[1:])
-        img = torch.cat([z, schedule.add_noise(z, eps_img, n2)])
-        clip = torch.cat([clip_img, schedule.add_noise(clip_img, eps_clip, n2)])
-        text = torch.cat([text, x0])
-        t_img, t_text = torch.cat([zeros, n2]), torch.cat([n, zeros])
+        z2, clip2, x02, gens2 = t2i_rows if t2i_rows is not None else (z, clip_img, x0, gens)
+        draw2 = lambda shape: torch.stack([torch.randn(shape, generator=g) for g in gens2]).to(dev)  # noqa: E731
+        n2 = torch.cat([schedule.sample_timesteps(1, g) for g in gens2])
+        eps_img, eps_clip = draw2(z2.shape[1:]), draw2(clip2.shape[1:])
+        img = torch.cat([z, schedule.add_noise(z2, eps_img, n2)])
+        clip = torch.cat([clip_img, schedule.add_noise(clip2, eps_clip, n2)])
+        text = torch.cat([text, x02])
+        t_img, t_text = torch.cat([zeros, n2]), torch.cat([n, torch.zeros(len(gens2), dtype=torch.long)])
     img_out, clip_out, text_out = nnet(img, clip, text, t_img.to(dev), t_text.to(dev), data_type)
     terms = {"text": _noise_mse(text_out[:B], eps, snr_weights(schedule, n, snr_gamma)),
              "img": img_out[:B].float().pow(2).mean()}  # drives the (clean) image's output to zero
@@ -395,6 +425,7 @@ def train(cfg: TrainConfig) -> Path:
     signature = _run_signature(cfg, rows, total_steps)
 
     encodings = FrozenEncodings(pipe, rows) if cfg.encode_once else None
+    t2i = _T2IRows(cfg, pipe, env) if cfg.t2i_data else None
     step = 0
     previous = complete_checkpoints(run)
     if previous:
@@ -424,7 +455,8 @@ def train(cfg: TrainConfig) -> Path:
                                                    cfg.snr_gamma)
                 else:
                     loss, terms = easygen_loss(model, schedule, z, clip_img, x0, gens, cfg.t2i_weight,
-                                               source.data_type, cfg.snr_gamma)
+                                               source.data_type, cfg.snr_gamma,
+                                               t2i.batch(step * cfg.grad_accum + k) if t2i else None)
             (loss / cfg.grad_accum).backward()
             for name, value in {"loss": loss.item(), **terms}.items():
                 sums[name] = sums.get(name, 0.0) + value / cfg.grad_accum

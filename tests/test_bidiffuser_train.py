@@ -239,6 +239,25 @@ def test_encode_once_gives_the_same_batches_and_the_same_run(tiny_dir, captions,
         torch.testing.assert_close(runs["once"][key], value, rtol=1e-4, atol=1e-5)
 
 
+def test_t2i_data_draws_the_text_to_image_rows_from_another_file(tiny_dir, captions, tmp_path):
+    """The pictures the model learns to draw can come from their own captions file: the t2i rows then
+    follow that file's order, and the run records it (resuming with another file is refused)."""
+    drawings = tmp_path / "drawings.tsv"
+    lines = captions.read_text().splitlines()
+    drawings.write_text("\n".join([lines[0]] + [f"{captions.parent / row.split(chr(9))[0]}\tbig {row.split(chr(9))[1]}"
+                                                for row in lines[1:5]]) + "\n")
+    runs = {}
+    for name, t2i_data in (("same", None), ("other", str(drawings))):
+        train(config(tiny_dir, captions, tmp_path / name, t2i_weight=1.0, t2i_data=t2i_data, encode_once=True))
+        runs[name] = load_file(tmp_path / name / "uvit.safetensors")
+        assert [r["t2i"] > 0 for r in log(tmp_path / name / "checkpoints")] == [True] * 6
+    assert not torch.equal(runs["same"]["decoder_pred.weight"], runs["other"]["decoder_pred.weight"])
+    with pytest.raises(BiDiffuserError, match="t2i_data -> None|t2i_data '.*' -> None"):
+        train(config(tiny_dir, captions, tmp_path / "other", t2i_weight=1.0, steps=8, encode_once=True))
+    with pytest.raises(BiDiffuserError, match="t2i_data needs the easygen objective"):
+        config(tiny_dir, captions, tmp_path / "x", t2i_data=str(drawings)).validate()
+
+
 def _cli(*args, env=None, timeout=300):
     return subprocess.run([sys.executable, "-m", "bidiffuser.cli", "train", *map(str, args)], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=timeout)

@@ -4,6 +4,8 @@
 
     images/00000.png ...     the training images (``world.draw`` of seeded random scenes)
     captions.tsv             image<TAB>caption, two paraphrases per image: BiDiffuser training, stage 1
+    drawings/00000.png ...   pictures as the assistant should draw them (``world.drawing_scene``)
+    draw_captions.tsv        their captions: the text-to-image term of the U-ViT's training
     instruct.json            LLaVA conversations: captions, colour and shape questions (stage 2)
     draw.json                LLaVA conversations without images: draw requests answered with <Img>...</Img>
     conversations.json       LLaVA conversations of 2 to 6 turns (``conversations.random_script``): several
@@ -71,24 +73,31 @@ def llava_conversation(example_id: str, script: list[ScriptTurn], upload_paths: 
     return {"id": example_id, "image": images, "conversations": turns}
 
 
-def write_conversations(root: Path, items: list[tuple[str, Scene]], n: int, seed: int) -> list[dict]:
-    """``n`` scripted conversations over the images ``items`` (uploads drawn at random from them; a
-    drawing shown as a random image of the scene asked for, drawn anew when ``items`` has none)."""
+def write_drawings(root: Path, n: int, seed: int) -> dict[tuple[str, str], list[str]]:
+    """``n`` pictures as the assistant should draw them, every colour and shape in turn, to
+    root/drawings/NNNNN.png, with draw_captions.tsv (two paraphrases each); returns the relative
+    paths by (colour, shape)."""
     rng = random.Random(seed)
+    (root / "drawings").mkdir(parents=True, exist_ok=True)
+    kinds = [(c, s) for c in world.COLOURS for s in world.SHAPES]
     by_kind: dict[tuple[str, str], list[str]] = {}
-    for rel, scene in items:
-        by_kind.setdefault((scene.colour, scene.shape), []).append(rel)
+    tsv = ["image\tcaption"]
+    for i in range(n):
+        colour, shape = kinds[i % len(kinds)]
+        rel = f"drawings/{i:05d}.png"
+        world.draw(world.drawing_scene(rng, colour, shape)).save(root / rel)
+        by_kind.setdefault((colour, shape), []).append(rel)
+        tsv += [f"{rel}\t{c}" for c in rng.sample(world.captions(colour, shape), 2)]
+    with atomic_path(root / "draw_captions.tsv") as tmp:
+        tmp.write_text("\n".join(tsv) + "\n")
+    return by_kind
 
-    def drawn(colour: str, shape: str) -> str:
-        if (colour, shape) not in by_kind:  # a small image set may lack a colour and shape
-            side = rng.randint(world.MIN_SIDE, world.MAX_SIDE)
-            scene = Scene(colour, shape, side, rng.randint(0, world.IMAGE_SIZE - side),
-                          rng.randint(0, world.IMAGE_SIZE - side))
-            rel = f"images/drawn-{colour}-{shape}.png"
-            world.draw(scene).save(root / rel)
-            by_kind[(colour, shape)] = [rel]
-        return rng.choice(by_kind[(colour, shape)])
 
+def write_conversations(items: list[tuple[str, Scene]], drawings: dict[tuple[str, str], list[str]], n: int,
+                        seed: int) -> list[dict]:
+    """``n`` scripted conversations: uploads drawn at random from the images ``items``, a drawing shown
+    as one of ``drawings`` of the scene asked for."""
+    rng = random.Random(seed)
     out = []
     for k in range(n):
         picked: list[str] = []
@@ -101,12 +110,14 @@ def write_conversations(root: Path, items: list[tuple[str, Scene]], n: int, seed
         script = random_script(rng, upload)
         queue = iter(picked)
         uploads = [[next(queue) for _ in turn.uploads] for turn in script]
-        out.append(llava_conversation(f"conversation:{k}", script, uploads, drawn))
+        out.append(llava_conversation(f"conversation:{k}", script, uploads,
+                                      lambda colour, shape: rng.choice(drawings[(colour, shape)])))
     return out
 
 
 def write_training_data(root: str | Path, n_images: int, seed: int = 0, draw_copies: int = 20,
-                        n_conversations: int = 4000, conversation_weight: float = 1.0) -> dict[str, Path]:
+                        n_conversations: int = 4000, conversation_weight: float = 1.0,
+                        n_drawings: int = 540) -> dict[str, Path]:
     """The training files (see the module docstring); returns their paths by name."""
     root = Path(root)
     items = write_images(root, n_images, seed)
@@ -131,9 +142,10 @@ def write_training_data(root: str | Path, n_images: int, seed: int = 0, draw_cop
                                _turn("gpt", world.draw_reply(colour, shape))]}
             for colour in world.COLOURS for shape in world.SHAPES
             for k, request in enumerate(world.DRAW_REQUESTS)]
-    conversations = write_conversations(root, items, n_conversations, seed + 2)
-    paths = {name: root / name for name in ("captions.tsv", "instruct.json", "draw.json", "conversations.json",
-                                            "pretrain_data.json", "instruct_data.json")}
+    drawings = write_drawings(root, n_drawings, seed + 3)
+    conversations = write_conversations(items, drawings, n_conversations, seed + 2)
+    paths = {name: root / name for name in ("captions.tsv", "draw_captions.tsv", "instruct.json", "draw.json",
+                                            "conversations.json", "pretrain_data.json", "instruct_data.json")}
     with atomic_path(paths["captions.tsv"]) as tmp:
         tmp.write_text("\n".join(tsv) + "\n")
     write_json(paths["instruct.json"], instruct)

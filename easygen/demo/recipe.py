@@ -86,6 +86,7 @@ class Recipe:
     stage2_lr: float = 1e-3
     # Stage 2 data: scripted conversations (2-6 turns) beside the single-turn captions/questions/draws.
     conversations: int = 4000
+    drawings: int = 540  # pictures as the assistant should draw them: the U-ViT's text-to-image data
     conversation_weight: float = 1.0
     draw_copies: int = 8
     llm_context: int = 1024  # a 6-turn conversation with 6 pictures is ~300 tokens; chat keeps half for the answer
@@ -165,7 +166,8 @@ def _llm_corpus() -> list[str]:
 def _stage_data(root: Path, r: Recipe, log: Log) -> None:
     from .dataset import write_training_data
     write_training_data(root / "data", r.train_images, r.seed, draw_copies=r.draw_copies,
-                        n_conversations=r.conversations, conversation_weight=r.conversation_weight)
+                        n_conversations=r.conversations, conversation_weight=r.conversation_weight,
+                        n_drawings=r.drawings)
     log(f"  {r.train_images} images, their captions and questions, {r.conversations} conversations in {root / 'data'}")
 
 
@@ -218,8 +220,10 @@ def _stage_caption_decoder(root: Path, r: Recipe, log: Log) -> None:
 
 def _train_uvit(root: Path, r: Recipe, source: str, out: str, objective: str, steps: int, copy: bool) -> None:
     from bidiffuser.train import TrainConfig, train
+    easygen = objective == "easygen"
     train(TrainConfig(model=str(root / source), data=str(root / "data" / "captions.tsv"), out=str(root / out),
-                      objective=objective, t2i_weight=r.uvit_t2i_weight if objective == "easygen" else 0.0,
+                      objective=objective, t2i_weight=r.uvit_t2i_weight if easygen else 0.0,
+                      t2i_data=str(root / "data" / "draw_captions.tsv") if easygen else None,
                       snr_gamma=r.uvit_snr_gamma, steps=steps, batch_size=r.uvit_batch, lr=r.uvit_lr,
                       warmup_ratio=0.02, lr_schedule=r.uvit_lr_schedule, ema_decay=0.995,
                       save_every=max(steps // 2, 1), log_every=max(steps // 20, 1), seed=r.seed, device="cpu",

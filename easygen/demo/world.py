@@ -93,6 +93,19 @@ def random_scene(rng: random.Random) -> Scene:
     return Scene(colour, shape, side, left, top)
 
 
+DRAWING_SIDES = (32, 40)  # the pictures the assistant learns to draw: big, nearly centred shapes
+DRAWING_JITTER = 3
+
+
+def drawing_scene(rng: random.Random, colour: str, shape: str) -> Scene:
+    """A scene as the assistant draws it: side 32 to 40, centred within 3 px. Uploads can be anything
+    in the world; drawings are one clear, big shape (easier to draw well, and what a user wants)."""
+    side = rng.randint(*DRAWING_SIDES)
+    centre = (IMAGE_SIZE - side) // 2
+    return Scene(colour, shape, side, centre + rng.randint(-DRAWING_JITTER, DRAWING_JITTER),
+                 centre + rng.randint(-DRAWING_JITTER, DRAWING_JITTER))
+
+
 def draw(scene: Scene) -> Image.Image:
     """The scene as a 64x64 RGB image; ImageDraw does not anti-alias, so only two colours appear."""
     image = Image.new("RGB", (IMAGE_SIZE, IMAGE_SIZE), BACKGROUND)
