@@ -67,8 +67,16 @@ class ResumableSampler:
     same lists and skipping the first s * grad_accum micro-batches: no sampler state to save.
     """
 
-    def __init__(self, num_examples: int, micro_batch_size: int, env: DistEnv, seed: int, shuffle: bool = True):
+    GROUP = 64  # micro-batches sorted together when grouping by length
+
+    def __init__(self, num_examples: int, micro_batch_size: int, env: DistEnv, seed: int, shuffle: bool = True,
+                 lengths: list[int] | None = None):
+        """``lengths`` (one per example) groups examples of similar length into micro-batches, as
+        LLaVA's and transformers' ``group_by_length`` do, so little of a batch is padding: each
+        epoch's permutation is cut into spans of GROUP micro-batches, each span sorted by length,
+        and the micro-batches are then shuffled (still a pure function of seed and epoch)."""
         self.n, self.mbs, self.env, self.seed, self.shuffle = num_examples, micro_batch_size, env, seed, shuffle
+        self.lengths = lengths
         self.batches_per_rank = num_examples // (micro_batch_size * env.world_size)
         if self.batches_per_rank == 0:
             raise BiDiffuserError(f"{num_examples} examples are fewer than one micro-batch of {micro_batch_size} "
@@ -80,5 +88,13 @@ class ResumableSampler:
                  if self.shuffle else torch.arange(self.n)).tolist()
         step = self.mbs * self.env.world_size
         chunks = [order[i: i + step] for i in range(0, self.batches_per_rank * step, step)]
+        if self.lengths is not None:
+            span = step * self.GROUP
+            kept = [i for c in chunks for i in c]
+            grouped = [i for k in range(0, len(kept), span)
+                       for i in sorted(kept[k:k + span], key=lambda i: (self.lengths[i], i))]
+            chunks = [grouped[i: i + step] for i in range(0, len(grouped), step)]
+            mix = torch.randperm(len(chunks), generator=torch.Generator().manual_seed(self.seed + epoch + 1))
+            chunks = [chunks[i] for i in mix.tolist()]
         r = self.env.rank * self.mbs
         return [c[r: r + self.mbs] for c in chunks]

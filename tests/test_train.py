@@ -118,9 +118,29 @@ def test_config_errors_are_one_line(tmp_path, tiny_easygen_dir, capsys):
 
 
 @pytest.mark.slow
+def test_group_by_length_batches_similar_lengths_and_stays_a_seeded_permutation():
+    from bidiffuser.distributed import DistEnv, ResumableSampler
+
+    lengths = [(i * 37) % 101 for i in range(1000)]
+    ranks = [ResumableSampler(1000, 4, DistEnv(rank=r, world_size=2, local_rank=r, device=torch.device("cpu")), 7,
+                              lengths=lengths) for r in range(2)]
+    plain = ResumableSampler(1000, 4, DistEnv(rank=0, world_size=1, local_rank=0, device=torch.device("cpu")), 7)
+    for epoch in (0, 1):
+        batches = [b for r in ranks for b in r.epoch(epoch)]
+        seen = sorted(i for b in batches for i in b)
+        assert seen == sorted(i for b in plain.epoch(epoch) for i in b)  # the same examples as without grouping
+        spread = sum(max(lengths[i] for i in b) - min(lengths[i] for i in b) for b in batches) / len(batches)
+        assert spread < 5  # vs ~60 for random batches of 4
+        assert ranks[0].epoch(epoch) == ranks[0].epoch(epoch)
+    assert ranks[0].epoch(0) != ranks[0].epoch(1)
+    lens = [[lengths[i] for i in b] for b in ranks[0].epoch(0)[:20]]
+    assert lens != sorted(lens)  # the batches themselves are shuffled, not served shortest first
+
+
 def test_kill_and_resume_equals_an_uninterrupted_run(tmp_path, tiny_easygen_dir):
-    # lora_dropout > 0 makes the result depend on the RNG state too, which resume must restore
-    common = dict(lora=True, lora_dropout=0.1, keep_last=1)
+    # lora_dropout > 0 makes the result depend on the RNG state too, which resume must restore;
+    # grouping by length changes the data order, which resume must find again
+    common = dict(lora=True, lora_dropout=0.1, keep_last=1, group_by_length=True)
     straight = _launch(["train", "--stage", "instruct", "--config",
                         str(_config(tmp_path, tiny_easygen_dir, "straight", **common))])
     assert straight.returncode == 0, straight.stderr[-3000:]

@@ -45,6 +45,7 @@ class TrainConfig:
     micro_batch_size: int = 4            # per rank
     grad_accum: int = 1
     max_length: int = 2048
+    group_by_length: bool = False        # micro-batches of similar token length (less padding; LLaVA's option)
     activation_checkpointing: bool = False
     precision: str = "auto"              # auto (bf16 where supported, else fp32) | bf16 | fp32
     feature_steps: int = 50              # BiDiffuser settings for features not yet in the store
@@ -89,12 +90,14 @@ class TrainConfig:
     # Settings that fix the data order and what is trained: a resumed run must keep them.
     RESUME_KEYS = ("stage", "model", "projector", "data", "lora", "lora_r", "lora_alpha", "lora_targets",
                    "micro_batch_size", "grad_accum", "epochs", "max_steps", "seed", "strategy", "max_length",
-                   "train_projector", "train_lm_head", "caption_text_features")
+                   "train_projector", "train_lm_head", "caption_text_features", "group_by_length")
 
     def resume_mismatch(self, saved: dict) -> list[str]:
         """The resume-relevant settings that differ from a run's saved ``train_config.json``."""
-        return [f"{k} {saved.get(k)!r} -> {getattr(self, k)!r}" for k in self.RESUME_KEYS
-                if saved.get(k) != getattr(self, k)]
+        # a setting newer than the saved run had its default then
+        defaults = {f.name: f.default for f in dataclasses.fields(self) if f.default is not dataclasses.MISSING}
+        return [f"{k} {saved.get(k, defaults.get(k))!r} -> {getattr(self, k)!r}" for k in self.RESUME_KEYS
+                if saved.get(k, defaults.get(k)) != getattr(self, k)]
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=1)

@@ -194,7 +194,8 @@ def train(cfg: TrainConfig, examples: list[dict], eval_examples: list[dict] | No
                                          seed=cfg.feature_seed, cache_dir=cfg.features)
         _check_feature_store(cfg, features)
     batcher = Batcher(examples, loaded.processor, cfg.max_length, features)
-    sampler = ResumableSampler(len(examples), cfg.micro_batch_size, env, cfg.seed)
+    lengths = [len(batcher.tokenize(i)[0]) for i in range(len(examples))] if cfg.group_by_length else None
+    sampler = ResumableSampler(len(examples), cfg.micro_batch_size, env, cfg.seed, lengths=lengths)
     eval_sampler = None
     if eval_examples and len(eval_examples) >= cfg.micro_batch_size * env.world_size:
         eval_sampler = ResumableSampler(len(eval_examples), cfg.micro_batch_size, env, cfg.seed, shuffle=False)
