@@ -27,8 +27,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     e.add_argument("--images", type=positive_int, default=120, metavar="N", help="held-out images (default 120)")
     e.add_argument("--draws", type=positive_int, default=4, metavar="N",
                    help="image replies per colour and shape (default 4: 72 drawings)")
-    e.add_argument("--conversations", type=positive_int, default=72, metavar="N",
-                   help="held-out scripted conversations of 2 to 6 turns, scored per kind of turn (default 72)")
+    e.add_argument("--conversations", type=positive_int, default=120, metavar="N",
+                   help="held-out scripted conversations of 2 to 6 turns, scored per kind of turn (default 120)")
     e.add_argument("--seed", type=int, default=2024, help="seed of the held-out images (training uses 0)")
     e.add_argument("--out", type=Path, default=None, metavar="DIR",
                    help="where the eval data, predictions, drawings and results.json go (default MODEL/eval)")

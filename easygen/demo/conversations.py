@@ -110,29 +110,30 @@ def _upload_turn(rng: random.Random, pictures: list, new_scene: Callable[[random
     return _reading(rng, kind, pictures, index, options, [scene])
 
 
+def _other(rng: random.Random, names, seen: str) -> str:
+    """A name other than ``seen`` most of the time: the request then differs from the picture it points
+    at, so the answer must take the named part from the text and the other part from the picture."""
+    return rng.choice([n for n in names if n != seen]) if rng.random() < 0.8 else seen
+
+
 def _grounded_draw(rng: random.Random, pictures: list[tuple[str, str]]) -> ScriptTurn:
     latest = len(pictures) - 1
-    colour, shape = random_colour_shape(rng)
     choices = ["same_shape", "same_colour"] + ["colour_of", "shape_of", "copy"] * (len(pictures) > 1)
     how = rng.choice(choices)
+    index = latest if how in ("same_shape", "same_colour") else rng.randrange(len(pictures) - 1)
+    seen_colour, seen_shape = pictures[index]
+    nth = ORDINALS[index]  # an earlier picture is named by its place
+    colour, shape = _other(rng, list(world.COLOURS), seen_colour), _other(rng, world.SHAPES, seen_shape)
     if how == "same_shape":
-        index, shape = latest, pictures[latest][1]
-        text = rng.choice(SAME_SHAPE).format(colour=colour)
+        shape, text = seen_shape, rng.choice(SAME_SHAPE).format(colour=colour)
     elif how == "same_colour":
-        index, colour = latest, pictures[latest][0]
-        text = rng.choice(SAME_COLOUR).format(shape=shape)
+        colour, text = seen_colour, rng.choice(SAME_COLOUR).format(shape=shape)
+    elif how == "colour_of":
+        colour, text = seen_colour, rng.choice(COLOUR_OF_NTH).format(shape=shape, nth=nth)
+    elif how == "shape_of":
+        shape, text = seen_shape, rng.choice(SHAPE_OF_NTH).format(colour=colour, nth=nth)
     else:
-        index = rng.randrange(len(pictures) - 1)  # an earlier picture, named by its place
-        nth = ORDINALS[index]
-        if how == "colour_of":
-            colour = pictures[index][0]
-            text = rng.choice(COLOUR_OF_NTH).format(shape=shape, nth=nth)
-        elif how == "shape_of":
-            shape = pictures[index][1]
-            text = rng.choice(SHAPE_OF_NTH).format(colour=colour, nth=nth)
-        else:
-            colour, shape = pictures[index]
-            text = rng.choice(COPY_NTH).format(nth=nth)
+        colour, shape, text = seen_colour, seen_shape, rng.choice(COPY_NTH).format(nth=nth)
     return ScriptTurn("grounded_draw", text, world.draw_reply(colour, shape), (colour, shape), refers_to=index)
 
 
@@ -149,9 +150,9 @@ def random_script(rng: random.Random, new_scene: Callable[[random.Random], Scene
         if uploads < MAX_UPLOADS:
             options += ["upload"] * 4
         if pictures:
-            options += ["follow_up"] * 2 + ["grounded_draw"] * 2
+            options += ["follow_up"] * 2 + ["grounded_draw"] * 3
         if len(pictures) > 1:
-            options += ["earlier_image"] * 3
+            options += ["earlier_image"] * 5
         if last is not None and last.draws:
             options += ["own_drawing"] * 6
         choice = rng.choice(options)

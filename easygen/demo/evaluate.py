@@ -51,9 +51,11 @@ def _predictions(results: dict) -> list[dict]:
 
 
 def evaluate(demo: DemoModel, out: str | Path, n_images: int = 120, draws: int = 4, seed: int = 2024,
-             conversations: int = 72) -> dict:
+             conversations: int = 120) -> dict:
     """Run the evaluations; write OUT/results.json and return the results."""
     out = Path(out)
+    for name in ("caption", "vqa"):  # a fresh run: the files of an earlier model would be refused
+        (out / f"{name}.predictions.jsonl").unlink(missing_ok=True)
     readback = check_readback(seed, 1000)
     if readback["right"] != readback["images"]:
         raise EasyGenError(f"the read-back misreads {readback['images'] - readback['right']} of "

@@ -81,14 +81,14 @@ class Recipe:
     llm_width: int = 128
     llm_layers: int = 4
     stage1_steps: int = 200
-    stage2_steps: int = 1600
+    stage2_steps: int = 2400
     llm_batch: int = 16
     stage1_lr: float = 1e-3
     stage2_lr: float = 1e-3
     # Stage 2 data: scripted conversations (2-6 turns) beside the single-turn captions/questions/draws.
     conversations: int = 4000
     drawings: int = 540  # pictures as the assistant should draw them: the U-ViT's text-to-image data
-    conversation_weight: float = 1.0
+    conversation_weight: float = 2.0
     draw_copies: int = 8
     llm_context: int = 1024  # a 6-turn conversation with 6 pictures is ~300 tokens; chat keeps half for the answer
 
