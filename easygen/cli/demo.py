@@ -14,11 +14,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                     "component (CLIP, VAE, caption decoder, U-ViT, LLaMA, projector) is trained by the normal "
                     "training code. `easygen chat` with no --model-path uses it.")
     tasks = p.add_subparsers(dest="demo_task", required=True, metavar="TASK")
-    from ..demo.recipe import BUILD_MINUTES
+    from ..demo.recipe import BUILD_MINUTES, VERSION
     b = tasks.add_parser("build", help=f"generate the data and train every stage (resumable; about {BUILD_MINUTES} "
                                        f"min on 2 CPU cores)")
     b.add_argument("--out", type=Path, default=None, metavar="DIR",
-                   help="where to build (default $EASYGEN_DEMO_DIR, else ~/.cache/easygen/demo-shapes-v3)")
+                   help=f"where to build (default $EASYGEN_DEMO_DIR, else ~/.cache/easygen/demo-shapes-v{VERSION})")
     b.add_argument("--recipe", choices=["full", "ci"], default="full",
                    help="full (the default) or ci: a few steps of everything, to test the plumbing")
     e = tasks.add_parser("eval", help="caption, VQA and image-reply accuracy and CIDEr on held-out images, "
