@@ -16,6 +16,7 @@ import openai
 import pytest
 from PIL import Image, ImageDraw
 
+from easygen.demo.recipe import RECIPES
 from fastchat_ext.model_worker import PromptError, build_prompt, image_url as worker_image, parse_prompt
 
 from .serving import free_port, running
@@ -146,7 +147,7 @@ def test_worker_routes_follow_the_fastchat_contract(stack):
             time.monotonic() < deadline:
         time.sleep(0.05)
     assert status["model_names"] == ["easygen-demo"] and status["queue_length"] == 0
-    assert json.loads(post(f"{worker}/model_details", {}))["context_length"] == 256
+    assert json.loads(post(f"{worker}/model_details", {}))["context_length"] == RECIPES["ci"].llm_context
     count = json.loads(post(f"{worker}/count_token", {"prompt": prompt}))["count"]
     assert count > 16  # the image mark counts as its 16 positions
     conv = json.loads(post(f"{worker}/worker_get_conv_template", {}))["conv"]
