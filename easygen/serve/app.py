@@ -39,6 +39,7 @@ from .service import ChatJob, ChatService, DrawJob, QueueFull, with_overrides
 log = logging.getLogger("easygen.serve")
 IMAGE_NAME = re.compile(r"easygen-[0-9a-f]{32}\.png")
 MAX_DRAWINGS = 4            # n of /v1/images/generations
+DRAIN_BYTES = 16 * 2**20    # an oversized body is read up to this much before the 413 (see read_json)
 MAX_IMAGE_PROMPT = 1000     # characters
 KEEP_ALIVE_SECONDS = 10     # an SSE comment at least this often while the engine works
 INLINE_PARSE_BYTES = 64 * 1024  # smaller requests are checked on the event loop (a thread hop costs more)
@@ -92,6 +93,13 @@ def create_app(service: ChatService, config: ServeConfig) -> FastAPI:
     async def read_json(request: Request) -> dict:
         declared = request.headers.get("content-length")
         if declared and declared.isdigit() and int(declared) > config.max_body_bytes:
+            # Read (and drop) a moderately oversized body before answering: a client that sends it in
+            # one go then gets the 413 instead of a broken pipe. Beyond DRAIN_BYTES the connection ends.
+            drained = 0
+            async for piece in request.stream():
+                drained += len(piece)
+                if drained > DRAIN_BYTES:
+                    break
             raise APIError(413, f"request body too large: more than {config.max_body_bytes} bytes",
                            "request_too_large")
         data = bytearray()
