@@ -20,6 +20,7 @@ from typing import Mapping
 
 import torch
 from diffusers import AutoencoderKL
+from diffusers.utils.torch_utils import randn_tensor
 
 from .checkpoint import StateDict, check_state_dict, read_state_dict
 from .config_base import DictConfig
@@ -234,10 +235,24 @@ def _scale(vae: AutoencoderKL) -> float:
 @torch.no_grad()
 def image_posterior(vae: AutoencoderKL, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(mean, std) of the posterior of B×3×H×W images in [-1, 1], both already multiplied by the scale
-    factor: ``mean + std * noise`` is the sample ``encode_image`` draws with that noise."""
+    factor (``sample_posterior`` draws from it)."""
+    if images.ndim != 4 or images.shape[1] != vae.config.in_channels:
+        raise BiDiffuserError(f"encode_image expects B×{vae.config.in_channels}×H×W images, "
+                              f"got shape {tuple(images.shape)}")
+    factor = 2 ** (len(vae.config.block_out_channels) - 1)
+    if images.shape[-1] % factor or images.shape[-2] % factor:
+        raise BiDiffuserError(f"encode_image: image size {tuple(images.shape[-2:])} is not a "
+                              f"multiple of the VAE downsampling factor {factor}")
     param = next(vae.parameters())
     posterior = vae.encode(images.to(device=param.device, dtype=param.dtype)).latent_dist
     return posterior.mean * _scale(vae), posterior.std * _scale(vae)
+
+
+def sample_posterior(mean: torch.Tensor, std: torch.Tensor,
+                     generator: torch.Generator | list[torch.Generator] | None = None) -> torch.Tensor:
+    """``mean + std * noise``, the noise drawn as diffusers' posterior ``sample`` draws it: with a
+    generator list, row i from ``generator[i]`` only."""
+    return mean + std * randn_tensor(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
 
 
 @torch.no_grad()
@@ -248,17 +263,8 @@ def encode_image(vae: AutoencoderKL, images: torch.Tensor, generator: torch.Gene
     ``sample=True`` draws from the posterior (mean + std·noise, noise from ``generator``), as
     UniDiffuser's ``autoencoder.sample(moments)`` does; ``sample=False`` returns the mean.
     """
-    if images.ndim != 4 or images.shape[1] != vae.config.in_channels:
-        raise BiDiffuserError(f"encode_image expects B×{vae.config.in_channels}×H×W images, "
-                              f"got shape {tuple(images.shape)}")
-    factor = 2 ** (len(vae.config.block_out_channels) - 1)
-    if images.shape[-1] % factor or images.shape[-2] % factor:
-        raise BiDiffuserError(f"encode_image: image size {tuple(images.shape[-2:])} is not a "
-                              f"multiple of the VAE downsampling factor {factor}")
-    param = next(vae.parameters())
-    posterior = vae.encode(images.to(device=param.device, dtype=param.dtype)).latent_dist
-    z = posterior.sample(generator=generator) if sample else posterior.mean
-    return z * _scale(vae)
+    mean, std = image_posterior(vae, images)
+    return sample_posterior(mean, std, generator) if sample else mean
 
 
 @torch.no_grad()

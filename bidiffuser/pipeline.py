@@ -17,7 +17,7 @@ from typing import Callable, Sequence
 import torch
 from PIL import Image
 
-from .autoencoder import decode_latents, encode_image, image_posterior, load_autoencoder
+from .autoencoder import decode_latents, image_posterior, load_autoencoder, sample_posterior
 from .caption_decoder import load_caption_decoder
 from .clip import load_clip_image_encoder, load_clip_text_encoder
 from .errors import BiDiffuserError
@@ -239,24 +239,17 @@ class BiDiffuser:
         """Images -> (scaled VAE latents sampled from the posterior, CLIP image embeddings B x 1 x D).
 
         With a generator list, image i's posterior sample uses ``generator[i]`` only (diffusers'
-        ``randn_tensor``, behind the posterior's ``sample``, draws row by row from a list).
+        ``randn_tensor`` draws row by row from a list).
         """
-        if not images:
-            raise BiDiffuserError("no images given")
         if isinstance(generator, (list, tuple)):
             _check_generators(generator, len(images))
             generator = list(generator)
-        pils = [center_crop_resize(as_pil(im), self.config.resolution) for im in images]
-        with torch.inference_mode():
-            pixels = pil_to_tensor(pils).to(self.device, self.precision.autoencoder)
-            z = encode_image(self.autoencoder, pixels, generator=generator).float()
-            with self._in(self.precision.clip):
-                clip = self.clip_image.encode(pils).float()
-        return z, clip
+        mean, std, clip = self.encode_image_posteriors(images)
+        return sample_posterior(mean, std, generator), clip
 
     def encode_image_posteriors(self, images: Sequence[ImageInput]):
         """Images -> (scaled VAE posterior mean, its std, CLIP image embeddings B x 1 x D): what
-        ``encode_images`` samples from, for callers that draw the posterior noise themselves."""
+        ``encode_images`` samples from (``autoencoder.sample_posterior``)."""
         if not images:
             raise BiDiffuserError("no images given")
         pils = [center_crop_resize(as_pil(im), self.config.resolution) for im in images]

@@ -44,6 +44,7 @@ import torch
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from tqdm import tqdm
 
+from .autoencoder import sample_posterior
 from .captions import read_caption_tsv
 from .checkpoint import atomic_path, save_safetensors
 from .distributed import DistEnv, ResumableSampler, all_reduce_sum, barrier, init_distributed, shutdown
@@ -153,8 +154,7 @@ def encode_batch(pipe, rows: list[tuple[str, str]], gens: list[torch.Generator])
 class FrozenEncodings:
     """Every row's frozen encodings, computed once (unique images and captions once each): the VAE
     posterior's scaled mean and std, the CLIP image embedding and the text latent x0. ``batch``
-    gives what ``encode_batch`` gives for the same rows and generators (the posterior noise is drawn
-    as diffusers draws it for a generator list: one 1 x C x h x w tensor per row)."""
+    gives what ``encode_batch`` gives for the same rows and generators (the same posterior sampling)."""
 
     def __init__(self, pipe, rows: list[tuple[str, str]], chunk: int = 64):
         paths, captions = list(dict.fromkeys(p for p, _ in rows)), list(dict.fromkeys(c for _, c in rows))
@@ -172,9 +172,7 @@ class FrozenEncodings:
 
     def batch(self, indices: list[int], gens: list[torch.Generator]):
         img, txt = self.image_index[indices], self.text_index[indices]
-        mean, std = self.mean[img], self.std[img]
-        noise = torch.cat([torch.randn((1, *mean.shape[1:]), generator=g) for g in gens]).to(mean.device)
-        return mean + std * noise, self.clip[img].clone(), self.x0[txt].clone()
+        return sample_posterior(self.mean[img], self.std[img], gens), self.clip[img].clone(), self.x0[txt].clone()
 
 
 class _T2IRows:

@@ -23,11 +23,12 @@ def test_scripts_cover_every_kind_of_turn_with_consistent_answers():
     for script in scripts(500):
         assert 2 <= len(script) <= 6
         assert sum(len(t.uploads) for t in script) <= MAX_UPLOADS
-        pictures = []  # (colour, shape) per picture, uploads and drawings in order
+        pictures, drawn = [], []  # (colour, shape) per picture, uploads and drawings in order; drawn by us?
         for position, turn in enumerate(script):
             kinds[turn.kind] += 1
             assert turn.kind in KINDS
             pictures += [(s.colour, s.shape) for s in turn.uploads]
+            drawn += [False] * len(turn.uploads)
             colour, shape = turn.target
             if turn.draws:
                 assert turn.answer == world.draw_reply(colour, shape)
@@ -36,6 +37,7 @@ def test_scripts_cover_every_kind_of_turn_with_consistent_answers():
                     seen = pictures[turn.refers_to]
                     assert seen[0] == colour or seen[1] == shape
                 pictures.append(turn.target)
+                drawn.append(True)
                 continue
             assert turn.kind in READING_KINDS
             assert pictures[turn.refers_to] == turn.target  # the picture the question is about
@@ -45,8 +47,10 @@ def test_scripts_cover_every_kind_of_turn_with_consistent_answers():
             if turn.kind in ("describe", "question", "second_image"):
                 assert len(turn.uploads) == 1 and turn.refers_to == len(pictures) - 1
                 assert (turn.kind == "second_image") == (len(pictures) > 1)
-            elif turn.kind == "own_drawing":
-                assert script[position - 1].draws or turn.refers_to == len(pictures) - 1
+            elif turn.kind == "own_drawing":  # about the latest picture, which the assistant drew
+                assert turn.refers_to == len(pictures) - 1 and drawn[-1]
+            elif turn.kind == "follow_up":
+                assert turn.refers_to == len(pictures) - 1 and not drawn[-1] and not turn.uploads
             elif turn.kind == "earlier_image":
                 assert turn.refers_to < len(pictures) - 1
                 assert world.parse_description(turn.text) == (None, None)  # named by its place only
@@ -76,7 +80,8 @@ def test_a_drawing_is_shown_first_in_the_next_turn():
     for i, human in enumerate(humans):
         shown = len(uploads[i]) + bool(i and script[i - 1].draws)
         assert human["value"].count("<ImageHere>") == shown
-        assert human["value"].startswith("<Img><ImageHere></Img>" * shown + " " if shown else human["value"][:1])
+        if shown:  # the images first, as the chat writes a turn
+            assert human["value"].startswith("<Img><ImageHere></Img>" * shown + " ")
 
 
 def test_training_conversations_read_and_tokenize_within_the_demo_context(tmp_path, ci_demo):

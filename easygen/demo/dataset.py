@@ -153,7 +153,8 @@ def write_training_data(root: str | Path, n_images: int, seed: int = 0, draw_cop
     write_json(paths["conversations.json"], conversations)
     write_json(paths["pretrain_data.json"], {"seed": seed, "datasets": [
         {"name": "shapes_captions", "format": "tsv", "path": "captions.tsv"}]})
-    # draw.json is small (54 conversations): repeated so image replies are a fair share of stage 2.
+    # draw.json is small (one request per phrasing, colour and shape): repeated so single-message draw
+    # requests stay a fair share of stage 2.
     write_json(paths["instruct_data.json"], {"seed": seed, "datasets": [
         {"name": "shapes_instruct", "format": "llava", "path": "instruct.json"},
         {"name": "shapes_draw", "format": "llava", "path": "draw.json", "weight": float(draw_copies)},

@@ -78,7 +78,7 @@ def evaluate(demo: DemoModel, out: str | Path, n_images: int = 120, draws: int =
 
     loaded = _load(demo)
     drawings = draw_requests(loaded, recipe, out / "drawings", draws)
-    talks = play_conversations(loaded, demo, out / "conversations", conversations, seed + 1)
+    talks = play_conversations(loaded, recipe, out / "conversations", conversations, seed + 1)
     results = {
         "model": str(demo.root), "held_out_images": n_images, "seed": seed,
         "caption_accuracy": 100 * right / len(truth),
@@ -149,7 +149,7 @@ def _settings(recipe, seed: int):
                               image_scale=recipe.image_scale)
 
 
-def play_conversations(loaded, demo: DemoModel, out_dir: Path, n: int, seed: int) -> list[dict]:
+def play_conversations(loaded, recipe, out_dir: Path, n: int, seed: int) -> list[dict]:
     """Play ``n`` held-out scripted conversations through the chat ``Assistant``; one record per turn.
 
     A reading turn is right when the answer names the asked part (colour, shape, or both for a
@@ -159,10 +159,11 @@ def play_conversations(loaded, demo: DemoModel, out_dir: Path, n: int, seed: int
     """
     import random
 
+    from PIL import Image
+
     from ..assistant import Assistant
     from ..features import ImageFeatureExtractor
 
-    recipe = demo.recipe()
     features = ImageFeatureExtractor(loaded.bidiffuser, steps=recipe.feature_steps, scale=recipe.feature_scale,
                                      seed=FEATURE_SEED)
     rng, memo, records = random.Random(seed), {}, []
@@ -177,7 +178,7 @@ def play_conversations(loaded, demo: DemoModel, out_dir: Path, n: int, seed: int
             for j, scene in enumerate(turn.uploads):
                 size = UPLOAD_SIZES[(k + t + j) % len(UPLOAD_SIZES)]
                 path = folder / f"upload-{t}-{j}.png"
-                world.draw(scene).resize((size, size), world_resample(size)).save(path)
+                world.draw(scene).resize((size, size), Image.BICUBIC).save(path)  # 64: unchanged
                 uploads.append(path)
                 truths.append((scene.colour, scene.shape))
             reply = assistant.send(turn.text, images=uploads)
@@ -193,19 +194,13 @@ def play_conversations(loaded, demo: DemoModel, out_dir: Path, n: int, seed: int
                 truths.append((found.colour or turn.target[0], found.shape or turn.target[1]) if found
                               else turn.target)
             else:
-                truth = truths[turn.refers_to] if turn.refers_to is not None and turn.refers_to < len(truths) \
-                    else turn.target
+                truth = truths[turn.refers_to]  # every reading turn is about a picture already there
                 said = world.parse_description(reply.text)
                 right = {"colour": said[0] == truth[0], "shape": said[1] == truth[1],
                          "caption": said == tuple(truth)}[turn.ask]
                 record.update(truth=list(truth), right=bool(right))
             records.append(record)
     return records
-
-
-def world_resample(size: int):
-    from PIL import Image
-    return Image.NEAREST if size == world.IMAGE_SIZE else Image.BICUBIC
 
 
 def conversation_table(records: list[dict]) -> dict:

@@ -69,6 +69,7 @@ DRAW_REQUESTS: tuple[str, ...] = (
     "Could you draw me a {colour} {shape}?",
 )
 
+
 @dataclass(frozen=True)
 class Scene:
     """One image: colour and shape names plus the shape's bounding box (side, top-left corner)."""
@@ -109,19 +110,24 @@ def drawing_scene(rng: random.Random, colour: str, shape: str) -> Scene:
 def draw(scene: Scene) -> Image.Image:
     """The scene as a 64x64 RGB image; ImageDraw does not anti-alias, so only two colours appear."""
     image = Image.new("RGB", (IMAGE_SIZE, IMAGE_SIZE), BACKGROUND)
-    pen = ImageDraw.Draw(image)
-    fill = COLOURS[scene.colour]
     x0, y0 = scene.left, scene.top
-    x1, y1 = x0 + scene.side - 1, y0 + scene.side - 1  # inclusive corners: the box is `side` px wide
-    if scene.shape == "circle":
-        pen.ellipse((x0, y0, x1, y1), fill=fill)
-    elif scene.shape == "square":
-        pen.rectangle((x0, y0, x1, y1), fill=fill)
-    elif scene.shape == "triangle":
+    # inclusive corners: the box is `side` px wide
+    _paint(ImageDraw.Draw(image), scene.shape, (x0, y0, x0 + scene.side - 1, y0 + scene.side - 1),
+           COLOURS[scene.colour])
+    return image
+
+
+def _paint(pen: ImageDraw.ImageDraw, shape: str, box: tuple[int, int, int, int], fill) -> None:
+    """``shape`` filling the inclusive box (x0, y0, x1, y1); a triangle's apex is at the top centre."""
+    x0, y0, x1, y1 = box
+    if shape == "circle":
+        pen.ellipse(box, fill=fill)
+    elif shape == "square":
+        pen.rectangle(box, fill=fill)
+    elif shape == "triangle":
         pen.polygon([((x0 + x1) / 2, y0), (x0, y1), (x1, y1)], fill=fill)
     else:
-        raise ValueError(f"unknown shape {scene.shape!r}; expected one of {SHAPES}")
-    return image
+        raise ValueError(f"unknown shape {shape!r}; expected one of {SHAPES}")
 
 
 def captions(colour: str, shape: str) -> list[str]:
@@ -188,13 +194,7 @@ _MIN_MATCH = 0.75       # IoU with the ideal shape needed to name it (a blob fit
 def ideal_mask(shape: str, height: int, width: int) -> np.ndarray:
     """The shape drawn as ``draw`` draws it, filling a height x width box (bool array)."""
     image = Image.new("L", (width, height), 0)
-    pen, box = ImageDraw.Draw(image), (0, 0, width - 1, height - 1)
-    if shape == "circle":
-        pen.ellipse(box, fill=1)
-    elif shape == "square":
-        pen.rectangle(box, fill=1)
-    else:
-        pen.polygon([((width - 1) / 2, 0), (0, height - 1), (width - 1, height - 1)], fill=1)
+    _paint(ImageDraw.Draw(image), shape, (0, 0, width - 1, height - 1), 1)
     return np.asarray(image, dtype=bool)
 
 

@@ -128,11 +128,7 @@ def _messages(messages, inbox: ImageInbox) -> tuple[str, list[dict], dict]:
             raise bad_request(f"{where}: role {role!r} is not supported (system, user, assistant)", f"{where}.role")
         if role == "user":
             text, urls = _user_content(m.get("content"), where)
-            images_seen += len(urls)
-            if images_seen > inbox.limits.max_images:
-                raise bad_request(f"too many images: at most {inbox.limits.max_images} per request", where,
-                                  "too_many_images")
-            paths = [inbox.save(url, f"{where}.content[{k}]") for k, url in urls]
+            sources = [(f"{where}.content[{k}]", url) for k, url in urls]
         else:
             drawn = []
 
@@ -142,26 +138,25 @@ def _messages(messages, inbox: ImageInbox) -> tuple[str, list[dict], dict]:
                 return f"{IMG_OPEN}{g.group(1)}{IMG_CLOSE}"
 
             text = MARKDOWN_IMAGE.sub(tag, _text_only(m.get("content"), where, allow_none=True))
-            images_seen += len(drawn)
-            if images_seen > inbox.limits.max_images:
-                raise bad_request(f"too many images: at most {inbox.limits.max_images} per request", where,
-                                  "too_many_images")
-            paths = [inbox.save(url, f"{where}.content") for url in drawn]
-        key = "images" if role == "user" else "generated"  # an assistant's pictures: what it drew
-        if turns and turns[-1]["role"] == role:  # two in a row: one turn, as the template needs
-            turns[-1]["content"] = "\n".join(t for t in (turns[-1]["content"], text) if t)
-            turns[-1][key] += paths
-        else:
-            turns.append({"role": role, "content": text, "images": [], "generated": [], key: paths})
+            sources = [(f"{where}.content", url) for url in drawn]
+        images_seen += len(sources)
+        if images_seen > inbox.limits.max_images:
+            raise bad_request(f"too many images: at most {inbox.limits.max_images} per request", where,
+                              "too_many_images")
+        paths = [inbox.save(url, param) for param, url in sources]
+        if not turns or turns[-1]["role"] != role:  # two in a row make one turn, as the template needs
+            turns.append({"role": role, "content": "", "images": []}
+                         | ({"generated": []} if role == "assistant" else {}))
+        turn = turns[-1]
+        turn["content"] = "\n".join(t for t in (turn["content"], text) if t)
+        turn["images" if role == "user" else "generated"] += paths  # an assistant's pictures: what it drew
     if not turns or turns[0]["role"] != "user":
         raise bad_request("the conversation must start with a user message (after any system message)", "messages")
     if turns[-1]["role"] != "user":
         raise bad_request("the last message must be the user's", "messages")
     for t in turns:
-        if t["role"] == "user":
-            del t["generated"]
-            if not t["content"].strip() and not t["images"]:
-                raise bad_request("a user message is empty", "messages")
+        if t["role"] == "user" and not t["content"].strip() and not t["images"]:
+            raise bad_request("a user message is empty", "messages")
     return "\n".join(system), turns[:-1], turns[-1]
 
 
