@@ -111,8 +111,9 @@ class SimpleChatIO:
         self.end_line()
 
     def image_progress(self) -> Progress:
-        """(update, close) of the progress shown while pictures are drawn (tqdm on stderr)."""
-        update, close = progress_bar("drawing image")
+        """(update, close) of the progress shown while pictures are drawn: tqdm on stderr when that
+        is a terminal (a bar redrawn in a log file is only noise)."""
+        update, close = progress_bar("drawing image", disable=not self.stderr.isatty())
 
         def update_below_reply(step: int, total: int) -> None:
             if self.stdout.isatty():  # the bar redraws its line: it must not share it with the reply
@@ -141,7 +142,7 @@ class RichChatIO(SimpleChatIO):
         self.console = console or Console(highlight=False)
         self.err_console = Console(stderr=True, highlight=False) if console is None else console
         self._session = session
-        self._live = None   # the one rich Live display that may run at a time (spinner, reply, bar)
+        self._live = _LiveArea(self.console)  # spinner, streamed reply and drawing bar: one display
         self._text = ""
 
     def read_message(self, attached: int = 0) -> str:
@@ -154,7 +155,7 @@ class RichChatIO(SimpleChatIO):
         return self._session.prompt(HTML(label), complete_while_typing=False)
 
     def _write(self, console, text: str, style: str = "") -> None:
-        self._stop_live()
+        self._live.stop()
         console.print(text, style=style, markup=False, highlight=False)
 
     def banner(self, text: str) -> None:
@@ -174,37 +175,24 @@ class RichChatIO(SimpleChatIO):
             for p in m.get("images", []) + m.get("generated", []):
                 self.info(f"[image: {p}]")
 
-    # -- live displays: only one at a time ---------------------------------------------------------
-    def _start_live(self, renderable):
-        from rich.live import Live
-        self._stop_live()
-        self._live = Live(renderable, console=self.console, refresh_per_second=8)
-        self._live.start()
-        return self._live
-
-    def _stop_live(self) -> None:
-        if self._live is not None:
-            self._live.stop()
-            self._live = None
-
+    # -- live displays: one owner (rich allows one Live at a time) -------------------------------------
     def start_reply(self) -> None:
         from rich.spinner import Spinner
         self._text = ""
-        self._start_live(Spinner("dots", text="thinking…", style="dim"))
+        self._live.show("status", Spinner("dots", text="thinking…", style="dim"))
 
     def reply_token(self, text: str) -> None:
         if not self._text:
-            self._stop_live()  # the spinner goes; the reply takes its place
+            self._live.stop()  # the spinner goes; the role line, then the reply in its place
             self.console.print(ASSISTANT, style="bold blue")
-            self._start_live(_markdown(""))
         self._text += text
-        self._live.update(_markdown(self._text))
+        self._live.show("reply", _markdown(self._text))
 
     def end_line(self) -> None:
-        self._stop_live()
+        self._live.stop()
 
     def end_reply(self, complete: bool = False) -> None:
-        self._stop_live()
+        self._live.stop()
         if complete and not self._text:
             self.console.print(ASSISTANT, style="bold blue")
             self.console.print("(empty reply)", style="dim")
@@ -212,27 +200,33 @@ class RichChatIO(SimpleChatIO):
     def image_progress(self) -> Progress:
         from rich.progress import (BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn,
                                    TimeElapsedColumn)
+        # Never started on its own: the bar is one part of the live area, below the reply it belongs to.
         bar = Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                       TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), console=self.console,
-                       transient=True)
+                       TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), console=self.console)
         state = {"task": None, "last": 0, "count": 0}
 
         def update(step: int, total: int) -> None:
             if state["task"] is None or step < state["last"]:  # the first picture, or the next one
-                if state["task"] is None:
-                    self._stop_live()
-                    self._live = bar
-                    bar.start()
+                if state["task"] is not None:
+                    bar.remove_task(state["task"])
                 state["count"] += 1
                 state["task"] = bar.add_task(f"drawing image {state['count']}", total=total, rate="")
             state["last"] = step
+            bar.update(state["task"], completed=step)
             speed = bar.tasks[-1].speed
-            bar.update(state["task"], completed=step, rate=f"{speed:.1f} steps/s" if speed else "")
+            bar.update(state["task"], rate=f"{speed:.1f} steps/s" if speed else "")
+            self._live.show("bar", bar)
 
-        return update, self._stop_live
+        return update, lambda: self._live.hide("bar")
 
+    @contextlib.contextmanager
     def busy(self, text: str):
-        return self.console.status(f"{text}…")
+        from rich.spinner import Spinner
+        self._live.show("status", Spinner("dots", text=f"{text}…", style="dim"))
+        try:
+            yield
+        finally:
+            self._live.stop()
 
     def show_image(self, path: Path) -> None:
         self._write(self.console, f"image: {path}", "bold")
@@ -242,6 +236,47 @@ class RichChatIO(SimpleChatIO):
             self.console.file.write(f"\033]1337;File=inline=1;size={len(data)};preserveAspectRatio=1:"
                                     f"{base64.b64encode(data).decode()}\a\n")
             self.console.file.flush()
+
+
+class _LiveArea:
+    """The chat's one live display: named parts shown together, in a fixed order (the reply being
+    written, the drawing bar under it, a status spinner). Every live element goes through here: rich
+    refuses a second Live while one runs, and a part must never be handed to another part's update.
+    ``stop`` clears the transient parts (bar, spinner) and leaves the reply on the screen."""
+
+    ORDER = ("reply", "bar", "status")
+    TRANSIENT = ("bar", "status")
+
+    def __init__(self, console):
+        self.console = console
+        self.parts: dict = {}
+        self._live = None
+
+    def _group(self):
+        from rich.console import Group
+        return Group(*(self.parts[n] for n in self.ORDER if n in self.parts))
+
+    def show(self, name: str, renderable) -> None:
+        from rich.live import Live
+        self.parts[name] = renderable
+        if self._live is None:
+            self._live = Live(self._group(), console=self.console, refresh_per_second=8)
+            self._live.start()
+        else:
+            self._live.update(self._group(), refresh=True)
+
+    def hide(self, name: str) -> None:
+        if self.parts.pop(name, None) is not None and self._live is not None:
+            self._live.update(self._group(), refresh=True)
+
+    def stop(self) -> None:
+        """End the display; what stays on the screen is the reply (if any), never a bar or spinner."""
+        for name in self.TRANSIENT:
+            self.parts.pop(name, None)
+        if self._live is not None:
+            self._live.update(self._group(), refresh=True)
+            self._live.stop()
+        self._live, self.parts = None, {}
 
 
 def _markdown(text: str):

@@ -3,14 +3,10 @@
 Three tests start the real process (piped session, --prompt mode, a terminal session with Ctrl-C);
 the rest call the same ``main()`` in-process with stdin replaced, which skips ~4 s of imports each.
 """
-import contextlib
 import io
 import json
-import os
-import select
 import subprocess
 import sys
-import time
 
 import pytest
 from PIL import Image
@@ -21,6 +17,7 @@ from easygen.cli import main
 from easygen.features import ImageFeatureExtractor
 
 from .conftest import make_image, overfit
+from .terminal import Terminal, easygen
 
 DRAW_ASK, DRAW_ANSWER = "draw a red circle", "Here it is: <Img>a red circle</Img>"
 
@@ -108,62 +105,25 @@ def test_prompt_mode_answers_once_with_a_picture(drawing_model, tmp_path):
 
 
 def test_terminal_session_ctrl_c_stops_a_reply_and_ctrl_d_exits(drawing_model, tmp_path):
-    pty = pytest.importorskip("pty")
+    pytest.importorskip("pty")
     argv = _flags(drawing_model, tmp_path, "--steps", "100000")  # a picture that takes long enough to stop
-    pid, fd = pty.fork()
-    if pid == 0:  # the child: the real command on a pseudo-terminal, as in a user's shell
-        try:
-            os.environ.update(TERM="xterm-256color", PROMPT_TOOLKIT_NO_CPR="1", COLUMNS="100")
-            os.chdir(tmp_path)  # where /save writes
-            os.execv(sys.executable, [sys.executable, "-m", "easygen.cli", *argv])
-        finally:
-            os._exit(127)  # never run the rest of pytest in the child
-    screen, seen = bytearray(), [0]  # all output; where the last awaited text ended
-
-    def after(text: str, *keys: bytes, timeout: float = 60.0) -> str:
-        """Wait for ``text`` past the previous one, then type ``keys``; returns the output in between."""
-        end = time.monotonic() + timeout
-        while (found := screen.find(text.encode(), seen[0])) < 0 and time.monotonic() < end:
-            if select.select([fd], [], [], 0.1)[0]:
-                try:
-                    screen.extend(os.read(fd, 65536))
-                except OSError:  # the child is gone
-                    break
-        assert found >= 0, f"{text!r} never appeared in:\n{screen.decode(errors='replace')}"
-        between, seen[0] = screen[seen[0]:found + len(text)].decode(errors="replace"), found + len(text)
-        for k in keys:
-            os.write(fd, k)
-        return between
-
+    term = Terminal(easygen(*argv), cwd=tmp_path)  # cwd: where /save writes
     try:
-        after("/help for commands")  # the rich banner
-        after("USER", DRAW_ASK.encode() + b"\r")  # the prompt: type a message
-        shown = after("drawing image 1", b"\x03")  # streamed up to the picture; then Ctrl-C
+        term.wait_for("/help for commands")  # the rich banner
+        term.send(DRAW_ASK)  # at the prompt: type a message
+        shown = term.wait_for("drawing image 1")  # streamed up to the picture
+        term.type(b"\x03")  # then Ctrl-C
         assert "Here it is:" in shown and "<Img>" not in shown
-        after("stopped; the conversation is as it was before")
-        after("USER", b"/save conv.json\r")
-        after("saved 0 messages")  # the stopped turn was not kept
+        term.wait_for("stopped; the conversation is as it was before")
+        term.send("/save conv.json")
+        term.wait_for("saved 0 messages")  # the stopped turn was not kept
         assert json.loads((tmp_path / "conv.json").read_text())["messages"] == []
-        after("USER", b"\x04")  # Ctrl-D at the next prompt
-        assert _exit_code(pid, timeout=30) == 0
+        term.wait_for("USER")
+        term.type(b"\x04")  # Ctrl-D at the next prompt
+        assert term.exit_code() == 0
+        assert "Traceback" not in term.text() and "drawing image" not in term.text()
     finally:
-        os.close(fd)
-        with contextlib.suppress(ChildProcessError):  # reaped above unless the test failed
-            if os.waitpid(pid, os.WNOHANG) == (0, 0):
-                os.kill(pid, 9)
-                os.waitpid(pid, 0)
-
-
-def _exit_code(pid: int, timeout: float) -> int | None:
-    """The child's exit code once it has ended (None if still running after ``timeout`` s)."""
-    end = time.monotonic() + timeout
-    while True:
-        done, status = os.waitpid(pid, os.WNOHANG)
-        if done:
-            return os.waitstatus_to_exitcode(status)
-        if time.monotonic() > end:
-            return None
-        time.sleep(0.05)
+        term.close()
 
 
 # -- in-process --------------------------------------------------------------------------------------

@@ -10,11 +10,11 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def readme_block(marker: str) -> list[str]:
-    """The lines of the fenced block (```bash, ```python) after ``<!-- marker -->`` in README.md,
-    without blank and comment-only lines."""
+    """The lines of the fenced block (```bash, ```python, ```text) after ``<!-- marker -->`` in
+    README.md, without blank and comment-only lines."""
     lines = (REPO / "README.md").read_text().splitlines()
     start = lines.index(f"<!-- {marker} -->")
-    assert lines[start + 1] in ("```bash", "```python")
+    assert lines[start + 1] in ("```bash", "```python", "```text")
     end = lines.index("```", start + 2)
     return [line for line in lines[start + 2:end] if line.strip() and not line.startswith("#")]
 

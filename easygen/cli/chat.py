@@ -193,8 +193,9 @@ class ChatSession:
         try:
             reply = self.assistant.send(text, images, on_token=stream, on_image_progress=update,
                                         force_image=self.force_image)
+            close()  # the drawing bar goes before the picture's line takes its place
             if stream is not None:
-                show(tags.finish(lambda description, k: f"[picture: {description}]", text=reply.text))
+                show(tags.finish(_picture_line, text=reply.text))
             done = True
             return reply
         finally:
@@ -245,13 +246,20 @@ class ChatSession:
         self.assistant.load(path)
         self.pending = []
         messages = self.assistant.messages
-        if self.io.interactive:
-            self.io.show_transcript(messages)
+        if self.io.interactive:  # pictures as the reply showed them, never as raw tags
+            from ..image_reply import replace_image_tags
+            self.io.show_transcript([{**m, "content": replace_image_tags(m["content"], _picture_line)}
+                                     for m in messages])
         images = sum(len(m["images"]) for m in messages)
         self.io.info(f"loaded {len(messages)} messages ({images} image{'s' * (images != 1)}) from {path}")
 
     def help(self, arg: str = "") -> None:
         self.io.info(COMMAND_HELP)
+
+
+def _picture_line(description: str, k: int) -> str:
+    """How a picture in a reply reads in the terminal (its image: line follows)."""
+    return f"[picture: {description}]"
 
 
 def _one_path(arg: str, usage: str) -> str:

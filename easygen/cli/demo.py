@@ -23,15 +23,40 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="full (the default) or ci: a few steps of everything, to test the plumbing")
     e = tasks.add_parser("eval", help="caption, VQA and image-reply accuracy and CIDEr on held-out images, "
                                       "and accuracy per turn in held-out conversations")
-    e.add_argument("--model", type=Path, default=None, metavar="DIR", help="a built demo directory (default: as build)")
+    e.add_argument("--model", type=Path, default=None, metavar="DIR",
+                   help="a demo directory, built or shipped (default: the one `easygen chat` uses: $EASYGEN_DEMO_DIR, "
+                        "else the shipped model)")
     e.add_argument("--images", type=positive_int, default=120, metavar="N", help="held-out images (default 120)")
-    e.add_argument("--draws", type=positive_int, default=4, metavar="N",
-                   help="image replies per colour and shape (default 4: 72 drawings)")
-    e.add_argument("--conversations", type=positive_int, default=120, metavar="N",
-                   help="held-out scripted conversations of 2 to 6 turns, scored per kind of turn (default 120)")
-    e.add_argument("--seed", type=int, default=2024, help="seed of the held-out images (training uses 0)")
+    e.add_argument("--draws", type=positive_int, default=None, metavar="N",
+                   help="image replies per colour and shape (default 4: 72 drawings; --quick: N in all, default 24)")
+    e.add_argument("--conversations", type=positive_int, default=None, metavar="N",
+                   help="held-out scripted conversations of 2 to 6 turns, scored per kind of turn (default 120; "
+                        "--quick: 30)")
+    e.add_argument("--seed", type=int, default=None,
+                   help="seed of the held-out images (default 2024; --quick: 7; training uses 0)")
+    e.add_argument("--quick", action="store_true",
+                   help="the reduced check CI runs: 24 single drawings and 30 conversations (or --draws N in all, "
+                        "--conversations N), no caption/VQA passes")
     e.add_argument("--out", type=Path, default=None, metavar="DIR",
-                   help="where the eval data, predictions, drawings and results.json go (default MODEL/eval)")
+                   help="where the eval data, predictions, drawings and results.json go (default MODEL/eval; "
+                        "for the shipped model ~/.cache/easygen/demo-eval-shipped)")
+    from ..demo.world import COLOURS, IMAGE_SIZE, MAX_SIDE, MIN_SIDE, SHAPES
+    d = tasks.add_parser("picture", help="draw a picture of the shapes world (something to upload in a chat)")
+    d.add_argument("colour", choices=list(COLOURS))
+    d.add_argument("shape", choices=list(SHAPES))
+    d.add_argument("path", type=Path, help="the PNG to write")
+    d.add_argument("--side", type=int, default=32, help=f"the shape's size in px, {MIN_SIDE} to {MAX_SIDE} (default 32)")
+    d.add_argument("--left", type=int, default=None, help="its left edge (default: centred)")
+    d.add_argument("--top", type=int, default=None, help="its top edge (default: centred)")
+    d.add_argument("--size", type=positive_int, default=IMAGE_SIZE,
+                   help=f"the picture's size in px (default {IMAGE_SIZE}, the world's; chat resizes)")
+    s = tasks.add_parser("ship", help="(maintainers) copy a built demo into the package as the shipped model: "
+                                      "safetensors, float16, sha256 manifest, eval table measured on the copy")
+    s.add_argument("--model", type=Path, required=True, metavar="DIR", help="a built demo directory")
+    s.add_argument("--dtype", choices=["float16", "float32"], default="float16",
+                   help="storage dtype of the floating-point weights (default float16)")
+    s.add_argument("--dest", type=Path, default=None, metavar="DIR",
+                   help="where to write it (default: the package's easygen/demo/model)")
     return p
 
 
@@ -41,6 +66,8 @@ def run(args) -> int:
 
     from ..demo.recipe import BUILD_MINUTES, DemoModel, build, default_dir
 
+    if args.demo_task == "picture":
+        return _picture(args)
     if args.demo_task == "build":
         root = args.out or default_dir()
         if args.recipe == "full" and not DemoModel(root).is_built():
@@ -51,12 +78,45 @@ def run(args) -> int:
         print(f"EasyGen directory: {demo.easygen}\nBiDiffuser directory: {demo.bidiffuser}")
         return 0
 
+    from ..constants import user_cache_dir
     from ..demo.evaluate import evaluate, format_results
+    from ..demo.shipped import SHIPPED_DIR, default_demo, ship
     from ..errors import EasyGenError
-    demo = DemoModel(args.model or default_dir())
+    if args.demo_task == "ship":
+        with redirect_stdout(sys.stderr):
+            doc = ship(DemoModel(args.model), args.dest or SHIPPED_DIR, dtype=args.dtype,
+                       log=lambda s: print(s, flush=True))
+        print(f"shipped demo model: {args.dest or SHIPPED_DIR} ({len(doc['sha256'])} files)")
+        return 0
+    demo = DemoModel(args.model) if args.model else default_demo()
     if not demo.is_built():
         raise EasyGenError(f"no built demo model in {demo.root}: run `easygen demo build` first")
-    results = evaluate(demo, args.out or demo.root / "eval", n_images=args.images, draws=args.draws, seed=args.seed,
-                       conversations=args.conversations)
+    shipped = demo.root.resolve() == SHIPPED_DIR
+    out = args.out or (user_cache_dir() / "demo-eval-shipped" if shipped else demo.root / "eval")
+    if args.quick:
+        from ..demo.evaluate import QUICK_SEED, format_quick, quick_evaluate
+        results = quick_evaluate(demo, out / "quick", conversations=args.conversations or 30,
+                                 drawings=args.draws or 24, seed=QUICK_SEED if args.seed is None else args.seed)
+        print(format_quick(results))
+        return 0
+    results = evaluate(demo, out, n_images=args.images, draws=args.draws or 4,
+                       seed=2024 if args.seed is None else args.seed, conversations=args.conversations or 120)
     print(format_results(results))
+    return 0
+
+
+def _picture(args) -> int:
+    from PIL import Image
+
+    from ..demo import world
+    from ..errors import EasyGenError
+    centre = (world.IMAGE_SIZE - args.side) // 2
+    scene = world.Scene(args.colour, args.shape, args.side, centre if args.left is None else args.left,
+                        centre if args.top is None else args.top)
+    if not (world.MIN_SIDE <= scene.side <= world.MAX_SIDE and 0 <= scene.left <= world.IMAGE_SIZE - scene.side
+            and 0 <= scene.top <= world.IMAGE_SIZE - scene.side):
+        raise EasyGenError(f"the shape must lie inside the {world.IMAGE_SIZE}x{world.IMAGE_SIZE} canvas with a side of "
+                           f"{world.MIN_SIDE} to {world.MAX_SIDE} px")
+    world.draw(scene).resize((args.size, args.size), Image.BICUBIC).save(args.path)
+    print(args.path)
     return 0

@@ -30,7 +30,8 @@ def probability(text: str) -> float:
 
 def add_engine_args(p: argparse.ArgumentParser, max_new_tokens_help: str = "longest reply in tokens") -> None:
     """Model flags (default: the built-in demo), generation flags, BiDiffuser flags."""
-    add_model_args(p, ". Default: the built-in shapes demo model (built on first use, see `easygen demo`)",
+    add_model_args(p, ". Default: the shapes demo model shipped in the package ($EASYGEN_DEMO_DIR: your own build; "
+                      "see `easygen demo`)",
                    required=False)
     g = p.add_argument_group("generation")
     g.add_argument("--temperature", type=non_negative, default=0.2, metavar="T",
@@ -58,11 +59,13 @@ def add_engine_args(p: argparse.ArgumentParser, max_new_tokens_help: str = "long
 
 
 def resolve_model(args) -> None:
-    """No --model-path: the built-in shapes demo, built first (once, with progress on stderr) when it is
-    absent. Then the BiDiffuser settings left unset: the demo recipe's for a demo model, else EasyGen's."""
+    """No --model-path: the built-in shapes demo (``easygen.demo.shipped.default_demo``: the shipped
+    model, or $EASYGEN_DEMO_DIR's, built there first with progress on stderr when it is absent).
+    Then the BiDiffuser settings left unset: the demo recipe's for a demo model, else EasyGen's."""
     from contextlib import redirect_stdout
 
-    from ..demo.recipe import BUILD_MINUTES, DemoModel, build, default_dir, recipe_of
+    from ..demo.recipe import BUILD_MINUTES, build, recipe_of
+    from ..demo.shipped import default_demo
     from ..errors import EasyGenError
 
     if args.model_path is None:
@@ -70,7 +73,7 @@ def resolve_model(args) -> None:
                                           ("--projector", args.projector), ("--bidiffuser", args.bidiffuser)) if value]
         if given:
             raise EasyGenError(f"{given[0]} needs --model-path (without one, the built-in demo model is used)")
-        demo = DemoModel(default_dir())
+        demo = default_demo()
         if not demo.is_built():
             log = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731  stdout stays the command's
             log(f"No --model-path given: building the built-in shapes demo model in {demo.root} "

@@ -100,6 +100,26 @@ def evaluate(demo: DemoModel, out: str | Path, n_images: int = 120, draws: int =
     return results
 
 
+QUICK_SEED = 7  # CI's reduced check: held out from training (0) and from the full eval (2024, 2025)
+
+
+def quick_evaluate(demo: DemoModel, out: str | Path, conversations: int = 30, drawings: int = 24,
+                   seed: int = QUICK_SEED) -> dict:
+    """The reduced eval CI runs on the shipped model (well under a minute): ``drawings`` single draw
+    requests and ``conversations`` held-out scripts, no caption/VQA passes; counts, not times."""
+    out = Path(out)
+    loaded, recipe = _load(demo), demo.recipe()
+    combos = len(world.COLOURS) * len(world.SHAPES)
+    draws = draw_requests(loaded, recipe, out / "drawings", draws=-(-drawings // combos), total=drawings)
+    talks = play_conversations(loaded, recipe, out / "conversations", conversations, seed)
+    results = {"model": str(demo.root), "seed": seed, "conversation_count": conversations,
+               "conversations": conversation_table(talks), "drawings": draws,
+               "image_counts": {key: sum(d[key] for d in draws) for key in ("colour_ok", "shape_ok")}
+               | {"picture": sum(d["picture"] is not None for d in draws)}}
+    write_json(out / "results.json", results | {"conversation_turns": talks})
+    return results
+
+
 def _load(demo: DemoModel):
     from ..builder import load_pretrained
     return load_pretrained(demo.easygen, device="cpu")
@@ -115,25 +135,28 @@ def check_readback(seed: int, n: int) -> dict:
     return {"images": n, "right": right, "seed": seed}
 
 
-def draw_requests(loaded, recipe, out_dir: Path, draws: int) -> list[dict]:
+def draw_requests(loaded, recipe, out_dir: Path, draws: int, total: int | None = None) -> list[dict]:
     """Ask the chat assistant for ``draws`` pictures of every colour and shape (each in a new
-    conversation, the request's wording varied); read each picture back."""
+    conversation, the request's wording varied); read each picture back. ``total``: only that many,
+    every colour and shape once before any twice."""
     from ..assistant import Assistant
 
+    asks = [(colour, shape, k) for colour in world.COLOURS for shape in world.SHAPES for k in range(draws)]
+    if total is not None:
+        chosen = set(sorted(asks, key=lambda a: a[2])[:total])  # by k first: every colour and shape once
+        asks = [a for a in asks if a in chosen]
     records = []
-    for colour in world.COLOURS:
-        for shape in world.SHAPES:
-            for k in range(draws):
-                assistant = Assistant(loaded, _settings(recipe, k), out_dir=out_dir / f"{colour}-{shape}-{k}")
-                request = world.DRAW_REQUESTS[len(records) % len(world.DRAW_REQUESTS)].format(colour=colour, shape=shape)
-                reply = assistant.send(request)
-                found = world.analyse_image(_open(reply.image_paths[0])) if reply.image_paths else None
-                records.append({"request": request, "reply": reply.text,
-                                "picture": str(reply.image_paths[0]) if reply.image_paths else None,
-                                "colour": found.colour if found else None, "shape": found.shape if found else None,
-                                "fill_ratio": round(found.fill_ratio, 3) if found else None,
-                                "colour_ok": bool(found and found.colour == colour),
-                                "shape_ok": bool(found and found.shape == shape)})
+    for colour, shape, k in asks:
+        assistant = Assistant(loaded, _settings(recipe, k), out_dir=out_dir / f"{colour}-{shape}-{k}")
+        request = world.DRAW_REQUESTS[len(records) % len(world.DRAW_REQUESTS)].format(colour=colour, shape=shape)
+        reply = assistant.send(request)
+        found = world.analyse_image(_open(reply.image_paths[0])) if reply.image_paths else None
+        records.append({"request": request, "reply": reply.text,
+                        "picture": str(reply.image_paths[0]) if reply.image_paths else None,
+                        "colour": found.colour if found else None, "shape": found.shape if found else None,
+                        "fill_ratio": round(found.fill_ratio, 3) if found else None,
+                        "colour_ok": bool(found and found.colour == colour),
+                        "shape_ok": bool(found and found.shape == shape)})
     return records
 
 
@@ -226,6 +249,7 @@ def _mark(count: int, total: int, target: float) -> str:
 
 
 def format_results(r: dict) -> str:
+    """The full eval's table: single messages, then conversations."""
     t = TARGETS
     n_draw = len(r["drawings"])
     counts = r["image_counts"]
@@ -246,6 +270,20 @@ def format_results(r: dict) -> str:
     lines += [f"  {name:<44} {value:>15}   target >= {target:.0f}%  {'ok' if got >= target else 'MISSED'}"
               for name, value, target, got in rows]
     lines.append(f"  {'CIDEr (easygen eval caption)':<44} {r['cider']:>15.1f}")
+    return "\n".join(lines + conversation_lines(r))
+
+
+def format_quick(r: dict) -> str:
+    """The reduced eval's table: the single drawings, then conversations."""
+    n, counts = len(r["drawings"]), r["image_counts"]
+    lines = [f"EasyGen shapes demo, reduced check (held-out seed {r['seed']}): {n} single drawings: picture "
+             f"{_pct(counts['picture'], n)}, colour {_pct(counts['colour_ok'], n)}, shape {_pct(counts['shape_ok'], n)}"]
+    return "\n".join(lines + conversation_lines(r))
+
+
+def conversation_lines(r: dict) -> list[str]:
+    t = TARGETS
+    lines = []
     table = r["conversations"]
     total = sum(v["turns"] for v in table.values())
     lines.append(f"Conversations: {r['conversation_count']} held-out scripts, {total} turns (2 to 6 per conversation)")
@@ -261,4 +299,4 @@ def format_results(r: dict) -> str:
             lines.append(f"  {KINDS[kind]:<44} {'':>15}   " + "".join(cells))
     lines.append(f"  targets: answers >= {READING_TARGET:.0f}%; drawings: picture >= {t['image_picture_rate']:.0f}%, "
                  f"colour >= {t['image_colour_accuracy']:.0f}%, shape >= {t['image_shape_accuracy']:.0f}%")
-    return "\n".join(lines)
+    return lines
