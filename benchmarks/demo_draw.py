@@ -5,8 +5,8 @@ from its canonical caption under each sampling setting, reads each picture back 
 
     python benchmarks/demo_draw.py --model easygen/demo/model/bidiffuser --scales 0,0.2,0.5 --steps 20,50
 
-Seeds start at 1000 (``--seed``), away from the eval's (0..3), so a setting chosen here is checked
-on other samples by ``easygen demo eval``.
+Every drawing has a seed of its own, from 1000 (``--seed``) on, away from the eval's, so a setting
+chosen here is checked on other samples by ``easygen demo eval``.
 """
 from __future__ import annotations
 
@@ -29,9 +29,9 @@ def draw_grid(pipe: BiDiffuser, steps: int, scale: float, samples: int, seed: in
     for colour in world.COLOURS:
         for shape in world.SHAPES:
             prompt = caption.format(colour=colour, shape=shape)
-            for k in range(samples):
+            for k in range(samples):  # a seed of its own per drawing: one noise shared by all would be one sample
                 found = world.analyse_image(pipe.text_to_image(prompt, steps=steps, scale=scale,
-                                                               seed=seed + k).images[0])
+                                                               seed=seed + counts["total"]).images[0])
                 counts["colour"] += found.colour == colour
                 counts["shape"] += found.shape == shape
                 counts["both"] += (found.colour, found.shape) == (colour, shape)

@@ -78,6 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--t2i-data", default=None, metavar="TSV",
                    help="captions TSV whose pairs train the text-to-image term (default: the --data pairs), e.g. "
                         "the kind of pictures the model should draw")
+    s.add_argument("--t2i-uncond", type=float, default=0.0, metavar="P",
+                   help="share of text-to-image rows trained unconditionally (text = UniDiffuser's true-uncond "
+                        "noise), so guidance has a trained branch; e.g. 0.1 (default 0)")
     s.add_argument("--snr-gamma", type=float, default=None,
                    help="Min-SNR-gamma loss weighting, e.g. 5 (default: off, plain MSE)")
     s.add_argument("--ema-decay", type=float, default=0.9999,

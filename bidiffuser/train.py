@@ -63,7 +63,7 @@ OBJECTIVES = ("easygen", "unidiffuser")
 LR_SCHEDULES = ("cosine", "constant")
 # Settings that define the run: resuming with any of them changed would not continue the same run.
 _RUN_KEYS = ("objective", "seed", "batch_size", "grad_accum", "lr", "warmup_ratio", "weight_decay", "max_grad_norm",
-             "t2i_weight", "ema_decay", "snr_gamma", "lr_schedule", "t2i_data")
+             "t2i_weight", "ema_decay", "snr_gamma", "lr_schedule", "t2i_data", "t2i_uncond")
 
 
 @dataclass
@@ -84,6 +84,7 @@ class TrainConfig:
     weight_decay: float = 0.0
     max_grad_norm: float = 0.0           # 0: no clipping (EasyGen's BiDiffuser training clips nothing)
     t2i_weight: float = 0.0
+    t2i_uncond: float = 0.0              # share of t2i rows whose text is UniDiffuser's "true uncond" (noise at N)
     snr_gamma: float | None = None       # Min-SNR-gamma loss weighting (5 is the paper's choice); None: plain MSE
     ema_decay: float | None = 0.9999     # None: no EMA, the raw weights are written
     strategy: str = "ddp"                # ddp | fsdp (only matters under torchrun)
@@ -124,6 +125,8 @@ class TrainConfig:
             problems.append("snr_gamma must be > 0 (leave it unset for plain MSE)")
         if self.ema_decay is not None and not 0.0 <= self.ema_decay < 1.0:
             problems.append("ema_decay must lie in [0, 1)")
+        if self.t2i_uncond and not (0.0 < self.t2i_uncond < 1.0 and self.t2i_weight):
+            problems.append("t2i_uncond must lie in [0, 1) and needs t2i_weight > 0")
         if self.lr <= 0 or not 0.0 <= self.warmup_ratio <= 1.0 or self.t2i_weight < 0:
             problems.append("lr must be > 0, warmup_ratio in [0, 1], t2i_weight >= 0")
         if problems:
@@ -217,11 +220,14 @@ def _noise_mse(out: torch.Tensor, eps: torch.Tensor, weights: torch.Tensor) -> t
 
 def easygen_loss(nnet, schedule: NoiseSchedule, z, clip_img, x0, gens: list[torch.Generator],
                  t2i_weight: float = 0.0, data_type: int = 1, snr_gamma: float | None = None,
-                 t2i_rows: tuple | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+                 t2i_rows: tuple | None = None, t2i_uncond: float = 0.0) -> tuple[torch.Tensor, dict[str, float]]:
     """EasyGen's BiDiffuser loss (see the module docstring); returns (loss, its terms as floats).
 
     With a t2i term the two conditionings run as ONE batched forward (rows: i2t, then t2i). The
-    t2i rows are the same pairs, or ``t2i_rows = (z, clip_img, x0, gens)`` of other pairs.
+    t2i rows are the same pairs, or ``t2i_rows = (z, clip_img, x0, gens)`` of other pairs. With
+    ``t2i_uncond`` = p, each t2i row's text is, with probability p, what the sampler's unconditional
+    branch feeds (UniDiffuser's "true uncond": Gaussian noise at t = N), so classifier-free guidance
+    has a trained branch to push away from. Rows draw their coin from their own generator.
     """
     B, dev = z.shape[0], z.device
     draw = lambda shape: torch.stack([torch.randn(shape, generator=g) for g in gens]).to(dev)  # noqa: E731
@@ -237,8 +243,13 @@ def easygen_loss(nnet, schedule: NoiseSchedule, z, clip_img, x0, gens: list[torc
         eps_img, eps_clip = draw2(z2.shape[1:]), draw2(clip2.shape[1:])
         img = torch.cat([z, schedule.add_noise(z2, eps_img, n2)])
         clip = torch.cat([clip_img, schedule.add_noise(clip2, eps_clip, n2)])
+        t_text2 = torch.zeros(len(gens2), dtype=torch.long)
+        if t2i_uncond:
+            drop = torch.stack([torch.rand((), generator=g) < t2i_uncond for g in gens2])
+            x02 = torch.where(drop[:, None, None].to(dev), draw2(x02.shape[1:]), x02)
+            t_text2 = torch.where(drop, schedule.N, t_text2)
         text = torch.cat([text, x02])
-        t_img, t_text = torch.cat([zeros, n2]), torch.cat([n, torch.zeros(len(gens2), dtype=torch.long)])
+        t_img, t_text = torch.cat([zeros, n2]), torch.cat([n, t_text2])
     img_out, clip_out, text_out = nnet(img, clip, text, t_img.to(dev), t_text.to(dev), data_type)
     terms = {"text": _noise_mse(text_out[:B], eps, snr_weights(schedule, n, snr_gamma)),
              "img": img_out[:B].float().pow(2).mean()}  # drives the (clean) image's output to zero
@@ -367,7 +378,7 @@ def _run_signature(cfg: TrainConfig, rows: list[tuple[str, str]], total_steps: i
 
 
 def _check_resume(path: Path, saved: dict, now: dict) -> None:
-    saved = {"objective": "easygen", "lr_schedule": "cosine", **saved}  # runs saved before these settings existed
+    saved = {"objective": "easygen", "lr_schedule": "cosine", "t2i_uncond": 0.0, **saved}  # runs saved before these settings existed
     changed = [f"{k} {saved.get(k)!r} -> {v!r}" for k, v in now.items() if saved.get(k) != v]
     if changed:
         raise BiDiffuserError(f"{path} belongs to a run with other settings ({'; '.join(changed)}); "
@@ -454,7 +465,8 @@ def train(cfg: TrainConfig) -> Path:
                 else:
                     loss, terms = easygen_loss(model, schedule, z, clip_img, x0, gens, cfg.t2i_weight,
                                                source.data_type, cfg.snr_gamma,
-                                               t2i.batch(step * cfg.grad_accum + k) if t2i else None)
+                                               t2i.batch(step * cfg.grad_accum + k) if t2i else None,
+                                               cfg.t2i_uncond)
             (loss / cfg.grad_accum).backward()
             for name, value in {"loss": loss.item(), **terms}.items():
                 sums[name] = sums.get(name, 0.0) + value / cfg.grad_accum

@@ -184,6 +184,33 @@ def test_snr_gamma_weights_each_row_by_min_snr_over_snr_of_its_own_timestep():
     assert terms["text"] == pytest.approx(expected.item(), rel=1e-5)
 
 
+def test_t2i_uncond_feeds_some_rows_the_samplers_unconditional_text():
+    """With t2i_uncond = p, about p of the t2i rows get UniDiffuser's true-uncond text (noise at
+    t = N), as the sampler's unconditional branch feeds it; the i2t rows and p = 0 are untouched."""
+    from bidiffuser.sampler import NoiseSchedule
+    from bidiffuser.train import easygen_loss, sample_generator
+
+    seen = []
+
+    def nnet(img, clip, text, t_img, t_text, data_type):
+        seen.append((text.clone(), t_text.clone()))
+        return torch.zeros_like(img), torch.zeros_like(clip), torch.zeros_like(text)
+
+    schedule, B = NoiseSchedule.stable_diffusion(), 64
+    z, clip, x0 = torch.randn(B, 4, 4, 4), torch.randn(B, 1, 6), torch.randn(B, 5, 3)
+    gens = lambda: [sample_generator(0, 0, i) for i in range(B)]  # noqa: E731
+    base, _ = easygen_loss(nnet, schedule, z, clip, x0, gens(), t2i_weight=1.0)
+    same, _ = easygen_loss(nnet, schedule, z, clip, x0, gens(), t2i_weight=1.0, t2i_uncond=0.0)
+    assert torch.equal(base, same) and torch.equal(seen[0][0], seen[1][0])  # p = 0: the run as before
+    easygen_loss(nnet, schedule, z, clip, x0, gens(), t2i_weight=1.0, t2i_uncond=0.25)
+    text, t_text = seen[-1]
+    assert torch.equal(text[:B], seen[0][0][:B]) and torch.equal(t_text[:B], seen[0][1][:B])  # i2t rows as before
+    dropped = t_text[B:] == schedule.N
+    assert 5 <= dropped.sum() <= 30 and set(t_text[B:][~dropped].tolist()) == {0}
+    assert torch.equal(text[B:][~dropped], x0[~dropped])  # kept rows: the clean caption
+    assert not torch.isclose(text[B:][dropped], x0[dropped]).any()  # dropped rows: noise in its place
+
+
 def test_runs_saved_before_the_objective_setting_still_resume(tmp_path):
     from bidiffuser.train import _check_resume
     now = {"objective": "easygen", "lr_schedule": "cosine", "snr_gamma": None, "seed": 1}

@@ -68,6 +68,7 @@ class Recipe:
     uvit_snr_gamma: float | None = 5.0
     uvit_lr_schedule: str = "constant"
     uvit_ema_decay: float = 0.995
+    uvit_t2i_uncond: float = 0.0
     uvit_width: int = 128
     uvit_depth: int = 6
     # BiDiffuser settings for reading images (features) and drawing (image replies). Little or no
@@ -225,6 +226,7 @@ def _train_uvit(root: Path, r: Recipe, source: str, out: str, objective: str, st
     easygen = objective == "easygen"
     train(TrainConfig(model=str(root / source), data=str(root / "data" / "captions.tsv"), out=str(root / out),
                       objective=objective, t2i_weight=r.uvit_t2i_weight if easygen else 0.0,
+                      t2i_uncond=r.uvit_t2i_uncond if easygen else 0.0,
                       t2i_data=str(root / "data" / "draw_captions.tsv") if easygen else None,
                       snr_gamma=r.uvit_snr_gamma, steps=steps, batch_size=r.uvit_batch, lr=r.uvit_lr,
                       warmup_ratio=0.02, lr_schedule=r.uvit_lr_schedule, ema_decay=r.uvit_ema_decay,

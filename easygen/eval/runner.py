@@ -239,35 +239,94 @@ def model_fingerprint(*paths: str | None) -> str:
 
 # ---------------------------------------------------------------------------------------- generation
 class ImageQA:
-    """One image + one user message -> the model's reply, batched: BiDiffuser features, the EasyGen
-    prompt, left-padded batched ``generate``."""
+    """Images + one user message -> the model's reply, batched: BiDiffuser features, the EasyGen
+    prompt, left-padded batched ``generate``. ``score`` gives the log-likelihood of a given reply
+    on the same prompts (multiple-choice benchmarks)."""
 
     def __init__(self, loaded, features, generate_kwargs: dict):
+        self.loaded = loaded  # for callers that also hold a conversation (lmms-eval's multi-round)
         self.model, self.processor, self.features = loaded.model, loaded.processor, features
         self.kwargs = {"pad_token_id": self.processor.pad_token_id, **generate_kwargs}
         self.context = getattr(self.model.config, "max_position_embeddings", None)
 
-    def prompt_ids(self, text: str, where: str = "") -> list[int]:
-        prompt = self.processor.build_prompt([{"role": "user", "content": text, "num_images": 1}])
+    def prompt_ids(self, text: str, where: str = "", num_images: int = 1, max_new_tokens: int | None = None) -> list[int]:
+        prompt = self.processor.build_prompt([{"role": "user", "content": text, "num_images": num_images}])
         ids = self.processor.tokenize_prompt(prompt)
-        if self.context and len(ids) + self.kwargs.get("max_new_tokens", 0) > self.context:
+        budget = self.kwargs.get("max_new_tokens", 0) if max_new_tokens is None else max_new_tokens
+        if self.context and len(ids) + budget > self.context:
             raise EasyGenError(f"{where or 'prompt'}: the prompt ({len(ids)} tokens) plus --max-new-tokens "
                                f"exceeds the model's context of {self.context}")
         return ids
 
-    def __call__(self, texts: Sequence[str], images: Sequence, where: Sequence[str] | None = None) -> list[str]:
-        """The reply to each (text, image) pair; ``where`` names the samples in errors."""
+    def _features(self, per_sample: Sequence[list]):
+        flat = [im for images in per_sample for im in images]
+        return self.features(flat) if flat else None
+
+    @staticmethod
+    def _image_lists(images: Sequence) -> list[list]:
+        # one image per sample (the benchmarks' case), or a list of images (lmms-eval's visuals: 0..n)
+        return [list(im) if isinstance(im, (list, tuple)) else [im] for im in images]
+
+    def __call__(self, texts: Sequence[str], images: Sequence, where: Sequence[str] | None = None,
+                 generate_kwargs: dict | None = None, stop: Sequence[str] = ()) -> list[str]:
+        """The reply to each (text, image) pair; ``where`` names the samples in errors.
+        ``generate_kwargs`` override the loader's for this call; a reply ends before the first ``stop``
+        string."""
+        import torch
+
+        kwargs = {**self.kwargs, **(generate_kwargs or {})}
+        where = where or [""] * len(texts)
+        per_sample = self._image_lists(images)
+        batch = self.processor.pad_batch([self.prompt_ids(t, w, len(ims), kwargs.get("max_new_tokens", 0))
+                                          for t, w, ims in zip(texts, where, per_sample)], side="left")
+        feats = self._features(per_sample)
+        device = self.model.device
+        with torch.inference_mode():
+            out = self.model.generate(batch["input_ids"].to(device),
+                                      image_features=None if feats is None else feats.to(device),
+                                      attention_mask=batch["attention_mask"].to(device), **kwargs)
+        replies = []
+        for row in out:
+            text = self.processor.decode(row)
+            cut = min((text.find(s) for s in stop if s and s in text), default=len(text))
+            # One line, single spaces: a reply is a caption or a short answer.
+            replies.append(" ".join(text[:cut].split()))
+        return replies
+
+    def score(self, texts: Sequence[str], images: Sequence, replies: Sequence[str],
+              where: Sequence[str] | None = None) -> list[tuple[float, bool]]:
+        """(sum of the log-probabilities of each reply's tokens, whether greedy decoding gives exactly
+        them) for the assistant's reply ``replies[i]`` to ``texts[i]`` about ``images[i]``."""
         import torch
 
         where = where or [""] * len(texts)
-        batch = self.processor.pad_batch([self.prompt_ids(t, w) for t, w in zip(texts, where)], side="left")
-        feats = self.features(list(images))
+        per_sample = self._image_lists(images)
+        rows, starts = [], []
+        for text, reply, w, ims in zip(texts, replies, where, per_sample):
+            head = self.prompt_ids(text, w, len(ims), 0)
+            # The reply as the template writes an answer: after "ASSISTANT:" and one space.
+            prompt = self.processor.build_prompt([{"role": "user", "content": text, "num_images": len(ims)}])
+            full = self.processor.tokenize_prompt(f"{prompt} {reply.lstrip()}")
+            start = next((i for i, (a, b) in enumerate(zip(head, full)) if a != b), min(len(head), len(full)))
+            if start >= len(full):
+                raise EasyGenError(f"{w or 'reply'}: the reply {reply!r} adds no tokens to the prompt")
+            if self.context and len(full) > self.context:
+                raise EasyGenError(f"{w or 'prompt'}: prompt and reply ({len(full)} tokens) exceed the model's "
+                                   f"context of {self.context}")
+            rows.append(full)
+            starts.append(start)
+        batch = self.processor.pad_batch(rows, side="right")
+        feats = self._features(per_sample)
         device = self.model.device
         with torch.inference_mode():
-            out = self.model.generate(batch["input_ids"].to(device), image_features=feats.to(device),
-                                      attention_mask=batch["attention_mask"].to(device), **self.kwargs)
-        # One line, single spaces: a reply is a caption or a short answer.
-        return [" ".join(self.processor.decode(row).split()) for row in out]
+            logits = self.model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
+                                image_features=None if feats is None else feats.to(device)).logits.float()
+        out = []
+        for k, (ids, start) in enumerate(zip(rows, starts)):
+            target = torch.tensor(ids[start:], device=logits.device)
+            step = logits[k, start - 1:len(ids) - 1].log_softmax(-1)  # position t predicts token t + 1
+            out.append((float(step.gather(1, target[:, None]).sum()), bool((step.argmax(-1) == target).all())))
+        return out
 
 
 def load_image_qa(model_path: str, model_base: str | None, lora: str | None, projector: str | None,
