@@ -292,4 +292,5 @@ def test_help_shows_every_flag_and_the_commands(capsys):
                  "--dtype", "--temperature", "--top-p", "--max-new-tokens", "--seed", "--out-dir", "--steps",
                  "--scale", "--feature-steps", "--feature-cache", "--style", "--prompt", "--json"):
         assert flag in text
-    assert "built-in shapes demo model" in " ".join(text.split()) and "/image PATH" in text and "/save FILE" in text
+    assert "shapes demo model shipped in the package" in " ".join(text.split()) and "/image PATH" in text \
+        and "/save FILE" in text

@@ -136,6 +136,22 @@ def test_demo_eval_runs_every_measure(demo, tmp_path, monkeypatch, capsys):
         assert description in out
 
 
+def test_demo_eval_quick_and_demo_picture(demo, tmp_path, monkeypatch, capsys):
+    code, out, err = _run(monkeypatch, capsys, demo.root, "demo", "eval", "--quick", "--draws", "3",
+                          "--conversations", "2", "--out", str(tmp_path))
+    assert code == 0, err
+    results = json.loads((tmp_path / "quick" / "results.json").read_text())
+    assert len(results["drawings"]) == 3 and results["seed"] == 7 and "reduced check (held-out seed 7)" in out
+    assert {t["conversation"] for t in results["conversation_turns"]} == {0, 1}
+    code, out, err = _run(monkeypatch, capsys, demo.root, "demo", "picture", "green", "square",
+                          str(tmp_path / "g.png"), "--size", "96", "--left", "3")
+    assert code == 0 and Image.open(tmp_path / "g.png").size == (96, 96)
+    found = world.analyse_image(Image.open(tmp_path / "g.png").convert("RGB").resize((64, 64), Image.NEAREST))
+    assert (found.colour, found.shape) == ("green", "square")
+    code, out, err = _run(monkeypatch, capsys, demo.root, "demo", "picture", "green", "square", "x.png", "--side", "50")
+    assert code == 2 and "must lie inside" in err
+
+
 def test_rebuild_reuses_finished_stages_and_refuses_another_recipe(demo):
     import fcntl
     names = [name for name, _, _ in STAGES]

@@ -138,8 +138,10 @@ def _grounded_draw(rng: random.Random, pictures: list[tuple[str, str]]) -> Scrip
 
 
 def random_script(rng: random.Random, new_scene: Callable[[random.Random], Scene] = world.random_scene,
-                  turns: int | None = None) -> list[ScriptTurn]:
-    """A conversation of ``turns`` (default 2 to 6) user turns; ``new_scene`` picks each upload."""
+                  turns: int | None = None, earlier_per_picture: int = 0) -> list[ScriptTurn]:
+    """A conversation of ``turns`` (default 2 to 6) user turns; ``new_scene`` picks each upload.
+    ``earlier_per_picture`` > 0 (training only) asks about earlier pictures more often the more
+    pictures there are: that weight per earlier picture, instead of a flat 5."""
     turns = turns or rng.randint(2, 6)
     pictures: list[tuple[str, str]] = []  # (colour, shape) of every picture so far, uploads and drawings
     drawn: list[bool] = []  # per picture: did the assistant draw it?
@@ -152,7 +154,7 @@ def random_script(rng: random.Random, new_scene: Callable[[random.Random], Scene
         if pictures:
             options += ["follow_up"] * 2 + ["grounded_draw"] * 3
         if len(pictures) > 1:
-            options += ["earlier_image"] * 5
+            options += ["earlier_image"] * (earlier_per_picture * (len(pictures) - 1) if earlier_per_picture else 5)
         if last is not None and last.draws:
             options += ["own_drawing"] * 6
         choice = rng.choice(options)

@@ -94,7 +94,7 @@ def write_drawings(root: Path, n: int, seed: int) -> dict[tuple[str, str], list[
 
 
 def write_conversations(items: list[tuple[str, Scene]], drawings: dict[tuple[str, str], list[str]], n: int,
-                        seed: int) -> list[dict]:
+                        seed: int, earlier_per_picture: int = 0) -> list[dict]:
     """``n`` scripted conversations: uploads drawn at random from the images ``items``, a drawing shown
     as one of ``drawings`` of the scene asked for."""
     rng = random.Random(seed)
@@ -107,7 +107,7 @@ def write_conversations(items: list[tuple[str, Scene]], drawings: dict[tuple[str
             picked.append(rel)
             return scene
 
-        script = random_script(rng, upload)
+        script = random_script(rng, upload, earlier_per_picture=earlier_per_picture)
         queue = iter(picked)
         uploads = [[next(queue) for _ in turn.uploads] for turn in script]
         out.append(llava_conversation(f"conversation:{k}", script, uploads,
@@ -117,7 +117,7 @@ def write_conversations(items: list[tuple[str, Scene]], drawings: dict[tuple[str
 
 def write_training_data(root: str | Path, n_images: int, seed: int = 0, draw_copies: int = 20,
                         n_conversations: int = 4000, conversation_weight: float = 1.0,
-                        n_drawings: int = 540) -> dict[str, Path]:
+                        n_drawings: int = 540, earlier_per_picture: int = 0) -> dict[str, Path]:
     """The training files (see the module docstring); returns their paths by name."""
     root = Path(root)
     items = write_images(root, n_images, seed)
@@ -143,7 +143,7 @@ def write_training_data(root: str | Path, n_images: int, seed: int = 0, draw_cop
             for colour in world.COLOURS for shape in world.SHAPES
             for k, request in enumerate(world.DRAW_REQUESTS)]
     drawings = write_drawings(root, n_drawings, seed + 3)
-    conversations = write_conversations(items, drawings, n_conversations, seed + 2)
+    conversations = write_conversations(items, drawings, n_conversations, seed + 2, earlier_per_picture)
     paths = {name: root / name for name in ("captions.tsv", "draw_captions.tsv", "instruct.json", "draw.json",
                                             "conversations.json", "pretrain_data.json", "instruct_data.json")}
     with atomic_path(paths["captions.tsv"]) as tmp:
