@@ -19,12 +19,10 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from easygen.demo.shipped import shipped_demo
 
 from .terminal import Terminal, easygen, plain
 from .test_readme import readme_block
 
-pytestmark = pytest.mark.skipif(shipped_demo() is None, reason="this checkout has no shipped demo model")
 
 # The README's conversation: the pictures to upload, then what is typed.
 SETUP = [line for line in readme_block("readme:pictures") if line.startswith("easygen demo picture")]

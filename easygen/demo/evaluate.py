@@ -90,8 +90,7 @@ def evaluate(demo: DemoModel, out: str | Path, n_images: int = 120, draws: int =
         "image_colour_accuracy": 100 * sum(d["colour_ok"] for d in drawings) / len(drawings),
         "image_shape_accuracy": 100 * sum(d["shape_ok"] for d in drawings) / len(drawings),
         "image_picture_rate": 100 * sum(d["picture"] is not None for d in drawings) / len(drawings),
-        "image_counts": {key: sum(d[key] for d in drawings) for key in ("colour_ok", "shape_ok")}
-        | {"picture": sum(d["picture"] is not None for d in drawings)},
+        "image_counts": drawing_counts(drawings),
         "readback_check": readback,
         "conversations": conversation_table(talks), "conversation_count": conversations,
         "conversation_turns": talks,
@@ -119,10 +118,15 @@ def quick_evaluate(demo: DemoModel, out: str | Path, conversations: int = 30, dr
     talks = play_conversations(loaded, recipe, out / "conversations", conversations, seed)
     results = {"model": str(demo.root), "seed": seed, "conversation_count": conversations,
                "conversations": conversation_table(talks), "drawings": draws,
-               "image_counts": {key: sum(d[key] for d in draws) for key in ("colour_ok", "shape_ok")}
-               | {"picture": sum(d["picture"] is not None for d in draws)}}
+               "image_counts": drawing_counts(draws)}
     write_json(out / "results.json", results | {"conversation_turns": talks})
     return results
+
+
+def drawing_counts(drawings: list[dict]) -> dict:
+    """How many drawings came back at all, with the right colour, with the right shape."""
+    return {"colour_ok": sum(d["colour_ok"] for d in drawings), "shape_ok": sum(d["shape_ok"] for d in drawings),
+            "picture": sum(d["picture"] is not None for d in drawings)}
 
 
 def _load(demo: DemoModel):
@@ -286,7 +290,8 @@ def format_quick(r: dict) -> str:
     """The reduced eval's table: the single drawings, then conversations."""
     n, counts = len(r["drawings"]), r["image_counts"]
     lines = [f"EasyGen shapes demo, reduced check (held-out seed {r['seed']}): {n} single drawings: picture "
-             f"{_pct(counts['picture'], n)}, colour {_pct(counts['colour_ok'], n)}, shape {_pct(counts['shape_ok'], n)}"]
+             f"{_pct(counts['picture'], n)}, colour {_pct(counts['colour_ok'], n)}, "
+             f"shape {_pct(counts['shape_ok'], n)}"]
     return "\n".join(lines + conversation_lines(r))
 
 

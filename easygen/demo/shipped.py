@@ -66,8 +66,7 @@ def verify(root: Path = SHIPPED_DIR) -> list[str]:
     return problems
 
 
-def ship(built: DemoModel, dest: Path = SHIPPED_DIR, dtype: str = "float16", evaluate_copy: bool = True,
-         eval_args: dict | None = None, log=print) -> dict:
+def ship(built: DemoModel, dest: Path = SHIPPED_DIR, dtype: str = "float16", log=print) -> dict:
     """Copy the inference files of ``built`` into ``dest`` (float weights as ``dtype``), evaluate the
     copy with ``easygen demo eval`` and write ``MANIFEST.json``; returns the manifest."""
     import torch
@@ -105,22 +104,19 @@ def ship(built: DemoModel, dest: Path = SHIPPED_DIR, dtype: str = "float16", eva
            "commands": [f"easygen demo build --out {built.root}",
                         f"easygen demo ship --model {built.root} --dtype {dtype}"],
            "build_seconds": read_json(built.manifest, "demo manifest").get("seconds", {})}
-    if evaluate_copy:  # measured on exactly the files shipped
-        from .evaluate import evaluate, format_quick, format_results, quick_evaluate
-        args = dict(eval_args or {})
-        out = args.pop("out", None) or built.root / "eval-shipped"
-        log(f"evaluating the copy in {tmp} (results in {out})")
-        results = evaluate(DemoModel(tmp), out, **args)
-        table = format_results(results)
-        log(table)
-        doc["eval"] = {"command": "easygen demo eval", "args": args, "table": table.splitlines(),
-                       "results": _summary(results)}
-        quick = quick_evaluate(DemoModel(tmp), out / "quick")
-        log(format_quick(quick))
-        doc["quick"] = {"command": "easygen demo eval --quick", "table": format_quick(quick).splitlines(),
-                        "results": _summary(quick) | {"drawings": [{k: d[k] for k in ("colour_ok", "shape_ok")}
-                                                                   | {"picture": d["picture"] is not None}
-                                                                   for d in quick["drawings"]]}}
+    # Both evals measured on exactly the files shipped.
+    from .evaluate import evaluate, format_quick, format_results, quick_evaluate
+    out = built.root / "eval-shipped"
+    log(f"evaluating the copy in {tmp} (results in {out})")
+    results = evaluate(DemoModel(tmp), out)
+    doc["eval"] = {"command": "easygen demo eval", "table": format_results(results).splitlines(),
+                   "results": _summary(results)}
+    quick = quick_evaluate(DemoModel(tmp), out / "quick")
+    doc["quick"] = {"command": "easygen demo eval --quick", "table": format_quick(quick).splitlines(),
+                    "results": _summary(quick) | {"drawings": [{k: d[k] for k in ("colour_ok", "shape_ok")}
+                                                               | {"picture": d["picture"] is not None}
+                                                               for d in quick["drawings"]]}}
+    log("\n".join(doc["eval"]["table"] + doc["quick"]["table"]))
     doc["sha256"] = file_hashes(tmp)
     write_json(tmp / MANIFEST, doc)
     if dest.exists():

@@ -212,9 +212,10 @@ class EasyGen(lmms):
         out_dir = Path(s.images_out or self._uploads / "drawn") / str(task) / str(doc_id)
         return Assistant(self.qa.loaded, settings, out_dir=out_dir, features=self.qa.features)
 
-    def _turn(self, assistant, context: str, visuals, where: str):
+    def _message(self, context: str, visuals, where: str) -> tuple[str, list[str]]:
+        """The Assistant's user turn: the restyled text (LLaVA's image mark dropped) and image files."""
         paths = [self._upload(v) for v in self._visuals(visuals, where)]
-        return assistant.prepare(self._text(context).replace(LLAVA_IMAGE, "").strip() or " ", paths)
+        return self._text(context).replace(LLAVA_IMAGE, "").strip() or " ", paths
 
     def _answer(self, reply) -> str:
         if self.settings.images_out is None:
@@ -222,12 +223,7 @@ class EasyGen(lmms):
         return json.dumps({"text": reply.text, "images": [str(p) for p in reply.image_paths]}, ensure_ascii=False)
 
     def _send(self, assistant, context: str, visuals, where: str) -> str:
-        from ..generation import generate_rows
-
-        turn = self._turn(assistant, context, visuals, where)
-        g = assistant.settings
-        generate_rows(assistant.model, assistant.processor, [turn.row], g.temperature, g.top_p, g.num_beams, g.seed)
-        return self._answer(assistant.complete(turn))
+        return self._answer(assistant.send(*self._message(context, visuals, where)))
 
     def _generate_with_pictures(self, requests) -> list[str]:
         """generate_until with images_out: one Assistant turn per request, rows generated together
@@ -240,7 +236,7 @@ class EasyGen(lmms):
             for _, (context, gen_kwargs, doc_to_visual, doc_id, task, split) in batch:
                 assistant = self._assistant(gen_kwargs, task, doc_id)
                 visuals = doc_to_visual(self._doc(task, split, doc_id))
-                turns.append((assistant, self._turn(assistant, context, visuals, f"{task} doc {doc_id}")))
+                turns.append((assistant, assistant.prepare(*self._message(context, visuals, f"{task} doc {doc_id}"))))
             g = turns[0][0].settings
             groups = [turns] if g.num_beams == 1 else [[t] for t in turns]
             for group in groups:
