@@ -45,6 +45,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--n-samples", type=positive_int, default=1, help="samples per prompt or image (every mode)")
     s.add_argument("--out", type=Path, default=Path("out"), help="directory for PNG outputs (default ./out)")
     s.add_argument("--quiet", action="store_true", help="no progress bar")
+    s.add_argument("--bridge", type=Path, help="a bridge directory: t2i draws from a language model's hidden "
+                                               "states (prompts of any length) instead of CLIP's tokens")
+    s.add_argument("--text-model", help="the bridge's language model (a transformers directory; default: the one "
+                                        "the bridge was trained with)")
+    s.add_argument("--draw-with", choices=["bridge", "clip"], default=None,
+                   help="with --bridge: draw through it (default) or through CLIP as without one")
     add_device_args(s)
 
     s = sub.add_parser("train", help="train the U-ViT on captions, EasyGen's or UniDiffuser's objective "
@@ -64,12 +70,13 @@ def build_parser() -> argparse.ArgumentParser:
     length.add_argument("--epochs", type=positive_int, default=1, help="passes over the data (default 1)")
     s.add_argument("--batch-size", type=positive_int, default=4, help="micro-batch per process (default 4)")
     s.add_argument("--grad-accum", type=positive_int, default=1, help="micro-batches per optimizer step (default 1)")
-    s.add_argument("--lr", type=float, default=1e-5, help="peak AdamW learning rate (default 1e-5)")
+    s.add_argument("--lr", type=float, default=None, help="peak AdamW learning rate (default 1e-5; bridge: 1e-4)")
     s.add_argument("--warmup-ratio", type=float, default=0.03, help="linear warm-up share of the steps (default 0.03)")
     s.add_argument("--lr-schedule", choices=["cosine", "constant"], default="cosine",
                    help="after warm-up: cosine decay to 0 (default), or constant as in UniDiffuser's training")
     s.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay (default 0)")
-    s.add_argument("--max-grad-norm", type=float, default=0.0, help="gradient clipping (default 0: none)")
+    s.add_argument("--max-grad-norm", type=float, default=None,
+                   help="gradient clipping (default 0: none; bridge: 1)")
     s.add_argument("--objective", choices=["easygen", "unidiffuser"], default="easygen",
                    help="easygen: image-to-text fine-tuning (default); unidiffuser: the joint objective, "
                         "for training a network from scratch")
@@ -95,6 +102,29 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--activation-checkpointing", action="store_true", help="recompute block activations in backward")
     s.add_argument("--skip-bad-rows", action="store_true", help="skip malformed TSV rows (counted) instead of failing")
     s.add_argument("--copy", action="store_true", help="copy the unchanged components into OUT instead of symlinking")
+    b = s.add_argument_group("LLM bridge (--bridge-stage): OUT is a bridge directory, the U-ViT stays as it is")
+    b.add_argument("--bridge-stage", choices=["distill", "t2i"],
+                   help="distill: match the CLIP path's text latents (images unused); t2i: the diffusion "
+                        "objective through the U-ViT with LoRA")
+    b.add_argument("--text-model", help="the language model: a transformers directory (or an EasyGen model)")
+    b.add_argument("--bridge-init", dest="init", help="a bridge directory to start from (stage t2i: distill's OUT)")
+    b.add_argument("--bridge-preset", dest="preset", choices=["lavi-bridge", "ella"],
+                   help="published settings; flags given explicitly win")
+    b.add_argument("--bridge-kind", dest="kind", choices=["resampler", "per_token"], help="default resampler")
+    b.add_argument("--no-timestep-aware", dest="timestep_aware", action="store_false", default=None,
+                   help="a resampler without AdaLN on the image timestep")
+    b.add_argument("--bridge-width", dest="width", type=positive_int, help="resampler width (default 768)")
+    b.add_argument("--bridge-depth", dest="depth", type=positive_int, help="resampler blocks (default 6)")
+    b.add_argument("--bridge-heads", dest="heads", type=positive_int, help="resampler heads (default 8)")
+    b.add_argument("--bridge-layer", dest="layer", type=int, help="LM hidden state: -1 last (default), -2 ...")
+    b.add_argument("--bridge-max-length", dest="max_length", type=positive_int, help="LM tokens read (default 128)")
+    b.add_argument("--uvit-lora-rank", type=int, help="stage t2i: LoRA rank on qkv/proj/fc1/fc2 (default 32; 0: none)")
+    b.add_argument("--lm-lora-rank", type=int, help="stage t2i: LoRA on the LM's attention (default 0: LM frozen)")
+    b.add_argument("--lora-alpha", type=float, help="LoRA alpha (default 32: scale 1 at rank 32)")
+    b.add_argument("--lora-dropout", type=float, help="LoRA dropout (default 0.1)")
+    b.add_argument("--lm-lr", type=float, help="learning rate of the LM's LoRA (default 5e-6)")
+    b.add_argument("--uncond-prob", type=float, default=0.1,
+                   help="stage t2i: share of rows whose text is the true-uncond noise (default 0.1)")
     s.add_argument("--encode-once", action="store_true",
                    help="encode every image and caption once before training and keep them in memory (small "
                         "data sets: saves the frozen encoders' work in every step; same results)")
@@ -112,8 +142,33 @@ def _train(args) -> int:
 
     if args.device is not None:
         resolve_device(args.device)  # a clear error for an unknown or missing device
-    settings = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)}
+    if args.bridge_stage:
+        return _train_bridge(args)
+    given = lambda name: getattr(args, name) is not None  # noqa: E731  (unset: the dataclass default)
+    settings = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)
+                if hasattr(args, f.name) and (given(f.name) or f.name not in ("lr", "max_grad_norm"))}
     train(TrainConfig(**{**settings, "ema_decay": None if args.no_ema else args.ema_decay}))
+    return 0
+
+
+def _train_bridge(args) -> int:
+    import dataclasses
+
+    from .train_bridge import BridgeTrainConfig, train_bridge
+
+    if not args.text_model:
+        raise BiDiffuserError("--bridge-stage needs --text-model (the language model the bridge reads)")
+    unused = [flag for flag, on in (("--objective", args.objective != "easygen"), ("--t2i-weight", args.t2i_weight),
+                                    ("--t2i-data", args.t2i_data), ("--t2i-uncond", args.t2i_uncond))
+              if on]
+    if unused:
+        raise BiDiffuserError(f"{', '.join(unused)} train the U-ViT itself, not a bridge; leave them out")
+    settings = {f.name: getattr(args, f.name) for f in dataclasses.fields(BridgeTrainConfig)
+                if hasattr(args, f.name)}
+    settings["stage"] = args.bridge_stage
+    if settings.get("max_grad_norm") is None:
+        settings.pop("max_grad_norm")
+    train_bridge(BridgeTrainConfig(**settings))
     return 0
 
 
@@ -133,7 +188,12 @@ def _sample(args) -> int:
     if any(not p.strip() for p in args.prompt or []):
         raise BiDiffuserError("--prompt is empty")
 
-    pipe = BiDiffuser.from_pretrained(args.model, device=resolve_device(args.device), dtype=torch_dtype(args.dtype))
+    if (args.text_model or args.draw_with) and not args.bridge:
+        raise BiDiffuserError("--text-model and --draw-with go with --bridge")
+    if args.bridge and args.mode != "t2i" and args.draw_with != "clip":
+        raise BiDiffuserError(f"--bridge draws in --mode t2i (not {args.mode})")
+    pipe = BiDiffuser.from_pretrained(args.model, device=resolve_device(args.device), dtype=torch_dtype(args.dtype),
+                                      bridge=args.bridge, text_model=args.text_model)
     if args.image:  # fail on a bad image before loading any network; n samples of each image
         images = [im for im in (load_image(p) for p in args.image) for _ in range(args.n_samples)]
     update, close = progress_bar(f"{args.mode} sampling", disable=args.quiet)
@@ -141,7 +201,7 @@ def _sample(args) -> int:
     guided = dict(common, scale=args.scale)
     try:
         if args.mode == "t2i":
-            out = pipe.text_to_image(args.prompt, n_samples=args.n_samples, **guided)
+            out = pipe.text_to_image(args.prompt, n_samples=args.n_samples, draw_with=args.draw_with, **guided)
         elif args.mode == "t2i2t":
             out = pipe.text_variation(args.prompt, n_samples=args.n_samples, **guided)
         elif args.mode == "i2t":

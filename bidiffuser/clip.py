@@ -148,16 +148,19 @@ class CLIPTextEncoder(torch.nn.Module):
 # ----------------------------------------------------------------------------- loading
 
 @contextlib.contextmanager
-def _quiet_transformers():
+def quiet_transformers():
     """Silence transformers' load report: a full CLIP directory legitimately holds the other tower,
     and what matters (missing or mis-shaped weights) is raised as a CheckpointError instead."""
     from transformers.utils import logging as hf_logging
-    level = hf_logging.get_verbosity()
+    level, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
     hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()  # "Loading weights" bars: noise in a CLI
     try:
         yield
     finally:
         hf_logging.set_verbosity(level)
+        if bars:
+            hf_logging.enable_progress_bar()
 
 
 def _hf_dir(path: str | os.PathLike, what: str) -> Path:
@@ -201,7 +204,7 @@ def _read_config(path: Path, part: str, what: str):
 
 def _from_pretrained(model_cls, path: Path, config, dtype: torch.dtype, what: str):
     try:
-        with _quiet_transformers():
+        with quiet_transformers():
             model, info = model_cls.from_pretrained(
                 str(path), config=config, dtype=dtype, local_files_only=True,
                 output_loading_info=True, ignore_mismatched_sizes=True)

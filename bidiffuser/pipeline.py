@@ -10,6 +10,7 @@ noise at t = N. Conditional and unconditional branches run in ONE batched forwar
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Callable, Sequence
@@ -18,6 +19,8 @@ import torch
 from PIL import Image
 
 from .autoencoder import decode_latents, image_posterior, load_autoencoder, sample_posterior
+from .bridge import (BridgeFiles, TextModel, add_lora, bridge_condition, check_fits, load_lora, load_text_model,
+                     read_bridge, set_lora_enabled)
 from .caption_decoder import load_caption_decoder
 from .clip import load_clip_image_encoder, load_clip_text_encoder
 from .errors import BiDiffuserError
@@ -75,24 +78,75 @@ class BiDiffuser:
     """Components load lazily, so ``image_to_text_latents`` never loads the CLIP text encoder."""
 
     def __init__(self, config: BiDiffuserConfig, device: str | torch.device = "cpu",
-                 dtype: torch.dtype = torch.float32, precision: Precision | None = None):
+                 dtype: torch.dtype = torch.float32, precision: Precision | None = None,
+                 bridge: str | os.PathLike | BridgeFiles | None = None, text_model=None):
         """``precision`` gives each component its dtype (see bidiffuser.precision); without it,
-        every component runs in ``dtype``."""
+        every component runs in ``dtype``.
+
+        ``bridge`` (a bridge directory, see bidiffuser.bridge) lets ``text_to_image`` draw from a
+        language model's hidden states; ``text_model`` is that model: a transformers directory, or a
+        loaded ``(model, tokenizer)`` pair (EasyGen passes its own LLM). Without it, the bridge's
+        recorded text model is loaded."""
         self.config = config
         self.device = torch.device(device)
         self.precision = precision or Precision.uniform(dtype)
         self.dtype = self.precision.uvit  # the U-ViT's: what its latents depend on most
         self.schedule = NoiseSchedule.stable_diffusion()
+        self.bridge_files = read_bridge(bridge) if isinstance(bridge, (str, os.PathLike)) else bridge
+        if self.bridge_files is not None:
+            check_fits(self.bridge_files.config, config.uvit.text_dim, config.uvit.num_text_tokens, None,
+                       self.bridge_files.root)
+        self._text_model_source = text_model
+        self._bridged = False  # True while the U-ViT runs for a bridge-conditioned drawing (its LoRA on)
 
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike, device="cpu", dtype=torch.float32,
-                        precision: Precision | None = None) -> "BiDiffuser":
-        return cls(read_config(directory), device=device, dtype=dtype, precision=precision)
+                        precision: Precision | None = None, bridge=None, text_model=None) -> "BiDiffuser":
+        return cls(read_config(directory), device=device, dtype=dtype, precision=precision, bridge=bridge,
+                   text_model=text_model)
+
+    @property
+    def has_bridge(self) -> bool:
+        return self.bridge_files is not None
 
     # -- components ---------------------------------------------------------------------------
     @_component
+    @torch.inference_mode()  # its weights are inference tensors whenever it loads (as on first use in sampling)
     def uvit(self):
-        return load_uvit(self.config.path("uvit"), self.config.uvit, self.device, self.precision.uvit)
+        uvit = load_uvit(self.config.path("uvit"), self.config.uvit, self.device, self.precision.uvit)
+        lora = self.bridge_files.uvit_lora if self.bridge_files is not None else None
+        if lora is not None:  # kept unmerged and off, so the CLIP path draws with the U-ViT as it was
+            add_lora(uvit, lora)
+            load_lora(uvit, self.bridge_files.uvit_lora_weights, self.bridge_files.root / "uvit_lora.safetensors")
+            uvit.to(device=self.device, dtype=self.precision.uvit).eval().requires_grad_(False)
+            set_lora_enabled(uvit, False)
+        return uvit
+
+    @_component
+    def bridge(self):
+        if self.bridge_files is None:
+            raise BiDiffuserError("no bridge loaded (pass a bridge directory)")
+        return self.bridge_files.build(self.device, self.precision.uvit)
+
+    @_component
+    def text_model(self):
+        files, source = self.bridge_files, self._text_model_source
+        if files is None:
+            raise BiDiffuserError("no bridge loaded (pass a bridge directory)")
+        source = source if source is not None else files.text_model
+        if source is None:
+            raise BiDiffuserError(f"bridge {files.root} records no text model; pass one (--text-model)")
+        model, tokenizer = source if isinstance(source, tuple) else load_text_model(source, self.device)
+        c = files.config
+        text = TextModel(model, tokenizer, c.layer, c.max_length, pad_to=c.num_tokens if c.kind == "per_token" else None)
+        check_fits(c, self.config.uvit.text_dim, self.config.uvit.num_text_tokens, text.hidden_size, files.root)
+        if files.lm_lora is not None:
+            if isinstance(source, tuple):
+                raise BiDiffuserError(f"bridge {files.root} has LM LoRA weights; give the text model as a directory")
+            add_lora(model, files.lm_lora)
+            load_lora(model, files.lm_lora_weights, files.root / "lm_lora.safetensors")
+            model.eval().requires_grad_(False)
+        return text
 
     @_component
     def caption_decoder(self):
@@ -143,6 +197,16 @@ class BiDiffuser:
             outs = self.uvit(img.to(dt), clip.to(dt), text.to(dt), t_img, t_text, self.config.data_type)
         return [o.float() for o in outs]
 
+    @contextmanager
+    def _bridge_lora(self):
+        """The U-ViT with the bridge's LoRA switched on, for one bridge-conditioned drawing."""
+        uvit = self.uvit
+        set_lora_enabled(uvit, True)
+        try:
+            yield
+        finally:
+            set_lora_enabled(uvit, False)
+
     def _sample(self, x: torch.Tensor, model_fn, steps: int, progress: Progress | None) -> torch.Tensor:
         if steps < 1:
             raise BiDiffuserError(f"--steps must be at least 1 (got {steps})")
@@ -181,13 +245,16 @@ class BiDiffuser:
         return img.reshape(shapes["img"]), clip.reshape(shapes["clip"])
 
     def _sample_image(self, text, n, steps, scale, g, progress):
-        """Image latents + CLIP image embedding conditioned on text latents; text=None is mode i."""
+        """Image latents + CLIP image embedding conditioned on text latents; text=None is mode i.
+        ``text`` may also be a function of the image timestep (a timestep-aware bridge's condition)."""
         shapes, N = self._shapes(n), self._N
+        condition = text
 
         def model_fn(x, t):
             t = t * N
             img, clip = self._split_image(x, n)
             zeros, full = torch.zeros_like(t), torch.full_like(t, N)
+            text = condition(t) if callable(condition) else condition
             if text is None:
                 img_eps, clip_eps, _ = self._nnet(img, clip, self._randn(shapes["text"], g), t, full)
                 return torch.cat([img_eps.flatten(1), clip_eps.flatten(1)], dim=1)
@@ -294,16 +361,44 @@ class BiDiffuser:
         return BiDiffuserOutput(texts=self.decode_texts(lat), text_latents=lat)
 
     def text_to_image(self, prompts, n_samples: int = 1, steps=50, scale=7.0, seed=None, generator=None,
-                      progress=None) -> BiDiffuserOutput:
-        """``n_samples`` images per prompt."""
+                      progress=None, draw_with: str | None = None) -> BiDiffuserOutput:
+        """``n_samples`` images per prompt. ``draw_with``: "clip" (CLIP text -> encode_prefix, the
+        original path), "bridge" (the language model's hidden states through the bridge; prompts
+        of any length up to the bridge's max_length tokens), or None: the bridge when one is loaded."""
         g = make_generator(seed) if generator is None else generator
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        if self._use_bridge(draw_with):
+            states, mask = self.encode_bridge(prompts)
+            return self.states_to_image(states, mask, n_samples, steps, scale, generator=g, progress=progress)
         text = self.encode_prompts(prompts).repeat_interleave(n_samples, dim=0)
         return self._text_latents_to_image(text, steps, scale, g, progress)
 
-    def _text_latents_to_image(self, text, steps, scale, g, progress) -> BiDiffuserOutput:
-        z, clip = self._sample_image(text, text.shape[0], steps, scale, g, progress)
-        return BiDiffuserOutput(images=self.decode_images(z), image_latents=z, clip_image=clip, text_latents=text)
+    def _use_bridge(self, draw_with: str | None) -> bool:
+        if draw_with not in (None, "clip", "bridge"):
+            raise BiDiffuserError(f"draw_with must be clip or bridge (got {draw_with!r})")
+        if draw_with == "bridge" and not self.has_bridge:
+            raise BiDiffuserError("drawing with the bridge needs a bridge directory (--bridge)")
+        return self.has_bridge and draw_with != "clip"
+
+    def encode_bridge(self, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Prompts -> the text model's hidden states (B x L x lm_dim) and attention mask, as the bridge reads them."""
+        return self.text_model.encode(list(prompts))
+
+    def states_to_image(self, states: torch.Tensor, mask: torch.Tensor, n_samples: int = 1, steps=50, scale=7.0,
+                        seed=None, generator=None, progress=None) -> BiDiffuserOutput:
+        """Draw from language-model hidden states through the bridge (its U-ViT LoRA switched on)."""
+        g = make_generator(seed) if generator is None else generator
+        states = states.to(self.device, self.precision.uvit).repeat_interleave(n_samples, dim=0)
+        mask = mask.to(self.device).repeat_interleave(n_samples, dim=0)
+        condition = bridge_condition(self.bridge, states, mask)
+        with self._bridge_lora():
+            return self._text_latents_to_image(condition, steps, scale, g, progress, n=states.shape[0])
+
+    def _text_latents_to_image(self, text, steps, scale, g, progress, n: int | None = None) -> BiDiffuserOutput:
+        n = text.shape[0] if n is None else n
+        z, clip = self._sample_image(text, n, steps, scale, g, progress)
+        return BiDiffuserOutput(images=self.decode_images(z), image_latents=z, clip_image=clip,
+                                text_latents=None if callable(text) else text)
 
     def joint(self, n_samples: int = 1, steps=50, scale=7.0, seed=None, generator=None, progress=None):
         g = make_generator(seed) if generator is None else generator

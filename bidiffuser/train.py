@@ -322,13 +322,10 @@ def _gradient_sync(model, uvit, enabled: bool):
     return nullcontext()
 
 
-def full_state_dict(uvit: UViT, ema: EMA | None, keep: bool) -> dict[str, torch.Tensor]:
-    """Collective: the whole U-ViT state dict on the CPU (EMA weights where kept), gathered from the
-    FSDP shards one tensor at a time; only a rank with ``keep`` holds on to it (the others get {})."""
+def gather_full(sd: dict[str, torch.Tensor], keep: bool) -> dict[str, torch.Tensor]:
+    """Collective: ``sd`` whole on the CPU in float32, gathered from FSDP shards one tensor at a time;
+    only a rank with ``keep`` holds on to it (the others get {})."""
     from torch.distributed.tensor import DTensor
-    sd = dict(uvit.state_dict())
-    if ema is not None:
-        sd.update(ema.shadow)
     full = {}
     for name, tensor in sd.items():
         if isinstance(tensor, DTensor):
@@ -336,6 +333,14 @@ def full_state_dict(uvit: UViT, ema: EMA | None, keep: bool) -> dict[str, torch.
         if keep:
             full[name] = tensor.detach().float().cpu()
     return full
+
+
+def full_state_dict(uvit: UViT, ema: EMA | None, keep: bool) -> dict[str, torch.Tensor]:
+    """Collective: the whole U-ViT state dict (EMA weights where kept), see ``gather_full``."""
+    sd = dict(uvit.state_dict())
+    if ema is not None:
+        sd.update(ema.shadow)
+    return gather_full(sd, keep)
 
 
 def write_model_dir(source: BiDiffuserConfig, out: str | os.PathLike, uvit_sd: dict[str, torch.Tensor],

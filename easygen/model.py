@@ -95,3 +95,7 @@ class EasyGenForCausalLM(LlamaForCausalLM):
 
 AutoConfig.register("easygen", EasyGenConfig)
 AutoModelForCausalLM.register(EasyGenConfig, EasyGenForCausalLM)
+
+
+def register() -> None:
+    """The ``bidiffuser.text_models`` entry point: importing this module has registered the model type."""

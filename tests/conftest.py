@@ -81,3 +81,20 @@ def ci_demo(tmp_path_factory):
     test session: the model that the server, worker and web-page tests serve."""
     from easygen.demo.recipe import build
     return build(tmp_path_factory.mktemp("ci_demo"), "ci", log=lambda line: None)
+
+
+COLOURS = {"red": (220, 40, 40), "green": (40, 200, 40), "blue": (40, 40, 220), "yellow": (230, 220, 40)}
+
+
+@pytest.fixture(scope="module")
+def captions(tmp_path_factory) -> Path:
+    """8 image-caption pairs (two images per colour, different sizes) in images/ beside the TSV."""
+    root = tmp_path_factory.mktemp("captions")
+    (root / "images").mkdir()
+    lines = ["image\tcaption"]
+    for colour, rgb in COLOURS.items():
+        for k, size in enumerate([(40, 30), (32, 32)]):
+            make_image(root / "images" / f"{colour}{k}.png", size=size, color=rgb)
+            lines.append(f"images/{colour}{k}.png\ta {colour} square on white")
+    (root / "captions.tsv").write_text("\n".join(lines) + "\n")
+    return root / "captions.tsv"

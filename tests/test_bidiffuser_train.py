@@ -26,23 +26,6 @@ from .conftest import make_image
 REPO = Path(__file__).resolve().parents[1]
 # DCP says so on every single-process save and load (see train_checkpoint.py).
 pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled:UserWarning")
-COLOURS = {"red": (220, 40, 40), "green": (40, 200, 40), "blue": (40, 40, 220), "yellow": (230, 220, 40)}
-
-
-@pytest.fixture(scope="module")
-def captions(tmp_path_factory) -> Path:
-    """8 image-caption pairs (two images per colour, different sizes) in images/ beside the TSV."""
-    root = tmp_path_factory.mktemp("captions")
-    (root / "images").mkdir()
-    lines = ["image\tcaption"]
-    for colour, rgb in COLOURS.items():
-        for k, size in enumerate([(40, 30), (32, 32)]):
-            make_image(root / "images" / f"{colour}{k}.png", size=size, color=rgb)
-            lines.append(f"images/{colour}{k}.png\ta {colour} square on white")
-    (root / "captions.tsv").write_text("\n".join(lines) + "\n")
-    return root / "captions.tsv"
-
-
 def config(tiny_dir, captions, out, **kw) -> TrainConfig:
     settings = dict(steps=6, batch_size=2, lr=1e-3, ema_decay=0.9, log_every=1, save_every=2, seed=0)
     return TrainConfig(model=str(tiny_dir), data=str(captions), out=str(out), **{**settings, **kw})
