@@ -3,6 +3,7 @@ turn through ``easygen chat --prompt`` with memory and time per phase.
 
     python benchmarks/real_size.py --workdir /data/easygen-dry-run            # ~19 GB of disk
     python benchmarks/real_size.py --size reduced --workdir /tmp/dry-run       # seconds (CI test)
+    python benchmarks/real_size.py --workdir /data/easygen-dry-run --bridge   # the picture through the bridge
 
 Writes (skipped when already there, so a second run only measures):
   bidiffuser/  uvit_v1.pth (U-ViT v1, 952M, fp32 state dict), caption_decoder.pth (GPT-2 small +
@@ -12,12 +13,17 @@ Writes (skipped when already there, so a second run only measures):
   diffllama/   config.json (model_type "diffllama", Vicuna-7B shape), pytorch_model-0000N-of-0000M.bin
                shards in fp16 with the projector under model.fastchat_proj.*, and LLaMA's
                tokenizer.model only (the real vocabulary, from tests/fixtures)
+  bridge/      (--bridge) a bidiffuser bridge directory: ELLA's timestep-aware resampler reading the
+               LLM's hidden size (width 768, 6 blocks; reduced: 32, 2), rank-32 LoRA on the U-ViT's
+               qkv/proj/fc1/fc2 with random A and B (B is not zero, so the LoRA path computes)
 Tokenizer vocabularies are padded to the real sizes (GPT-2 50258, CLIP 49408) with unused pieces.
 
 Then runs, on CPU: a 512 px image -> features (--feature-steps) -> the 7B LLM in bf16 -> a reply
 forced to end in a picture (--force-image) -> text-to-image at 512 px (--steps) -> PNG, with
 ``--profile``: seconds, peak resident memory and resident weight bytes per phase. Prints the table
-and the largest peak-to-weights ratio; it reports, it never asserts.
+and the largest peak-to-weights ratio; it reports, it never asserts. With ``--bridge`` the turn runs
+with ``--bridge WORKDIR/bridge --draw-with bridge``: the "draw" phase then also holds the LLM's pass
+over the description and the resampler at every denoising step, with the U-ViT's LoRA on.
 """
 from __future__ import annotations
 
@@ -38,14 +44,17 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout without install
 
 from bidiffuser.autoencoder import AutoencoderConfig, build_autoencoder, official_state_dict as vae_state_dict  # noqa: E402
+from bidiffuser.bridge import (BRIDGE_CONFIG, BRIDGE_WEIGHTS, UVIT_LORA, UVIT_LORA_TARGETS, Bridge,  # noqa: E402
+                               BridgeConfig, LoraSettings, add_lora, lora_state_dict, save_bridge)
 from bidiffuser.caption_decoder import (CaptionDecoderConfig, init_caption_decoder,  # noqa: E402
                                         official_state_dict as decoder_state_dict)
 from bidiffuser.checkpoint import save_torch  # noqa: E402
-from bidiffuser.model_dir import OFFICIAL_FILES, BiDiffuserConfig, write_config  # noqa: E402
+from bidiffuser.model_dir import OFFICIAL_FILES, BiDiffuserConfig, read_config, write_config  # noqa: E402
 from bidiffuser.uvit import UViT, UViTConfig  # noqa: E402
 
 LLAMA_TOKENIZER = ROOT / "tests" / "fixtures" / "llama_tokenizer" / "tokenizer.model"
 GIB = 1024 ** 3
+LORA_RANK = 32  # the U-ViT LoRA of a bridge (LaVi-Bridge's rank, train_bridge's default)
 
 
 @dataclass
@@ -60,6 +69,7 @@ class Size:
     clip_text: dict               # CLIPTextConfig fields (vocab_size included)
     resolution: int
     steps: dict = field(default_factory=lambda: {"feature": 2, "image": 2, "new_tokens": 8})
+    bridge: dict = field(default_factory=dict)  # BridgeConfig.ella fields replaced (the real size: none)
 
 
 SIZES = {
@@ -87,7 +97,8 @@ SIZES = {
                         num_attention_heads=2, projection_dim=16),
         clip_text=dict(vocab_size=600, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                        num_attention_heads=2, projection_dim=32),
-        resolution=64, steps={"feature": 2, "image": 2, "new_tokens": 4}),
+        resolution=64, steps={"feature": 2, "image": 2, "new_tokens": 4},
+        bridge=dict(width=32, depth=2, heads=2)),
 }
 
 
@@ -212,6 +223,63 @@ def write_llm(root: Path, size: Size) -> None:
     (root / "config.json").write_text(json.dumps(config, indent=1))
 
 
+def bridge_config(size: Size, uvit: UViTConfig) -> BridgeConfig:
+    """ELLA's resampler from the LLM's hidden size to the U-ViT's text slot (reduced: narrower, shallower)."""
+    cfg = BridgeConfig.ella(lm_dim=size.llm["hidden_size"], text_dim=uvit.text_dim, num_tokens=uvit.num_text_tokens)
+    return BridgeConfig.from_dict({**cfg.to_dict(), **size.bridge}).validate()
+
+
+def uvit_lora_settings() -> LoraSettings:
+    return LoraSettings(rank=LORA_RANK, alpha=float(LORA_RANK), dropout=0.1, targets=list(UVIT_LORA_TARGETS))
+
+
+def random_uvit_lora(uvit: UViTConfig, settings: LoraSettings, seed: int = 0) -> dict[str, torch.Tensor]:
+    """LoRA A/B matrices for every module ``add_lora`` adapts in this U-ViT (the names the pipeline
+    loads), found on a meta-device U-ViT (no 952M weights built); A ~ N(0, 1/fan_in), B ~ N(0, 0.02^2)
+    (not peft's zeros: the LoRA path changes the output)."""
+    with torch.device("meta"):
+        model = UViT(uvit)
+    add_lora(model, settings)
+    shapes = {k: v.shape for k, v in lora_state_dict(model).items()}
+    del model
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for name, shape in shapes.items():
+        std = torch.Size(shape[1:]).numel() ** -0.5 if ".lora_A." in name else 0.02
+        out[name] = torch.randn(shape, generator=g) * std
+    return out
+
+
+def write_bridge(root: Path, size: Size, bidiffuser_dir: Path, llm_dir: Path) -> None:
+    """A bridge directory (bidiffuser.bridge format, named safetensors) with random weights, sized for
+    the LLM and the U-ViT of ``bidiffuser_dir``; skipped when already there."""
+    if (root / BRIDGE_CONFIG).exists():
+        return
+    uvit = read_config(bidiffuser_dir).uvit
+    cfg = bridge_config(size, uvit)
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        bridge = Bridge(cfg)
+    settings = uvit_lora_settings()
+    save_bridge(root, cfg, bridge.state_dict(), uvit_lora=(settings, random_uvit_lora(uvit, settings)),
+                text_model=str(llm_dir.resolve()), info={"stage": "random", "note": "benchmarks/real_size.py"})
+
+
+def safetensors_numel(path: Path) -> int:
+    """Parameters in a safetensors file, read off its header (no tensor loaded)."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        return sum(torch.Size(f.get_slice(k).get_shape()).numel() for k in f.keys())
+
+
+def bridge_info(root: Path) -> dict:
+    meta = json.loads((root / BRIDGE_CONFIG).read_text())
+    return {"dir": str(root), "config": meta["bridge"], "uvit_lora": meta["uvit_lora"],
+            "parameters": safetensors_numel(root / BRIDGE_WEIGHTS),
+            "lora_parameters": safetensors_numel(root / UVIT_LORA) if (root / UVIT_LORA).exists() else 0}
+
+
 def write_image(path: Path, side: int) -> None:
     from PIL import Image, ImageDraw
 
@@ -225,7 +293,7 @@ def dir_bytes(path: Path) -> int:
 
 
 # ------------------------------------------------------------------------------------- running
-def run_chat(work: Path, size: Size, dtype: str, extra: list[str]) -> dict:
+def run_chat(work: Path, size: Size, dtype: str, extra: list[str], bridge: Path | None = None) -> dict:
     image = work / "input.png"
     write_image(image, size.resolution)
     profile = work / "profile.json"
@@ -236,7 +304,8 @@ def run_chat(work: Path, size: Size, dtype: str, extra: list[str]) -> dict:
            "--bidiffuser-dtype", dtype, "--image-file", str(image), "--prompt", "Describe the image concisely.",
            "--feature-steps", str(size.steps["feature"]), "--steps", str(size.steps["image"]),
            "--max-new-tokens", str(size.steps["new_tokens"]), "--seed", "0", "--force-image",
-           "--profile", str(profile), "--json", "--out-dir", str(out_dir), *extra]
+           "--profile", str(profile), "--json", "--out-dir", str(out_dir),
+           *(["--bridge", str(bridge), "--draw-with", "bridge"] if bridge is not None else []), *extra]
     start = time.perf_counter()
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
     wall = time.perf_counter() - start
@@ -255,6 +324,9 @@ def main(argv=None) -> None:
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"],
                     help="LLM and BiDiffuser precision (default bfloat16)")
     ap.add_argument("--json", type=Path, help="also write the results here")
+    ap.add_argument("--bridge", action="store_true",
+                    help="also write WORKDIR/bridge (random ELLA resampler + rank-32 U-ViT LoRA) and draw the "
+                         "forced picture through it from the LLM's hidden states (--draw-with bridge)")
     ap.add_argument("extra", nargs="*", help="more `easygen chat` flags after --, e.g. -- --load-8bit")
     args = ap.parse_args(argv)
     size = SIZES[args.size]
@@ -262,11 +334,21 @@ def main(argv=None) -> None:
     t0 = time.perf_counter()
     write_bidiffuser(work / "bidiffuser", size)
     write_llm(work / "diffllama", size)
+    bridge = None
+    if args.bridge:
+        write_bridge(work / "bridge", size, work / "bidiffuser", work / "diffllama")
+        bridge = bridge_info(work / "bridge")
     written = time.perf_counter() - t0
-    sizes = {name: dir_bytes(work / name) for name in ("bidiffuser", "diffllama")}
-    result = run_chat(work, size, args.dtype, args.extra)
+    sizes = {name: dir_bytes(work / name) for name in ("bidiffuser", "diffllama", *(["bridge"] if bridge else []))}
+    result = run_chat(work, size, args.dtype, args.extra, work / "bridge" if bridge else None)
     print(f"weights on disk: BiDiffuser {sizes['bidiffuser'] / GIB:.2f} GiB, diffllama {sizes['diffllama'] / GIB:.2f} "
-          f"GiB (written in {written:.0f} s; reused when already there)")
+          + (f"GiB, bridge {sizes['bridge'] / GIB:.2f} " if bridge else "")
+          + f"GiB (written in {written:.0f} s; reused when already there)")
+    if bridge:
+        c = bridge["config"]
+        print(f"bridge: {bridge['parameters']:,} parameters ({c['kind']}, width {c['width']}, depth {c['depth']}, "
+              f"{c['lm_dim']}-d LLM states -> {c['num_tokens']} x {c['text_dim']}); U-ViT LoRA rank "
+              f"{bridge['uvit_lora']['rank']}: {bridge['lora_parameters']:,} parameters")
     reply = result["reply"]
     print(f"reply: {reply['text'][:120]!r}\npicture: {reply['images']}")
     print(result["stderr"].strip().split("\n\n")[-1] if "phase" in result["stderr"] else "")
@@ -276,6 +358,7 @@ def main(argv=None) -> None:
           f"{result['process_peak_rss_bytes'] / GIB:.2f} GiB; wall {result['wall_s']:.0f} s")
     if args.json:
         args.json.write_text(json.dumps({"size": args.size, "dtype": args.dtype, "disk_bytes": sizes,
+                                         **({"bridge": bridge} if bridge else {}),
                                          **{k: v for k, v in result.items() if k != "stderr"}}, indent=1) + "\n")
 
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -302,8 +303,10 @@ def add_lora(module: nn.Module, settings: LoraSettings) -> nn.Module:
     weights are frozen, only the A/B matrices train."""
     from peft import LoraConfig, inject_adapter_in_model
 
-    cfg = LoraConfig(r=settings.rank, lora_alpha=settings.alpha, lora_dropout=settings.dropout,
-                     target_modules=list(settings.targets))
+    # Linear layers whose own name is a target; the U-ViT's patch embedding (a conv also named ``proj``)
+    # is not one of the attention / feed-forward layers LoRA is meant for.
+    pattern = rf"^(?!patch_embed\.).*\b({'|'.join(map(re.escape, settings.targets))})$"
+    cfg = LoraConfig(r=settings.rank, lora_alpha=settings.alpha, lora_dropout=settings.dropout, target_modules=pattern)
     module.requires_grad_(False)
     inject_adapter_in_model(cfg, module)
     for name, p in module.named_parameters():
@@ -351,9 +354,12 @@ class BridgeFiles:
     text_model: str | None = None     # the text model it was trained with, as given then
     info: dict = field(default_factory=dict)
 
-    def build(self, device="cpu", dtype=torch.float32) -> Bridge:
+    def build(self, device="cpu", dtype=torch.float32, release: bool = False) -> Bridge:
+        """The bridge module; ``release`` drops the file's tensors once copied in (a pipeline builds once)."""
         bridge = Bridge(self.config)
         missing, unexpected = bridge.load_state_dict(self.weights, strict=False)
+        if release:
+            self.weights = {}
         if missing or unexpected:
             raise BiDiffuserError(f"{self.root / BRIDGE_WEIGHTS} does not fit its config "
                                   f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
@@ -379,6 +385,19 @@ def save_bridge(directory: str | os.PathLike, config: BridgeConfig, bridge_sd: d
     with atomic_path(root / BRIDGE_CONFIG) as tmp:
         tmp.write_text(json.dumps(meta, indent=1) + "\n")
     return root
+
+
+def bridge_fingerprint(directory: str | os.PathLike) -> str:
+    """sha256 (hex) of a bridge directory's files (config and weights), for result files and caches."""
+    import hashlib
+
+    from .checkpoint import fingerprint_file
+    root = Path(directory)
+    h = hashlib.sha256()
+    for name in (BRIDGE_CONFIG, BRIDGE_WEIGHTS, UVIT_LORA, LM_LORA):
+        if (root / name).is_file():
+            h.update(f"{name}:{fingerprint_file(root / name)}\n".encode())
+    return h.hexdigest()
 
 
 def is_bridge_dir(directory: str | os.PathLike | None) -> bool:

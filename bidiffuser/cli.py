@@ -123,6 +123,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--lora-alpha", type=float, help="LoRA alpha (default 32: scale 1 at rank 32)")
     b.add_argument("--lora-dropout", type=float, help="LoRA dropout (default 0.1)")
     b.add_argument("--lm-lr", type=float, help="learning rate of the LM's LoRA (default 5e-6)")
+    b.add_argument("--distill-teacher", choices=["same", "first"], default="same",
+                   help="stage distill: CLIP reads the row's own caption (same: GILL's), or the first caption of "
+                        "the row's image in the TSV (first: for descriptions longer than CLIP's context)")
     b.add_argument("--uncond-prob", type=float, default=0.1,
                    help="stage t2i: share of rows whose text is the true-uncond noise (default 0.1)")
     s.add_argument("--encode-once", action="store_true",

@@ -118,6 +118,7 @@ class BiDiffuser:
         if lora is not None:  # kept unmerged and off, so the CLIP path draws with the U-ViT as it was
             add_lora(uvit, lora)
             load_lora(uvit, self.bridge_files.uvit_lora_weights, self.bridge_files.root / "uvit_lora.safetensors")
+            self.bridge_files.uvit_lora_weights = None  # copied into the U-ViT: not held twice
             uvit.to(device=self.device, dtype=self.precision.uvit).eval().requires_grad_(False)
             set_lora_enabled(uvit, False)
         return uvit
@@ -126,7 +127,7 @@ class BiDiffuser:
     def bridge(self):
         if self.bridge_files is None:
             raise BiDiffuserError("no bridge loaded (pass a bridge directory)")
-        return self.bridge_files.build(self.device, self.precision.uvit)
+        return self.bridge_files.build(self.device, self.precision.uvit, release=True)
 
     @_component
     def text_model(self):

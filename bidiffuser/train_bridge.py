@@ -3,10 +3,13 @@ captions TSV, checkpoints, exact resume and torchrun launch as ``bidiffuser trai
 
 Stage ``distill`` (A; GILL's recipe): the bridge learns to be a drop-in for the CLIP path,
 
-    loss = MSE(bridge(LM(caption), n), encode_prefix(CLIP text(caption)))
+    loss = MSE(bridge(LM(caption), n), encode_prefix(CLIP text(teacher caption)))
 
 with n uniform in 1..N per row (a timestep-aware bridge learns the same target at every timestep;
-images are not read). Stage ``t2i`` (B): the text-to-image diffusion objective through the U-ViT, the
+images are not read). The teacher caption is the row's own (``distill_teacher="same"``, GILL's), or
+the first caption of the row's image in the file (``"first"``): a description longer than CLIP's
+context then learns the latent of a short caption of the same picture, where CLIP's own reading of
+it would be cut off. Stage ``t2i`` (B): the text-to-image diffusion objective through the U-ViT, the
 image (and its CLIP embedding) noised at n, the text slot filled by the bridge at t_text = 0:
 
     loss = MSE(img_out, eps_img) + MSE(clip_out, eps_clip)
@@ -62,7 +65,7 @@ PRESETS = {
 DEFAULTS = dict(kind="resampler", timestep_aware=True, width=768, depth=6, heads=8, max_length=128, layer=-1,
                 uvit_lora_rank=32, lm_lora_rank=0, lora_dropout=0.1, lr=1e-4, lm_lr=5e-6)
 _RUN_KEYS = ("stage", "seed", "batch_size", "grad_accum", "warmup_ratio", "weight_decay", "max_grad_norm",
-             "lr_schedule", "uncond_prob", "snr_gamma", "lora_alpha", *DEFAULTS)
+             "lr_schedule", "uncond_prob", "snr_gamma", "lora_alpha", "distill_teacher", *DEFAULTS)
 
 
 @dataclass
@@ -88,6 +91,7 @@ class BridgeTrainConfig:
     lr: float | None = None             # bridge and U-ViT LoRA
     lm_lr: float | None = None          # LM LoRA
     uncond_prob: float = 0.1            # stage t2i: share of rows trained as "true uncond"
+    distill_teacher: str = "same"       # stage distill: CLIP reads the row's caption (same) or its image's first (first)
     snr_gamma: float | None = None
     image_root: str | None = None
     run_dir: str | None = None
@@ -122,6 +126,8 @@ class BridgeTrainConfig:
             problems.append("LoRA ranks must be >= 0")
         if cfg.stage == "distill" and cfg.lm_lora_rank:
             problems.append("LM LoRA trains in stage t2i (distillation keeps the LM frozen)")
+        if cfg.distill_teacher not in ("same", "first"):
+            problems.append("distill_teacher must be same or first")
         if not 0.0 <= cfg.uncond_prob < 1.0:
             problems.append("uncond_prob must lie in [0, 1)")
         if cfg.strategy not in ("ddp", "fsdp") or cfg.dtype not in ("float32", "bfloat16"):
@@ -353,6 +359,11 @@ def train_bridge(cfg: BridgeTrainConfig, text_model=None) -> Path:
             print(f"resumed from {previous[-1]} at step {step}")
 
     encodings = _Encodings(pipe, text, once=cfg.encode_once)
+    # the caption CLIP reads for each row's distillation target
+    first = {}
+    for image, caption in rows:
+        first.setdefault(image, caption)
+    teacher = [c if cfg.distill_teacher == "same" else first[image] for image, c in rows]
     samples_per_step = cfg.batch_size * cfg.grad_accum * env.world_size
     bar = tqdm(total=total_steps, initial=step, desc=f"bridge {cfg.stage}", disable=not env.is_main, dynamic_ncols=True)
     log_file = (run / "log.jsonl").open("a") if env.is_main else None
@@ -373,7 +384,7 @@ def train_bridge(cfg: BridgeTrainConfig, text_model=None) -> Path:
                     states, mask = encodings.states(captions)
                     inputs = {"states": states, "mask": mask}
                 if cfg.stage == "distill":
-                    inputs["target"] = encodings.targets(captions)
+                    inputs["target"] = encodings.targets([teacher[i] for i in indices])
                 else:
                     inputs["z"], inputs["clip_img"] = encodings.images([p for p, _ in batch], gens)
                 loss, terms = model(gens, **inputs)

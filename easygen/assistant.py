@@ -239,6 +239,15 @@ class Assistant:
                                       "generated": [str(Path(p).resolve()) for p in reply.image_paths]}]
         return reply
 
+    def draw(self, descriptions: list[str], seeds: list[int | None]) -> list:
+        """One picture (PIL) per description, as an image reply draws it (this model's way: the bridge
+        or CLIP; the settings' steps and scale), with its own seed."""
+        s = self.settings
+        if self.pipe is None:
+            raise EasyGenError("drawing needs a BiDiffuser model directory (--bidiffuser)")
+        return [self.pipe.text_to_image(d, steps=s.image_steps, scale=s.image_scale, seed=seed).images[0]
+                for d, seed in zip(descriptions, seeds, strict=True)]
+
     def _force_image(self, turn: Turn, answer: str) -> str:
         """Continue ``answer`` with IMG_OPEN and let the model write the description, up to IMG_CLOSE."""
         head = (answer + " " if answer else "") + IMG_OPEN

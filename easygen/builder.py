@@ -25,6 +25,7 @@ from bidiffuser.checkpoint import (CheckpointError, atomic_dir, load_strict, rea
                                    save_safetensors, strip_prefix)
 from bidiffuser.cliutil import resolve_device, torch_dtype
 from bidiffuser.errors import BiDiffuserError
+from bidiffuser.bridge import is_bridge_dir
 from bidiffuser.model_dir import read_config
 from bidiffuser.pipeline import BiDiffuser
 from bidiffuser.precision import Precision
@@ -50,6 +51,13 @@ class LoadedModel:
     processor: EasyGenProcessor
     bidiffuser: BiDiffuser | None
     layout: str  # which of the four layouts was read (for logs and result files)
+
+    @property
+    def draw_with(self) -> str:
+        """How image replies are drawn: "bridge" or "clip" ("none" without BiDiffuser)."""
+        if self.bidiffuser is None:
+            return "none"
+        return "bridge" if self.bidiffuser.has_bridge else "clip"
 
 
 def read_hf_weights(directory: Path, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
@@ -176,6 +184,28 @@ def _tokenizer(*candidates: Path):
     raise BiDiffuserError(f"no tokenizer found in {', '.join(str(c) for c in candidates if c)}")
 
 
+DRAW_WITH = ("auto", "bridge", "clip")
+
+
+def find_bridge_dir(bridge: str | os.PathLike | None, *model_dirs) -> Path | None:
+    """``bridge`` when given, else the first ``bridge/`` bridge directory inside the model directories."""
+    if bridge:
+        return Path(bridge)
+    return next((Path(d) / "bridge" for d in model_dirs if d and is_bridge_dir(Path(d) / "bridge")), None)
+
+
+def resolve_bridge_dir(bridge, draw_with: str, *model_dirs) -> Path | None:
+    """The bridge directory image replies are drawn through, or None for the CLIP path."""
+    if draw_with not in DRAW_WITH:
+        raise BiDiffuserError(f"--draw-with must be one of {', '.join(DRAW_WITH)} (got {draw_with!r})")
+    if draw_with == "clip":
+        return None
+    found = find_bridge_dir(bridge, *model_dirs)
+    if draw_with == "bridge" and found is None:
+        raise BiDiffuserError(f"--draw-with bridge: {model_dirs[-1]} has no bridge/ directory; give one with --bridge")
+    return found
+
+
 def find_bidiffuser_dir(bidiffuser: str | os.PathLike | None, *model_dirs) -> Path | None:
     """``bidiffuser`` when given, else the first ``bidiffuser/`` inside the model directories
     (adapter first, then base), else None."""
@@ -189,7 +219,8 @@ def load_pretrained(model_path: str | os.PathLike, model_base: str | os.PathLike
                     merge_lora: bool = False, bidiffuser: str | os.PathLike | None = None,
                     device: str | torch.device | None = None, dtype: str | torch.dtype = "float32",
                     load_bidiffuser: bool = True, new_projector_hidden: int | None = None,
-                    bidiffuser_dtype: str = "auto", quantization: str | None = None) -> LoadedModel:
+                    bidiffuser_dtype: str = "auto", quantization: str | None = None,
+                    bridge: str | os.PathLike | None = None, draw_with: str = "auto") -> LoadedModel:
     """Load an EasyGen model in any of the four layouts (see the module docstring).
 
     ``dtype`` is the LLM's; ``bidiffuser_dtype`` names BiDiffuser's precision policy
@@ -197,7 +228,13 @@ def load_pretrained(model_path: str | os.PathLike, model_base: str | os.PathLike
     ``quantization`` ("8bit", "4bit") loads the LLM's decoder layers through bitsandbytes.
 
     ``new_projector_hidden``: a plain LLaMA without a projector gets a new random one of this hidden
-    size, its input width read from the BiDiffuser directory (how stage 1 starts)."""
+    size, its input width read from the BiDiffuser directory (how stage 1 starts).
+
+    ``draw_with`` says how image replies are drawn: "clip" (the description re-encoded by CLIP, as
+    EasyGen's released weights do), "bridge" (the LLM's own hidden states over the description,
+    through the bridge directory ``bridge`` or ``MODEL_DIR/bridge``), "auto" (the bridge when the
+    model has one)."""
+
     device = resolve_device(device) if not isinstance(device, torch.device) else device
     dtype = torch_dtype(dtype) if isinstance(dtype, str) else dtype
     model_path = Path(model_path)
@@ -238,10 +275,13 @@ def load_pretrained(model_path: str | os.PathLike, model_base: str | os.PathLike
     tokenizer = _tokenizer(adapter, base)
     processor = EasyGenProcessor(tokenizer, num_image_tokens=model.config.num_image_tokens)
 
+    bridge_dir = resolve_bridge_dir(bridge, draw_with, adapter, base)
     pipe = None
     if load_bidiffuser and bidiffuser_dir is not None:
+        # the bridge reads this very LLM: its hidden states over the description are the drawing's condition
         pipe = BiDiffuser.from_pretrained(bidiffuser_dir, device=device,
-                                          precision=Precision.named(bidiffuser_dtype, device))
+                                          precision=Precision.named(bidiffuser_dtype, device), bridge=bridge_dir,
+                                          text_model=(model, tokenizer) if bridge_dir is not None else None)
         width = pipe.config.caption_decoder.n_embd
         if width != model.config.mm_hidden_size:
             raise BiDiffuserError(f"BiDiffuser {bidiffuser_dir} gives {width}-d image features but the model's "

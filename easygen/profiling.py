@@ -119,7 +119,7 @@ def resident_weight_bytes(loaded) -> int:
     modules = [loaded.model]
     pipe = loaded.bidiffuser
     if pipe is not None:
-        for name in ("uvit", "caption_decoder", "autoencoder", "clip_image", "clip_text"):
+        for name in ("uvit", "caption_decoder", "autoencoder", "clip_image", "clip_text", "bridge"):
             part = pipe.__dict__.get(name)  # a cached_property not yet read is absent
             if isinstance(part, torch.nn.Module):
                 modules.append(part)

@@ -70,7 +70,8 @@ def resolve_model(args) -> None:
 
     if args.model_path is None:
         given = [flag for flag, value in (("--model-base", args.model_base), ("--lora", args.lora),
-                                          ("--projector", args.projector), ("--bidiffuser", args.bidiffuser)) if value]
+                                          ("--projector", args.projector), ("--bidiffuser", args.bidiffuser),
+                                          ("--bridge", args.bridge)) if value]
         if given:
             raise EasyGenError(f"{given[0]} needs --model-path (without one, the built-in demo model is used)")
         demo = default_demo()
@@ -101,8 +102,9 @@ def load_engine(args):
     from ..features import ImageFeatureExtractor
 
     loaded = load_pretrained(args.model_path, model_base=args.model_base, lora=args.lora, projector=args.projector,
-                             bidiffuser=args.bidiffuser, device=args.device, dtype=args.dtype,
-                             bidiffuser_dtype=args.bidiffuser_dtype, quantization=args.quantization)
+                             bidiffuser=args.bidiffuser, bridge=args.bridge, draw_with=args.draw_with,
+                             device=args.device, dtype=args.dtype, bidiffuser_dtype=args.bidiffuser_dtype,
+                             quantization=args.quantization)
     features = None
     if loaded.bidiffuser is not None:
         features = ImageFeatureExtractor(loaded.bidiffuser, steps=args.feature_steps, scale=args.feature_scale,

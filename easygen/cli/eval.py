@@ -1,7 +1,8 @@
 """``easygen eval caption`` (COCO Karpathy: BLEU, METEOR, ROUGE-L, CIDEr) and ``easygen eval vqa``
-(VQAv2 accuracy).
+(VQAv2 accuracy); ``easygen eval t2i`` draws the images of a text-to-image benchmark (DPG-Bench,
+GenEval, ParaPrompts-400) in the layout its official scorer reads (``easygen.eval.t2i``).
 
-Both run the same way: read the benchmark, generate what the predictions file does not hold yet
+caption and vqa run the same way: read the benchmark, generate what the predictions file does not hold yet
 (resumable; split across ranks under torchrun), then on rank 0 score, write the results JSON
 atomically and print a one-screen summary. Defaults follow LAVIS's COCO captioning recipe (beam 5,
 8 to 30 new tokens, no sampling); the prompts are EasyGen's own (``--prompt-style easygen``, what
@@ -20,10 +21,12 @@ from .model_args import add_model_args
 
 # Kept light: easygen --help must not import torch (easygen.eval.prompts imports nothing heavy).
 from ..eval.prompts import DEFAULT_PROMPT_STYLE, PROMPT_STYLES
+from ..eval.t2i import BENCHMARKS as T2I_BENCHMARKS
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
-    p = subparsers.add_parser("eval", help="evaluate captioning (COCO Karpathy) or VQA (VQAv2)",
+    p = subparsers.add_parser("eval", help="evaluate captioning (COCO Karpathy) or VQA (VQAv2); draw "
+                              "text-to-image benchmarks (DPG-Bench, GenEval, ParaPrompts-400)",
                               description="Evaluate an EasyGen model. Launch with torchrun to split the work.")
     tasks = p.add_subparsers(dest="eval_task", required=True, metavar="TASK")
 
@@ -45,7 +48,35 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     v.add_argument("--questions", required=True, metavar="JSON", help="VQAv2 questions file")
     v.add_argument("--annotations", required=True, metavar="JSON", help="VQAv2 annotations file")
     _common(v, task="vqa", beam=1, max_new=10, min_new=1)
+    _add_t2i(tasks)
     return p
+
+
+def _add_t2i(tasks) -> None:
+    t = tasks.add_parser("t2i", help="draw a text-to-image benchmark's images in its scorer's layout",
+                         description="Draw the images of DPG-Bench, GenEval or ParaPrompts-400 and write them as "
+                                     "that benchmark's official scorer reads them (score them there). Sample k of "
+                                     "every prompt is drawn with seed SEED+k. A rerun skips the prompts already "
+                                     "drawn with the same settings. Launch with torchrun to split the work.")
+    add_model_args(t)
+    g = t.add_argument_group("benchmark and output")
+    g.add_argument("--benchmark", required=True, metavar="NAME",
+                   help=f"{' | '.join(T2I_BENCHMARKS)}: dpg (ELLA's DPG-Bench: <item>.png, a 2x2 grid of 4 samples), "
+                        "geneval (<index>/metadata.jsonl and <index>/samples/00000.png...), paraprompts "
+                        "(ParaPrompts-400: one <Image stem>.png per CSV row)")
+    g.add_argument("--prompts", required=True, metavar="PATH",
+                   help="dpg: the dpg_bench/prompts folder (<item>.txt) or dpg_bench/dpg_bench.csv; geneval: "
+                        "evaluation_metadata.jsonl; paraprompts: ParaPrompts_400.csv")
+    g.add_argument("--out", required=True, metavar="DIR", help="image folder, in the benchmark's layout (resumed)")
+    g.add_argument("--limit", type=positive_int, metavar="N", help="only the first N prompts")
+    g.add_argument("--quiet", action="store_true", help="no progress bar")
+    g = t.add_argument_group("drawing")
+    g.add_argument("--steps", type=positive_int, default=50, metavar="N", help="BiDiffuser steps (default 50)")
+    g.add_argument("--scale", type=float, default=7.0, metavar="S", help="guidance scale (default 7)")
+    g.add_argument("--seed", type=int, default=42, metavar="N",
+                   help="sample k of each prompt gets seed N+k (default 42, GenEval's)")
+    g.add_argument("--n-samples", type=positive_int, metavar="N",
+                   help="geneval only: samples per prompt (default 4); dpg always draws 4, paraprompts 1")
 
 
 def _common(p: argparse.ArgumentParser, task: str, beam: int, max_new: int, min_new: int) -> None:
@@ -79,6 +110,8 @@ def _common(p: argparse.ArgumentParser, task: str, beam: int, max_new: int, min_
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.eval_task == "t2i":
+        return run_t2i(args)
     import time
     from pathlib import Path
 
@@ -222,3 +255,121 @@ def summary(r: dict, out) -> str:
     procs = f"{r['world_size']} process" + ("es" if r["world_size"] > 1 else "")
     lines.append(f"  results     {out}  ({r['elapsed_s']} s, {procs})")
     return "\n".join(lines)
+
+
+def run_t2i(args: argparse.Namespace) -> int:
+    """``easygen eval t2i``: read the prompts, skip what is drawn, draw the rest (this rank's share),
+    print a summary on rank 0."""
+    import time
+    from pathlib import Path
+
+    from bidiffuser.cliutil import progress_bar
+    from bidiffuser.model_dir import read_config
+    from bidiffuser.bridge import bridge_fingerprint
+    from easygen.builder import find_bidiffuser_dir, resolve_bridge_dir
+    from easygen.errors import EasyGenError
+
+    from ..assistant import Assistant, GenerationSettings
+    from ..eval import runner, t2i
+
+    started = time.time()
+    t2i.check_benchmark(args.benchmark)
+    layout = t2i.layout_for(args.benchmark, args.n_samples)
+    prompts = t2i.read_prompts(args.benchmark, args.prompts)
+    total = len(prompts)
+    prompts = prompts[:args.limit]
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise EasyGenError(f"--out {out} is a file; give a folder")
+    bidiffuser_dir = find_bidiffuser_dir(args.bidiffuser, args.lora, args.model_path, args.model_base)
+    if bidiffuser_dir is None:
+        raise EasyGenError("no BiDiffuser directory: give --bidiffuser "
+                           "(or put it in the model directory as bidiffuser/)")
+    bridge_dir = resolve_bridge_dir(args.bridge, args.draw_with, args.lora, args.model_path)
+    # Everything the pictures depend on; stored in each PNG, so a rerun never mixes two settings.
+    header = {"benchmark": args.benchmark,
+              "model": runner.model_fingerprint(args.model_path, args.model_base, args.lora, args.projector),
+              "bidiffuser": read_config(bidiffuser_dir).fingerprint(),
+              "draw_with": "clip" if bridge_dir is None else "bridge",
+              "bridge": None if bridge_dir is None else bridge_fingerprint(bridge_dir),
+              "steps": args.steps, "scale": args.scale,
+              "seed": args.seed, "n_samples": layout.n_samples, "dtype": args.dtype,
+              "bidiffuser_dtype": args.bidiffuser_dtype, "quantization": args.quantization}
+
+    dist = runner.init_distributed()
+    try:
+        if dist.main:
+            t2i.remove_stale_temporaries(out, layout, prompts)
+        dist.barrier()
+        todo = t2i.pending(layout, prompts, out, header, args.seed)
+        dist.barrier()  # every rank has looked before anyone writes
+        mine = t2i.shard(todo, dist.rank, dist.world)
+        tile = None
+        if mine:
+            loaded = _load_for_drawing(args, dist)
+            tile = loaded.bidiffuser.config.resolution
+            # the chat's own drawing (clip or bridge, as --draw-with resolved)
+            draw = Assistant(loaded, GenerationSettings(image_steps=args.steps, image_scale=args.scale)).draw
+            update, close = progress_bar("drawing", disable=args.quiet or not dist.main, unit="prompt")
+            try:
+                t2i.draw_prompts(layout, mine, out, draw, header, args.seed, update)
+            finally:
+                close()
+        else:
+            out.mkdir(parents=True, exist_ok=True)
+        dist.barrier()
+        if dist.main:
+            if tile is None:
+                tile = read_config(bidiffuser_dir).resolution
+            print(t2i_summary(args, layout, out, total, len(prompts), len(todo), tile, dist.world,
+                              round(time.time() - started, 1)))
+    finally:
+        dist.close()
+    return 0
+
+
+def _load_for_drawing(args, dist):
+    """The model through the one builder, on this rank's GPU under torchrun."""
+    import torch
+
+    from bidiffuser.cliutil import resolve_device
+    from easygen.builder import load_pretrained
+    from easygen.errors import EasyGenError
+
+    dev = resolve_device(args.device)
+    if dev.type == "cuda" and dev.index is None and dist.world > 1:
+        dev = torch.device("cuda", dist.local_rank)
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+    loaded = load_pretrained(args.model_path, model_base=args.model_base, lora=args.lora, projector=args.projector,
+                             bidiffuser=args.bidiffuser, bridge=args.bridge, draw_with=args.draw_with, device=dev,
+                             dtype=args.dtype, bidiffuser_dtype=args.bidiffuser_dtype, quantization=args.quantization)
+    if loaded.bidiffuser is None:
+        raise EasyGenError("no BiDiffuser directory: give --bidiffuser")
+    return loaded
+
+
+def t2i_summary(args, layout, out, total: int, n: int, drawn: int, tile: int, world: int, elapsed: float) -> str:
+    """What was drawn, where, and the scorer's command."""
+    from ..eval.t2i import TITLES
+
+    seeds = f"seed {args.seed}" if layout.n_samples == 1 else f"seeds {args.seed}..{args.seed + layout.n_samples - 1}"
+    what = {"dpg": f"<item>.png, each a 2x2 grid of 4 samples of {tile} px",
+            "geneval": f"<index>/metadata.jsonl + <index>/samples/00000.png.. ({layout.n_samples} of {tile} px)",
+            "paraprompts": f"<Image stem>.png, {tile} px"}[args.benchmark]
+    score = {"dpg": f"bash dpg_bench/dist_eval.sh {out} {tile}   (in ELLA's repository)",
+             "geneval": f"python evaluation/evaluate_images.py {out} --outfile results.jsonl "
+                        "--model-path <OBJECT_DETECTOR_FOLDER>   (in GenEval's repository)",
+             "paraprompts": "no scorer ships with ParaDiffusion (its paper compares models by human rating)"
+             }[args.benchmark]
+    procs = f"{world} process" + ("es" if world > 1 else "")
+    return "\n".join([
+        f"EasyGen eval t2i: {TITLES[args.benchmark]}, {n} of {total} prompts ({drawn} drawn now, "
+        f"{n - drawn} already there)",
+        f"  model       {args.model_path}",
+        f"  drawing     BiDiffuser {args.steps} steps, scale {args.scale:g}, {seeds} (sample k: seed + k); "
+        f"{layout.n_samples} sample{'s' if layout.n_samples > 1 else ''} a prompt",
+        f"  images      {out}/{what}",
+        f"  score with  {score}",
+        f"  took        {elapsed} s, {procs}",
+    ])

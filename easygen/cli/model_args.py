@@ -16,6 +16,11 @@ def add_model_args(p: argparse.ArgumentParser, model_path_note: str = "", requir
     g.add_argument("--lora", metavar="DIR", help="PEFT LoRA adapter directory applied on top of --model-path")
     g.add_argument("--projector", metavar="FILE", help="projector file, for a plain LLaMA/Vicuna --model-path")
     g.add_argument("--bidiffuser", metavar="DIR", help="BiDiffuser model directory (default: MODEL_PATH/bidiffuser)")
+    g.add_argument("--bridge", metavar="DIR", help="LLM bridge directory for image replies (default: MODEL_PATH/bridge)")
+    g.add_argument("--draw-with", choices=["auto", "bridge", "clip"], default="auto",
+                   help="how image replies are drawn: bridge (the LLM's hidden states over the description), clip "
+                        "(the description re-encoded by CLIP, as EasyGen's released weights), auto (default: the "
+                        "bridge when the model has one)")
     add_device_args(g)
     q = g.add_mutually_exclusive_group()
     q.add_argument("--load-8bit", dest="quantization", action="store_const", const="8bit",

@@ -93,6 +93,27 @@ def write_drawings(root: Path, n: int, seed: int) -> dict[tuple[str, str], list[
     return by_kind
 
 
+def write_bridge_captions(root: Path, seed: int) -> Path:
+    """root/bridge_captions.tsv: every drawing of draw_captions.tsv with its canonical caption first
+    ("a red circle": what stage A's ``distill_teacher="first"`` has CLIP read for all of the image's
+    rows), its two captions and two long descriptions (``world.LONG_TRAIN``): the LLM bridge's data."""
+    rng = random.Random(seed)
+    by_image: dict[str, list[str]] = {}
+    for row in (root / "draw_captions.tsv").read_text().splitlines()[1:]:
+        image, caption = row.split("\t")
+        by_image.setdefault(image, []).append(caption)
+    lines = ["image\tcaption"]
+    for image, texts in by_image.items():
+        colour, shape = world.parse_description(texts[0])
+        long = [t.format(colour=colour, shape=shape) for t in rng.sample(world.LONG_TRAIN, 2)]
+        canonical = world.captions(colour, shape)[0]
+        lines += [f"{image}\t{t}" for t in dict.fromkeys([canonical, *texts, *long])]
+    path = root / "bridge_captions.tsv"
+    with atomic_path(path) as tmp:
+        tmp.write_text("\n".join(lines) + "\n")
+    return path
+
+
 def write_conversations(items: list[tuple[str, Scene]], drawings: dict[tuple[str, str], list[str]], n: int,
                         seed: int, earlier_per_picture: int = 0) -> list[dict]:
     """``n`` scripted conversations: uploads drawn at random from the images ``items``, a drawing shown

@@ -81,6 +81,8 @@ def evaluate(demo: DemoModel, out: str | Path, n_images: int = 120, draws: int =
     loaded = _load(demo)
     drawings = draw_requests(loaded, recipe, out / "drawings", draws)
     talks = play_conversations(loaded, recipe, out / "conversations", conversations, seed + 1)
+    paths = compare_paths(demo, recipe, out / "paths", draws, conversations, seed + 1,
+                          default=(loaded, drawings, talks))
     results = {
         "model": str(demo.root), "held_out_images": n_images, "seed": seed,
         "caption_accuracy": 100 * right / len(truth),
@@ -95,6 +97,7 @@ def evaluate(demo: DemoModel, out: str | Path, n_images: int = 120, draws: int =
         "conversations": conversation_table(talks), "conversation_count": conversations,
         "conversation_turns": talks,
         "drawings": drawings, "targets": TARGETS | {"conversation_reading": READING_TARGET},
+        "paths": paths,
         "caption_examples": [{"truth": " ".join(truth[i]), "caption": preds[i]} for i in list(truth)[:8]],
     }
     write_json(out / "results.json", results)
@@ -116,11 +119,88 @@ def quick_evaluate(demo: DemoModel, out: str | Path, conversations: int = 30, dr
     draws = draw_requests(loaded, recipe, out / "drawings", draws=-(-drawings // combos), total=drawings,
                           seed=1000 * seed)
     talks = play_conversations(loaded, recipe, out / "conversations", conversations, seed)
+    long = draw_descriptions(loaded, recipe, out / "long", world.LONG_HELD_OUT[:1], seed=1000 * seed)
     results = {"model": str(demo.root), "seed": seed, "conversation_count": conversations,
                "conversations": conversation_table(talks), "drawings": draws,
-               "image_counts": drawing_counts(draws)}
+               "image_counts": drawing_counts(draws), "draw_with": loaded.draw_with,
+               "long": drawing_counts(long) | {"turns": len(long)}}
     write_json(out / "results.json", results | {"conversation_turns": talks})
     return results
+
+
+# The bridge against the CLIP path on long descriptions (colour and shape past CLIP's 16 tokens).
+LONG_TARGETS = {"colour": 90.0, "shape": 85.0}
+
+
+def compare_paths(demo: DemoModel, recipe, out: Path, draws: int, conversations: int, seed: int,
+                  default=None) -> dict:
+    """Both drawing paths on the same seeds: ``draw_requests`` and the conversations' drawing turns,
+    plus held-out long descriptions and paraphrases drawn as they are (``draw_descriptions``). Only the
+    CLIP path when the demo has no bridge. ``default``: (loaded, drawings, turns) already measured with
+    the default path, reused for it."""
+    results = {}
+    for path in ("clip", "bridge"):
+        loaded = _load(demo, path) if default is None or default[0].draw_with != path else default[0]
+        if loaded.draw_with != path:
+            continue  # no bridge in this demo
+        if default is not None and loaded is default[0]:
+            singles, talks = default[1], default[2]
+        else:
+            singles = draw_requests(loaded, recipe, out / path / "drawings", draws)
+            talks = play_conversations(loaded, recipe, out / path / "conversations", conversations, seed)
+        drawn = [t for t in talks if t["kind"] in DRAWING_KINDS]
+        results[path] = {"single": drawing_counts(singles) | {"turns": len(singles)},
+                         "conversation": drawing_counts(drawn) | {"turns": len(drawn)},
+                         "long": _described(loaded, recipe, out / path / "long", world.LONG_HELD_OUT),
+                         "paraphrase": _described(loaded, recipe, out / path / "paraphrase",
+                                                  world.PARAPHRASES_HELD_OUT)}
+    return results
+
+
+def _described(loaded, recipe, out_dir: Path, templates) -> dict:
+    records = draw_descriptions(loaded, recipe, out_dir, templates)
+    return drawing_counts(records) | {"turns": len(records), "examples": records[:3]}
+
+
+def draw_descriptions(loaded, recipe, out_dir: Path, templates, seed: int = DRAW_SEED) -> list[dict]:
+    """Every colour and shape in every template, drawn as an image reply draws its description (no LLM
+    turn: the description itself is the test), one seed per drawing; each read back."""
+    from ..assistant import Assistant
+
+    asks = [(t.format(colour=c, shape=s), c, s) for t in templates for c in world.COLOURS for s in world.SHAPES]
+    assistant = Assistant(loaded, _settings(recipe, seed), out_dir=out_dir)
+    records = []
+    for k, (description, colour, shape) in enumerate(asks):
+        image = assistant.draw([description], [seed + k])[0]
+        found = world.analyse_image(image)
+        records.append({"description": description, "colour": found.colour, "shape": found.shape,
+                        "picture": "drawn", "colour_ok": found.colour == colour, "shape_ok": found.shape == shape})
+    return records
+
+
+def path_lines(paths: dict) -> list[str]:
+    """The clip/bridge table: every drawing row side by side, the bridge's targets marked."""
+    if not paths:
+        return []
+    names = list(paths)
+    lines = [f"Drawing paths side by side (same seeds): {' | '.join(names)}",
+             f"  {'row':<52}" + "".join(f"{n:>18}" for n in names) + "   target"]
+    rows = [("single drawings", "single"), ("conversation drawing turns", "conversation"),
+            ("long descriptions (held out; past 16 CLIP tokens)", "long"), ("held-out paraphrases", "paraphrase")]
+    for label, key in rows:
+        for part in ("colour", "shape"):
+            cells = [_pct(paths[n][key][f"{part}_ok"], paths[n][key]["turns"]) for n in names]
+            if key == "long" and "bridge" in paths:
+                b = paths["bridge"][key]
+                got = 100 * b[f"{part}_ok"] / max(b["turns"], 1)
+                target = f"bridge >= {LONG_TARGETS[part]:.0f}%  {'ok' if got >= LONG_TARGETS[part] else 'MISSED'}"
+            elif len(names) == 2:
+                c, b = (paths[n][key][f"{part}_ok"] for n in names)
+                target = f"bridge >= clip  {'ok' if b >= c else 'MISSED'}"
+            else:
+                target = ""
+            lines.append(f"  {label + ': ' + part:<52}" + "".join(f"{c:>18}" for c in cells) + f"   {target}")
+    return lines
 
 
 def drawing_counts(drawings: list[dict]) -> dict:
@@ -129,9 +209,9 @@ def drawing_counts(drawings: list[dict]) -> dict:
             "picture": sum(d["picture"] is not None for d in drawings)}
 
 
-def _load(demo: DemoModel):
+def _load(demo: DemoModel, draw_with: str = "auto"):
     from ..builder import load_pretrained
-    return load_pretrained(demo.easygen, device="cpu")
+    return load_pretrained(demo.easygen, device="cpu", draw_with=draw_with)
 
 
 def check_readback(seed: int, n: int) -> dict:
@@ -283,7 +363,7 @@ def format_results(r: dict) -> str:
     lines += [f"  {name:<44} {value:>15}   target >= {target:.0f}%  {'ok' if got >= target else 'MISSED'}"
               for name, value, target, got in rows]
     lines.append(f"  {'CIDEr (easygen eval caption)':<44} {r['cider']:>15.1f}")
-    return "\n".join(lines + conversation_lines(r))
+    return "\n".join(lines + conversation_lines(r) + path_lines(r.get("paths", {})))
 
 
 def format_quick(r: dict) -> str:
@@ -292,6 +372,10 @@ def format_quick(r: dict) -> str:
     lines = [f"EasyGen shapes demo, reduced check (held-out seed {r['seed']}): {n} single drawings: picture "
              f"{_pct(counts['picture'], n)}, colour {_pct(counts['colour_ok'], n)}, "
              f"shape {_pct(counts['shape_ok'], n)}"]
+    if "long" in r:
+        long = r["long"]
+        lines.append(f"Long descriptions (held out, drawn through {r['draw_with']}): colour "
+                     f"{_pct(long['colour_ok'], long['turns'])}, shape {_pct(long['shape_ok'], long['turns'])}")
     return "\n".join(lines + conversation_lines(r))
 
 

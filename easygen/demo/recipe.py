@@ -40,7 +40,7 @@ from ..errors import EasyGenError
 from . import world
 
 FORMAT = "easygen-demo-shapes"
-VERSION = 6  # the default folder's name carries it: a new recipe never meets an old cache
+VERSION = 7  # the default folder's name carries it: a new recipe never meets an old cache
 Log = Callable[[str], None]
 # The full recipe's build time on a clean cache, 2-core CPU (docs/performance.md: v5 took 1165 s): what the
 # build messages promise.
@@ -98,6 +98,26 @@ class Recipe:
     earlier_per_picture: int = 4
     draw_copies: int = 8
     llm_context: int = 1024  # a 6-turn conversation with 6 pictures is ~300 tokens; chat keeps half for the answer
+    # LLM bridge (the stage-2 LLM's states -> the U-ViT's 16 x 16 text slot), trained on the drawings with
+    # their canonical caption first, their captions and long descriptions (dataset.write_bridge_captions).
+    # Stage A distils the CLIP path, every row of an image towards CLIP's latent of its canonical caption
+    # (CLIP reads 16 tokens: a long description's colour and shape lie past them); stage B is the
+    # text-to-image objective with rank-8 LoRA on the U-ViT, at a tenth of the learning rate.
+    # The layer: this 4-layer LLM learnt only the world's short sentences, and its contextual states of
+    # unseen sentences drew the colour of a held-out long description 13/54 (last layer) and 17/54 (after
+    # block 1) times; its input embeddings (hidden_states[0], layer -(llm_layers + 1)) 50/54.
+    bridge_width: int = 128
+    bridge_depth: int = 2
+    bridge_heads: int = 4
+    bridge_layer: int = -5
+    bridge_max_length: int = 96  # the long descriptions are at most ~70 of the LLM's tokens
+    bridge_distill_steps: int = 1500
+    bridge_t2i_steps: int = 400
+    bridge_batch: int = 32
+    bridge_lr: float = 1e-3
+    bridge_t2i_lr: float = 1e-4
+    bridge_lora_rank: int = 8
+    bridge_uncond: float = 0.1
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self)
@@ -107,7 +127,9 @@ RECIPES = {
     "full": Recipe(),
     "ci": Recipe(name="ci", train_images=64, clip_steps=4, vae_steps=4, decoder_steps=4, unidiffuser_steps=2,
                  easygen_steps=2, uvit_batch=8, uvit_width=32, uvit_depth=2, feature_steps=2, llm_width=32,
-                 llm_layers=1, stage1_steps=2, stage2_steps=400, llm_batch=8, stage2_lr=3e-3, conversations=64),
+                 llm_layers=1, stage1_steps=2, stage2_steps=400, llm_batch=8, stage2_lr=3e-3, conversations=64,
+                 bridge_width=32, bridge_depth=1, bridge_layer=-2, bridge_distill_steps=4, bridge_t2i_steps=4,
+                 bridge_batch=8),
 }
 
 
@@ -300,6 +322,31 @@ def _stage_stage2(root: Path, r: Recipe, log: Log) -> None:
     link.symlink_to(Path("..") / "bidiffuser", target_is_directory=True)
 
 
+def _train_bridge(root: Path, r: Recipe, stage: str, steps: int, lr: float, init: Path | None, out: Path) -> None:
+    from bidiffuser.train_bridge import BridgeTrainConfig, train_bridge
+    train_bridge(BridgeTrainConfig(
+        model=str(root / "bidiffuser"), data=str(root / "data" / "bridge_captions.tsv"), out=str(out),
+        text_model=str(root / "easygen"), stage=stage, init=None if init is None else str(init),
+        width=r.bridge_width, depth=r.bridge_depth, heads=r.bridge_heads, layer=r.bridge_layer,
+        max_length=r.bridge_max_length, distill_teacher="first", uvit_lora_rank=r.bridge_lora_rank,
+        uncond_prob=r.bridge_uncond, snr_gamma=r.uvit_snr_gamma, steps=steps, batch_size=r.bridge_batch, lr=lr,
+        warmup_ratio=0.02, lr_schedule="constant", save_every=max(steps // 2, 1), log_every=max(steps // 20, 1),
+        seed=r.seed, device="cpu", encode_once=True))
+
+
+def _stage_bridge_distill(root: Path, r: Recipe, log: Log) -> None:
+    from .dataset import write_bridge_captions
+    write_bridge_captions(root / "data", r.seed + 5)
+    _train_bridge(root, r, "distill", r.bridge_distill_steps, r.bridge_lr, None, root / "bridge-distill")
+
+
+def _stage_bridge_t2i(root: Path, r: Recipe, log: Log) -> None:
+    _train_bridge(root, r, "t2i", r.bridge_t2i_steps, r.bridge_t2i_lr, root / "bridge-distill", root / "bridge")
+    link = root / "easygen" / "bridge"  # where the builder looks; relative, so the folder can move
+    link.unlink(missing_ok=True)
+    link.symlink_to(Path("..") / "bridge", target_is_directory=True)
+
+
 STAGES: list[tuple[str, str, Callable[[Path, Recipe, Log], None]]] = [
     ("data", "generate the shapes world", _stage_data),
     ("bidiffuser-init", "random BiDiffuser, tokenizer trained on the world's text", _stage_bidiffuser_init),
@@ -312,6 +359,8 @@ STAGES: list[tuple[str, str, Callable[[Path, Recipe, Log], None]]] = [
     ("features", "BiDiffuser features of the training images", _stage_features),
     ("stage1", "stage 1: projector alignment", _stage_stage1),
     ("stage2", "stage 2: instruction tuning", _stage_stage2),
+    ("bridge-distill", "LLM bridge, stage A: distil the CLIP text path", _stage_bridge_distill),
+    ("bridge-t2i", "LLM bridge, stage B: text-to-image with LoRA on the U-ViT", _stage_bridge_t2i),
 ]
 
 

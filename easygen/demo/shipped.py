@@ -1,8 +1,8 @@
 """The shapes demo model that ships inside the package, ready to use: what plain ``easygen chat``,
 ``easygen serve`` and ``easygen worker`` load, so a first conversation needs no build.
 
-It is a built demo (``easygen demo build``) cut down to what inference reads: the ``easygen/`` and
-``bidiffuser/`` directories, weights as safetensors only (the VAE and caption decoder are converted
+It is a built demo (``easygen demo build``) cut down to what inference reads: the ``easygen/``,
+``bidiffuser/`` and ``bridge/`` directories, weights as safetensors only (the VAE and caption decoder are converted
 from their ``.pth``), floating-point weights stored in float16 (loading converts them back to the
 run's dtype). ``MANIFEST.json`` beside them records the recipe and its version, the commands that
 made it, the sha256 of every file and the ``easygen demo eval`` results measured on exactly these
@@ -79,13 +79,15 @@ def ship(built: DemoModel, dest: Path = SHIPPED_DIR, dtype: str = "float16", log
     tmp = dest.with_name(dest.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     cast = getattr(torch, dtype)
-    for sub in ("easygen", "bidiffuser"):
+    for sub in ("easygen", "bidiffuser", "bridge"):
         src = built.root / sub
+        if sub == "bridge" and not src.is_dir():
+            continue  # a demo built before the bridge existed
         for path in _files(src):
             rel = path.relative_to(src)
             target = tmp / sub / rel
             target.parent.mkdir(parents=True, exist_ok=True)
-            if path.is_symlink():  # easygen/bidiffuser -> ../bidiffuser
+            if path.is_symlink():  # easygen/bidiffuser -> ../bidiffuser, easygen/bridge -> ../bridge
                 target.symlink_to(path.readlink(), target_is_directory=True)
             elif path.suffix in (".safetensors", ".pth"):
                 sd = {k: v.to(cast) if v.is_floating_point() else v
@@ -141,6 +143,6 @@ def _summary(results: dict) -> dict:
     """The figures of an eval worth keeping (not every turn's record)."""
     keep = ("held_out_images", "seed", "caption_accuracy", "cider", "vqa_accuracy", "image_colour_accuracy",
             "image_shape_accuracy", "image_picture_rate", "image_counts", "readback_check", "conversations",
-            "conversation_count")
+            "conversation_count", "paths", "long", "draw_with")
     return {k: results[k] for k in keep if k in results}
 

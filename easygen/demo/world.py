@@ -141,6 +141,35 @@ def captions(colour: str, shape: str) -> list[str]:
     ]
 
 
+# Long descriptions for the LLM bridge: colour and shape come after the first 16 words, past what the
+# demo's 16-token CLIP text encoder reads. The bridge trains on LONG_TRAIN; the eval draws LONG_HELD_OUT and
+# PARAPHRASES_HELD_OUT, which neither drawing path saw in training.
+LONG_TRAIN = (
+    "On an empty white canvas with nothing else in it, drawn large and close to the centre of the frame, "
+    "you can see a {colour} {shape}.",
+    "This picture has a clean white background and no other objects or text anywhere at all, only one "
+    "{colour} {shape} near the centre.",
+    "Look closely at the picture: the background is completely white, nothing is written on it, and the "
+    "single object shown is a {shape} coloured {colour}.",
+    "There is a white background that fills the whole frame from edge to edge, and in front of it sits "
+    "exactly one {colour} {shape}.",
+    "The image is simple and quiet, with lots of empty white space around the middle, where the artist has "
+    "placed a {shape} that is {colour}.",
+    "Imagine a sheet of white paper seen from straight above; right in the centre of that sheet "
+    "somebody painted a {colour} {shape}.",
+)
+LONG_HELD_OUT = (
+    "In the middle of a plain white background, taking about half of the picture, there is one shape, and it "
+    "is a {colour} {shape}.",
+    "Everything around the edges of this image is plain white and empty, and the one thing drawn in the "
+    "middle of it is a {colour} {shape}.",
+    "If you look at the centre of this otherwise blank white picture, with nothing else around it, you will "
+    "find a {shape} painted {colour}.",
+)
+PARAPHRASES_HELD_OUT = ("one {colour} {shape}", "the {shape} is {colour}", "{colour} {shape} drawn on white",
+                        "a {shape} in {colour}")
+
+
 def vqa_pairs(scene: Scene) -> list[tuple[str, str]]:
     """Every (question, answer) about the scene; answers are bare colour or shape names."""
     return ([(q, scene.colour) for q in COLOUR_QUESTIONS]
