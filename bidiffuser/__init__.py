@@ -1,5 +1,6 @@
 """BiDiffuser: the UniDiffuser-v1 diffusion stack (U-ViT, caption decoder, VAE, CLIP, sampler,
-pipeline). It knows nothing about LLMs.
+pipeline) and the LLM bridge that lets it draw from any language model's hidden states. It knows
+nothing about EasyGen.
 
 Public names are imported lazily so that `bidiffuser --help` does not pay for torch.
 """
@@ -16,6 +17,7 @@ _EXPORTS = {
     "BiDiffuser": "pipeline", "BiDiffuserOutput": "pipeline", "MODES": "modes",
     "BiDiffuserConfig": "model_dir", "read_config": "model_dir", "init_tiny": "model_dir",
     "BiDiffuserError": "errors", "CheckpointError": "errors",
+    "Bridge": "bridge", "BridgeConfig": "bridge", "read_bridge": "bridge", "save_bridge": "bridge",
 }
 __all__ = sorted(_EXPORTS)
 

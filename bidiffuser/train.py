@@ -390,6 +390,40 @@ def _check_resume(path: Path, saved: dict, now: dict) -> None:
                               f"use the same settings to resume, or a new --run-dir / --out")
 
 
+class LossLog:
+    """Running means of the loss terms between log records. ``add`` takes each micro-batch's terms;
+    ``step`` counts an optimizer step and, every ``log_every`` steps (and at the last), averages over
+    the ranks, shows the record on the bar and appends it to ``log.jsonl`` (rank 0 only)."""
+
+    def __init__(self, path: Path | None, samples_per_step: int, env: DistEnv):
+        self.file = path.open("a") if path is not None else None
+        self.samples_per_step, self.env = samples_per_step, env
+        self.sums, self.t0, self.steps = {}, time.perf_counter(), 0
+
+    def add(self, terms: dict[str, float], grad_accum: int) -> None:
+        for name, value in terms.items():
+            self.sums[name] = self.sums.get(name, 0.0) + value / grad_accum
+
+    def step(self, step: int, epoch: int, lr: float, bar, write: bool, postfix: dict | None = None) -> None:
+        """``postfix``: more bar fields, name -> function of the record."""
+        self.steps += 1
+        if not write:
+            return
+        names = sorted(self.sums)
+        means = all_reduce_sum([self.sums[n] / self.steps for n in names], self.env.device)
+        record = {"step": step, "epoch": epoch, **{n: v / self.env.world_size for n, v in zip(names, means)},
+                  "lr": lr, "samples_per_s": self.steps * self.samples_per_step / (time.perf_counter() - self.t0)}
+        self.sums, self.t0, self.steps = {}, time.perf_counter(), 0
+        bar.set_postfix(loss=f"{record['loss']:.4f}", **{k: f(record) for k, f in (postfix or {}).items()})
+        if self.file:
+            self.file.write(json.dumps(record) + "\n")
+            self.file.flush()
+
+    def close(self) -> None:
+        if self.file:
+            self.file.close()
+
+
 def train(cfg: TrainConfig) -> Path:
     """Run (or resume) a fine-tuning run and write the new BiDiffuser directory; returns its path."""
     from transformers import get_constant_schedule_with_warmup, get_cosine_schedule_with_warmup
@@ -454,8 +488,7 @@ def train(cfg: TrainConfig) -> Path:
     schedule = NoiseSchedule.stable_diffusion()
     samples_per_step = cfg.batch_size * cfg.grad_accum * env.world_size
     bar = tqdm(total=total_steps, initial=step, desc="bidiffuser train", disable=not env.is_main, dynamic_ncols=True)
-    log_file = (run / "log.jsonl").open("a") if env.is_main else None
-    sums, t0, steps_since = {}, time.perf_counter(), 0
+    log = LossLog(run / "log.jsonl" if env.is_main else None, samples_per_step, env)
     while step < total_steps:
         epoch, in_epoch = divmod(step, steps_per_epoch)
         micro = sampler.epoch(epoch)[in_epoch * cfg.grad_accum:(in_epoch + 1) * cfg.grad_accum]
@@ -473,8 +506,7 @@ def train(cfg: TrainConfig) -> Path:
                                                t2i.batch(step * cfg.grad_accum + k) if t2i else None,
                                                cfg.t2i_uncond)
             (loss / cfg.grad_accum).backward()
-            for name, value in {"loss": loss.item(), **terms}.items():
-                sums[name] = sums.get(name, 0.0) + value / cfg.grad_accum
+            log.add({"loss": loss.item(), **terms}, cfg.grad_accum)
         if cfg.max_grad_norm > 0:
             torch.nn.utils.clip_grad_norm_([p for p in uvit.parameters() if p.requires_grad], cfg.max_grad_norm)
         optimizer.step()
@@ -483,29 +515,16 @@ def train(cfg: TrainConfig) -> Path:
         if ema is not None:
             ema.update()
         step += 1
-        steps_since += 1
         bar.update(1)
-
-        if step % cfg.log_every == 0 or step == total_steps:
-            names = sorted(sums)
-            means = all_reduce_sum([sums[n] / steps_since for n in names], env.device)
-            record = {"step": step, "epoch": epoch, **{n: v / env.world_size for n, v in zip(names, means)},
-                      "lr": scheduler.get_last_lr()[0],
-                      "samples_per_s": steps_since * samples_per_step / (time.perf_counter() - t0)}
-            sums, t0, steps_since = {}, time.perf_counter(), 0
-            bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}",
-                            samples_s=f"{record['samples_per_s']:.1f}")
-            if log_file:
-                log_file.write(json.dumps(record) + "\n")
-                log_file.flush()
+        log.step(step, epoch, scheduler.get_last_lr()[0], bar, step % cfg.log_every == 0 or step == total_steps,
+                 {"lr": lambda r: f"{r['lr']:.2e}", "samples_s": lambda r: f"{r['samples_per_s']:.1f}"})
         if step % cfg.save_every == 0 or step == total_steps:
             save_checkpoint(run, step, model, optimizer, {"scheduler": scheduler.state_dict(), "run": signature},
                             env, keep_last=cfg.keep_last, extra_state=ema.state() if ema else None)
         if step == kill_at:  # fault injection for the resume test: die like a killed job
             os.kill(os.getpid(), signal.SIGKILL)
     bar.close()
-    if log_file:
-        log_file.close()
+    log.close()
 
     uvit_sd = full_state_dict(uvit, ema, keep=env.is_main)
     if env.is_main:

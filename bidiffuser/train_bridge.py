@@ -28,7 +28,6 @@ import json
 import math
 import os
 import signal
-import time
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,12 +42,12 @@ from .autoencoder import sample_posterior
 from .bridge import (LM_LORA_TARGETS, UVIT_LORA_TARGETS, Bridge, BridgeConfig, LoraSettings, TextModel, add_lora,
                      check_fits, load_lora, load_text_model, lora_state_dict, read_bridge, save_bridge)
 from .captions import read_caption_tsv
-from .distributed import ResumableSampler, all_reduce_sum, barrier, init_distributed, shutdown
+from .distributed import ResumableSampler, barrier, init_distributed, shutdown
 from .errors import BiDiffuserError
 from .images import load_image
 from .model_dir import read_config
 from .sampler import NoiseSchedule
-from .train import KILL_ENV, _noise_mse, gather_full, sample_generator, snr_weights
+from .train import KILL_ENV, LossLog, _noise_mse, gather_full, sample_generator, snr_weights
 from .train_checkpoint import complete_checkpoints, load_checkpoint, save_checkpoint
 from .uvit import load_uvit
 
@@ -366,8 +365,7 @@ def train_bridge(cfg: BridgeTrainConfig, text_model=None) -> Path:
     teacher = [c if cfg.distill_teacher == "same" else first[image] for image, c in rows]
     samples_per_step = cfg.batch_size * cfg.grad_accum * env.world_size
     bar = tqdm(total=total_steps, initial=step, desc=f"bridge {cfg.stage}", disable=not env.is_main, dynamic_ncols=True)
-    log_file = (run / "log.jsonl").open("a") if env.is_main else None
-    sums, t0, since = {}, time.perf_counter(), 0
+    log = LossLog(run / "log.jsonl" if env.is_main else None, samples_per_step, env)
     while step < total_steps:
         epoch, in_epoch = divmod(step, steps_per_epoch)
         micro = sampler.epoch(epoch)[in_epoch * cfg.grad_accum:(in_epoch + 1) * cfg.grad_accum]
@@ -389,35 +387,22 @@ def train_bridge(cfg: BridgeTrainConfig, text_model=None) -> Path:
                     inputs["z"], inputs["clip_img"] = encodings.images([p for p, _ in batch], gens)
                 loss, terms = model(gens, **inputs)
             (loss / cfg.grad_accum).backward()
-            for name, value in {"loss": loss.item(), **terms}.items():
-                sums[name] = sums.get(name, 0.0) + value / cfg.grad_accum
+            log.add({"loss": loss.item(), **terms}, cfg.grad_accum)
         if cfg.max_grad_norm > 0:
             torch.nn.utils.clip_grad_norm_([p for p in trainee.parameters() if p.requires_grad], cfg.max_grad_norm)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
-        since += 1
         bar.update(1)
-        if step % cfg.log_every == 0 or step == total_steps:
-            names = sorted(sums)
-            means = all_reduce_sum([sums[n] / since for n in names], env.device)
-            record = {"step": step, "epoch": epoch, **{n: v / env.world_size for n, v in zip(names, means)},
-                      "lr": scheduler.get_last_lr()[0],
-                      "samples_per_s": since * samples_per_step / (time.perf_counter() - t0)}
-            sums, t0, since = {}, time.perf_counter(), 0
-            bar.set_postfix(loss=f"{record['loss']:.4f}")
-            if log_file:
-                log_file.write(json.dumps(record) + "\n")
-                log_file.flush()
+        log.step(step, epoch, scheduler.get_last_lr()[0], bar, step % cfg.log_every == 0 or step == total_steps)
         if step % cfg.save_every == 0 or step == total_steps:
             save_checkpoint(run, step, model, optimizer, {"scheduler": scheduler.state_dict(), "run": signature},
                             env, keep_last=cfg.keep_last)
         if step == kill_at:  # fault injection for the resume test
             os.kill(os.getpid(), signal.SIGKILL)
     bar.close()
-    if log_file:
-        log_file.close()
+    log.close()
 
     bridge_sd = gather_full(trainee.bridge.state_dict(), env.is_main)
     uvit_sd = gather_full(lora_state_dict(trainee.uvit), env.is_main) if uvit_lora is not None else None

@@ -67,7 +67,7 @@ def test_chat_builds_the_demo_first_when_it_is_absent(tmp_path, monkeypatch, cap
     code, out, err = _run(monkeypatch, capsys, tmp_path / "cache", "chat", "--prompt", "Draw a red circle.",
                           "--temperature", "0", "--out-dir", str(tmp_path / "png"), "--steps", "2")
     assert code == 0, err
-    assert "building the built-in shapes demo model" in err and f"[{len(STAGES)}/{len(STAGES)}] stage2" in err
+    assert "building the built-in shapes demo model" in err and f"[{len(STAGES)}/{len(STAGES)}] {STAGES[-1][0]}" in err
     assert "[picture: " in out.splitlines()[0] and DemoModel(tmp_path / "cache").is_built()
 
 

@@ -2,8 +2,6 @@
 with the random tiny EasyGen: the files written (names, count, sizes, what each holds) as each
 benchmark's scorer reads them, the tiles and samples against images drawn one by one, resuming,
 and one-line errors. The pictures themselves are noise; the scorers need models not available here."""
-import contextlib
-import io
 import json
 import os
 import re
@@ -12,8 +10,9 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from easygen.cli import main
 from easygen.eval import t2i
+
+from .test_eval_cli import easygen
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures" / "t2i"
 DPG_PROMPTS = FIXTURES / "dpg" / "prompts"
@@ -22,17 +21,6 @@ GENEVAL = FIXTURES / "geneval" / "evaluation_metadata.jsonl"
 PARA = FIXTURES / "paraprompts" / "ParaPrompts_400.csv"
 STEPS, SCALE, SEED = 2, 7.0, 5
 FAST = ["--steps", STEPS, "--scale", SCALE, "--seed", SEED, "--device", "cpu", "--quiet"]
-
-
-def easygen(*argv) -> tuple[int, str, str]:
-    """The ``easygen`` entry point in this process: (exit code, stdout, stderr)."""
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        try:
-            rc = main([str(a) for a in argv])
-        except SystemExit as e:  # argparse: --help, usage errors
-            rc = e.code
-    return rc, out.getvalue(), err.getvalue()
 
 
 def t2i_run(model_dir, benchmark, prompts, out, *extra):

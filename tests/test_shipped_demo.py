@@ -48,6 +48,8 @@ def test_plain_commands_use_the_shipped_model_and_load_it_in_float32(tmp_path, m
     loaded = load_pretrained(SHIPPED_DIR / "easygen", device="cpu")
     assert {p.dtype for p in loaded.model.parameters()} == {torch.float32}
     assert {p.dtype for p in loaded.bidiffuser.uvit.parameters()} == {torch.float32}
+    assert loaded.draw_with == "bridge"  # the shipped demo draws its replies through its LLM bridge
+    assert {p.dtype for p in loaded.bidiffuser.bridge.parameters()} == {torch.float32}
     monkeypatch.setenv("EASYGEN_DEMO_DIR", str(tmp_path / "mine"))  # your own build, when you name one
     assert default_demo().root == tmp_path / "mine"
 

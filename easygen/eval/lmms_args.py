@@ -92,7 +92,7 @@ def resolve(s: LmmsSettings) -> LmmsSettings:
     from ..constants import user_cache_dir
 
     args = argparse.Namespace(model_path=s.pretrained, model_base=s.model_base, lora=s.lora,
-                              projector=s.projector, bidiffuser=s.bidiffuser, steps=s.image_steps,
+                              projector=s.projector, bidiffuser=s.bidiffuser, bridge=None, steps=s.image_steps,
                               scale=s.image_scale, feature_steps=s.feature_steps, feature_scale=s.feature_scale)
     resolve_model(args)
     s.pretrained, s.image_steps, s.image_scale = args.model_path, args.steps, args.scale

@@ -354,7 +354,7 @@ def layout_for(benchmark: str, n_samples: int | None = None) -> Layout:
     if benchmark == "geneval":
         return GenEvalLayout(4 if n_samples is None else n_samples)
     if n_samples is not None:
-        raise EasyGenError(f"--n-samples applies to geneval only (dpg draws 4 samples into a 2x2 grid, "
+        raise EasyGenError("--n-samples applies to geneval only (dpg draws 4 samples into a 2x2 grid, "
                            "paraprompts one image per row)")
     return DPGLayout() if benchmark == "dpg" else ParaPromptsLayout()
 
