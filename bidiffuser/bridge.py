@@ -351,7 +351,7 @@ class BridgeFiles:
     uvit_lora_weights: dict[str, torch.Tensor] | None = None
     lm_lora: LoraSettings | None = None
     lm_lora_weights: dict[str, torch.Tensor] | None = None
-    text_model: str | None = None     # the text model it was trained with, as given then
+    text_model: str | None = None     # the text model it was trained with (a relative path starts at root)
     info: dict = field(default_factory=dict)
 
     def build(self, device="cpu", dtype=torch.float32, release: bool = False) -> Bridge:

@@ -134,7 +134,8 @@ class BiDiffuser:
         files, source = self.bridge_files, self._text_model_source
         if files is None:
             raise BiDiffuserError("no bridge loaded (pass a bridge directory)")
-        source = source if source is not None else files.text_model
+        if source is None and files.text_model is not None:  # a relative record starts at the bridge directory
+            source = files.root / files.text_model
         if source is None:
             raise BiDiffuserError(f"bridge {files.root} records no text model; pass one (--text-model)")
         model, tokenizer = source if isinstance(source, tuple) else load_text_model(source, self.device)

@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from safetensors import safe_open
@@ -32,7 +33,7 @@ def test_weights_are_safetensors_only_in_float16():
     files = [p for p in SHIPPED_DIR.rglob("*") if p.is_file()]
     assert not [p for p in files if p.suffix in (".pth", ".pt", ".bin", ".pkl", ".ckpt")]  # no pickles
     weights = [p for p in files if p.suffix == ".safetensors"]
-    assert len(weights) == 6  # LLM, U-ViT, VAE, caption decoder, two CLIP towers
+    assert len(weights) == 8  # LLM, U-ViT, VAE, caption decoder, two CLIP towers, the bridge and its U-ViT LoRA
     for path in weights:
         with safe_open(str(path), framework="pt") as f:
             dtypes = {str(f.get_slice(k).get_dtype()) for k in f.keys()}
@@ -65,3 +66,14 @@ def test_first_contact_draws_without_building(tmp_path):
     reply = json.loads(r.stdout)
     assert "<Img>" in reply["text"] and len(reply["images"]) == 1
     assert "building" not in r.stderr and not (tmp_path / "cache" / "easygen" / f"demo-shapes-v{VERSION}").exists()
+
+
+def test_the_shipped_bridge_samples_on_its_own_with_the_shipped_llm():
+    """`bidiffuser sample --bridge` without --text-model: the bridge's recorded text model is the shipped
+    LLM, as a path relative to the bridge (the package can be installed anywhere)."""
+    from bidiffuser.bridge import read_bridge
+    from bidiffuser.pipeline import BiDiffuser
+    assert read_bridge(SHIPPED_DIR / "bridge").text_model == "../easygen"
+    pipe = BiDiffuser.from_pretrained(SHIPPED_DIR / "bidiffuser", bridge=SHIPPED_DIR / "bridge")
+    assert len(pipe.text_to_image("a green triangle", steps=2, seed=0).images) == 1
+    assert Path(pipe.text_model.model.name_or_path).resolve() == (SHIPPED_DIR / "easygen").resolve()

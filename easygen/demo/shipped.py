@@ -95,6 +95,12 @@ def ship(built: DemoModel, dest: Path = SHIPPED_DIR, dtype: str = "float16", log
                 save_safetensors(sd, target.with_suffix(".safetensors"))
             else:
                 shutil.copy2(path, target)
+    bridge_config = tmp / "bridge" / "config.json"
+    if bridge_config.is_file():  # its text model is the shipped LLM, wherever the package is installed
+        doc = read_json(bridge_config, "bridge config")
+        doc["text_model"] = "../easygen"
+        doc["info"] = {k: v for k, v in doc.get("info", {}).items() if k in ("stage", "steps", "preset")}
+        write_json(bridge_config, doc)
     config_path = tmp / "bidiffuser" / "bidiffuser.json"
     config = read_json(config_path, "BiDiffuser config")
     for name in CONVERTED:
