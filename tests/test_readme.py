@@ -38,3 +38,21 @@ def test_ci_install_and_test_commands_are_in_the_readme():
     """.ci/run executes these two blocks; they must exist and run pytest."""
     assert any("pip install" in line for line in readme_block("ci:install"))
     assert any("pytest" in line for line in readme_block("ci:test"))
+
+
+def test_the_bridge_example_draws_what_clip_cannot_read(tmp_path):
+    """The README's bridge example on the shipped demo: through the bridge a green triangle, through
+    CLIP (which never sees the colour or the shape) whatever the seed gives."""
+    from PIL import Image
+
+    from easygen.demo import world
+    bin_dir = str(Path(sys.executable).parent)
+    env = {**os.environ, "PATH": bin_dir + os.pathsep + os.environ.get("PATH", ""), "OMP_NUM_THREADS": "1"}
+    script = "\n".join(readme_block("readme:bridge"))
+    r = subprocess.run(["bash", "-euo", "pipefail", "-c", script], cwd=tmp_path, env=env, capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    with Image.open(tmp_path / "out" / "bridge" / "t2i-7-0.png") as im:
+        found = world.analyse_image(im.convert("RGB"))
+    assert (found.colour, found.shape) == ("green", "triangle")
+    assert (tmp_path / "out" / "clip" / "t2i-7-0.png").is_file()
