@@ -343,23 +343,28 @@ def set_lora_enabled(module: nn.Module, enabled: bool) -> None:
 # ---------------------------------------------------------------------------------------- directory
 @dataclass
 class BridgeFiles:
-    """A bridge directory, read."""
+    """A bridge directory, read: its config now, its weight files when asked for (``weights``,
+    ``uvit_lora_weights``, ``lm_lora_weights`` read the file on each call), so loading a model that
+    has a bridge costs nothing until it draws."""
     root: Path
     config: BridgeConfig
-    weights: dict[str, torch.Tensor]
     uvit_lora: LoraSettings | None = None
-    uvit_lora_weights: dict[str, torch.Tensor] | None = None
     lm_lora: LoraSettings | None = None
-    lm_lora_weights: dict[str, torch.Tensor] | None = None
     text_model: str | None = None     # the text model it was trained with (a relative path starts at root)
     info: dict = field(default_factory=dict)
 
-    def build(self, device="cpu", dtype=torch.float32, release: bool = False) -> Bridge:
-        """The bridge module; ``release`` drops the file's tensors once copied in (a pipeline builds once)."""
+    def weights(self) -> dict[str, torch.Tensor]:
+        return read_state_dict(self.root / BRIDGE_WEIGHTS, "bridge weights")
+
+    def uvit_lora_weights(self) -> dict[str, torch.Tensor] | None:
+        return read_state_dict(self.root / UVIT_LORA, "uvit_lora weights") if self.uvit_lora else None
+
+    def lm_lora_weights(self) -> dict[str, torch.Tensor] | None:
+        return read_state_dict(self.root / LM_LORA, "lm_lora weights") if self.lm_lora else None
+
+    def build(self, device="cpu", dtype=torch.float32) -> Bridge:
         bridge = Bridge(self.config)
-        missing, unexpected = bridge.load_state_dict(self.weights, strict=False)
-        if release:
-            self.weights = {}
+        missing, unexpected = bridge.load_state_dict(self.weights(), strict=False)
         if missing or unexpected:
             raise BiDiffuserError(f"{self.root / BRIDGE_WEIGHTS} does not fit its config "
                                   f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
@@ -421,13 +426,13 @@ def read_bridge(directory: str | os.PathLike) -> BridgeFiles:
             raise ValueError(f"'format' is not '{BRIDGE_FORMAT}'")
         if raw.get("version") != BRIDGE_VERSION:
             raise ValueError(f"unsupported version {raw.get('version')!r} (expected {BRIDGE_VERSION})")
-        files = BridgeFiles(root=root, config=BridgeConfig.from_dict(raw["bridge"]).validate(),
-                            weights=read_state_dict(root / BRIDGE_WEIGHTS, "bridge weights"),
+        lora = {key: LoraSettings.from_dict(raw[key]) if raw.get(key) else None for key in ("uvit_lora", "lm_lora")}
+        files = BridgeFiles(root=root, config=BridgeConfig.from_dict(raw["bridge"]).validate(), **lora,
                             text_model=raw.get("text_model"), info=raw.get("info") or {})
-        for key, file in (("uvit_lora", UVIT_LORA), ("lm_lora", LM_LORA)):
-            if raw.get(key):
-                setattr(files, key, LoraSettings.from_dict(raw[key]))
-                setattr(files, key + "_weights", read_state_dict(root / file, f"{key} weights"))
+        for file in [BRIDGE_WEIGHTS] + [name for key, name in (("uvit_lora", UVIT_LORA), ("lm_lora", LM_LORA))
+                                        if lora[key]]:
+            if not (root / file).is_file():
+                raise ValueError(f"{file} is missing")
     except (KeyError, TypeError, ValueError) as e:
         raise BiDiffuserError(f"{path}: bad bridge config: {e}") from None
     return files

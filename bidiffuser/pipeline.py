@@ -117,8 +117,7 @@ class BiDiffuser:
         lora = self.bridge_files.uvit_lora if self.bridge_files is not None else None
         if lora is not None:  # kept unmerged and off, so the CLIP path draws with the U-ViT as it was
             add_lora(uvit, lora)
-            load_lora(uvit, self.bridge_files.uvit_lora_weights, self.bridge_files.root / "uvit_lora.safetensors")
-            self.bridge_files.uvit_lora_weights = None  # copied into the U-ViT: not held twice
+            load_lora(uvit, self.bridge_files.uvit_lora_weights(), self.bridge_files.root / "uvit_lora.safetensors")
             uvit.to(device=self.device, dtype=self.precision.uvit).eval().requires_grad_(False)
             set_lora_enabled(uvit, False)
         return uvit
@@ -127,7 +126,7 @@ class BiDiffuser:
     def bridge(self):
         if self.bridge_files is None:
             raise BiDiffuserError("no bridge loaded (pass a bridge directory)")
-        return self.bridge_files.build(self.device, self.precision.uvit, release=True)
+        return self.bridge_files.build(self.device, self.precision.uvit)
 
     @_component
     def text_model(self):
@@ -146,7 +145,7 @@ class BiDiffuser:
             if isinstance(source, tuple):
                 raise BiDiffuserError(f"bridge {files.root} has LM LoRA weights; give the text model as a directory")
             add_lora(model, files.lm_lora)
-            load_lora(model, files.lm_lora_weights, files.root / "lm_lora.safetensors")
+            load_lora(model, files.lm_lora_weights(), files.root / "lm_lora.safetensors")
             model.eval().requires_grad_(False)
         return text
 

@@ -376,10 +376,34 @@ def _check_paths(cfg: TrainConfig) -> None:
                               f"not writing into it")
 
 
-def _run_signature(cfg: TrainConfig, rows: list[tuple[str, str]], total_steps: int) -> dict:
+def _run_signature(cfg, rows: list[tuple[str, str]], total_steps: int, keys=_RUN_KEYS) -> dict:
+    """The settings and data that define a run (``keys`` of ``cfg``): a resume must match them."""
     captions = hashlib.sha256("\n".join(c for _, c in rows).encode()).hexdigest()
-    return {**{k: getattr(cfg, k) for k in _RUN_KEYS}, "total_steps": total_steps,
+    return {**{k: getattr(cfg, k) for k in keys}, "total_steps": total_steps,
             "num_examples": len(rows), "captions_sha256": captions}
+
+
+def step_plan(cfg, n_rows: int, env: DistEnv) -> tuple[ResumableSampler, int, int]:
+    """(the data order, optimizer steps per epoch, total steps) for ``cfg``'s batch size, grad
+    accumulation, steps or epochs, on ``env``'s ranks."""
+    try:
+        sampler = ResumableSampler(n_rows, cfg.batch_size, env, cfg.seed)
+    except BiDiffuserError as e:
+        raise BiDiffuserError(f"{cfg.data}: {e}") from None
+    steps_per_epoch = sampler.batches_per_rank // cfg.grad_accum
+    if steps_per_epoch == 0:
+        raise BiDiffuserError(f"{cfg.data}: {n_rows} examples make fewer than one optimizer step "
+                              f"(batch size {cfg.batch_size} x {env.world_size} ranks x grad accum {cfg.grad_accum})")
+    return sampler, steps_per_epoch, cfg.steps or steps_per_epoch * cfg.epochs
+
+
+def lr_scheduler(optimizer, cfg, total_steps: int):
+    """Linear warm-up over ``cfg.warmup_ratio`` of the steps, then cosine decay to 0 or constant."""
+    from transformers import get_constant_schedule_with_warmup, get_cosine_schedule_with_warmup
+    warmup = math.ceil(cfg.warmup_ratio * total_steps)
+    if cfg.lr_schedule == "cosine":
+        return get_cosine_schedule_with_warmup(optimizer, warmup, total_steps)
+    return get_constant_schedule_with_warmup(optimizer, warmup)
 
 
 def _check_resume(path: Path, saved: dict, now: dict) -> None:
@@ -426,8 +450,6 @@ class LossLog:
 
 def train(cfg: TrainConfig) -> Path:
     """Run (or resume) a fine-tuning run and write the new BiDiffuser directory; returns its path."""
-    from transformers import get_constant_schedule_with_warmup, get_cosine_schedule_with_warmup
-
     from .pipeline import BiDiffuser
 
     cfg.validate()
@@ -454,20 +476,10 @@ def train(cfg: TrainConfig) -> Path:
     for block in [*uvit.in_blocks, uvit.mid_block, *uvit.out_blocks]:
         block.use_checkpoint = cfg.activation_checkpointing
 
-    try:
-        sampler = ResumableSampler(len(rows), cfg.batch_size, env, cfg.seed)
-    except BiDiffuserError as e:
-        raise BiDiffuserError(f"{cfg.data}: {e}") from None
-    steps_per_epoch = sampler.batches_per_rank // cfg.grad_accum
-    if steps_per_epoch == 0:
-        raise BiDiffuserError(f"{cfg.data}: {len(rows)} examples make fewer than one optimizer step "
-                              f"(batch size {cfg.batch_size} x {env.world_size} ranks x grad accum {cfg.grad_accum})")
-    total_steps = cfg.steps or steps_per_epoch * cfg.epochs
+    sampler, steps_per_epoch, total_steps = step_plan(cfg, len(rows), env)
     model, optimizer = _wrap(uvit, cfg, env)
     ema = EMA(uvit, cfg.ema_decay) if cfg.ema_decay is not None else None
-    warmup = math.ceil(cfg.warmup_ratio * total_steps)
-    scheduler = (get_cosine_schedule_with_warmup(optimizer, warmup, total_steps) if cfg.lr_schedule == "cosine"
-                 else get_constant_schedule_with_warmup(optimizer, warmup))
+    scheduler = lr_scheduler(optimizer, cfg, total_steps)
     autocast = (lambda: torch.autocast(env.device.type, dtype=torch.bfloat16)) \
         if amp == torch.bfloat16 and not isinstance(uvit, FSDPModule) else nullcontext  # FSDP2 casts itself
     signature = _run_signature(cfg, rows, total_steps)

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 import signal
 from contextlib import nullcontext
@@ -42,12 +41,13 @@ from .autoencoder import sample_posterior
 from .bridge import (LM_LORA_TARGETS, UVIT_LORA_TARGETS, Bridge, BridgeConfig, LoraSettings, TextModel, add_lora,
                      check_fits, load_lora, load_text_model, lora_state_dict, read_bridge, save_bridge)
 from .captions import read_caption_tsv
-from .distributed import ResumableSampler, barrier, init_distributed, shutdown
+from .distributed import barrier, init_distributed, shutdown
 from .errors import BiDiffuserError
 from .images import load_image
 from .model_dir import read_config
 from .sampler import NoiseSchedule
-from .train import KILL_ENV, LossLog, _noise_mse, gather_full, sample_generator, snr_weights
+from .train import (KILL_ENV, LossLog, _check_resume, _gradient_sync, _noise_mse, _run_signature, gather_full,
+                    lr_scheduler, sample_generator, snr_weights, step_plan)
 from .train_checkpoint import complete_checkpoints, load_checkpoint, save_checkpoint
 from .uvit import load_uvit
 
@@ -192,13 +192,14 @@ def _build(cfg: BridgeTrainConfig, source, text: TextModel, device, schedule: No
             if cfg.uvit_lora_rank else None)
         if uvit_lora is not None:
             add_lora(uvit, uvit_lora)
-            if init is not None and init.uvit_lora_weights:
-                load_lora(uvit, init.uvit_lora_weights, cfg.init)
+            if init is not None and init.uvit_lora:
+                load_lora(uvit, init.uvit_lora_weights(), cfg.init)
         else:
             uvit.requires_grad_(False)
         uvit.to(device).train()
         if cfg.lm_lora_rank:
-            lm_lora = LoraSettings(cfg.lm_lora_rank, cfg.lora_alpha or cfg.lm_lora_rank, cfg.lora_dropout, list(LM_LORA_TARGETS))
+            lm_lora = LoraSettings(cfg.lm_lora_rank, cfg.lora_alpha or cfg.lm_lora_rank, cfg.lora_dropout,
+                                   list(LM_LORA_TARGETS))
             lm = add_lora(text.model, lm_lora).train()
     trainee = BridgeTrainee(bridge, uvit, lm, text, schedule, source.data_type, cfg.uncond_prob, cfg.snr_gamma)
     return trainee, bcfg, uvit_lora, lm_lora
@@ -289,18 +290,9 @@ def t2i_loss(uvit, bridge, schedule: NoiseSchedule, states, mask, z, clip_img, g
     return loss, {k: v.item() for k, v in terms.items()}
 
 
-def _signature(cfg: BridgeTrainConfig, rows, total_steps: int) -> dict:
-    import hashlib
-    captions = hashlib.sha256("\n".join(c for _, c in rows).encode()).hexdigest()
-    return {**{k: getattr(cfg, k) for k in _RUN_KEYS}, "init": cfg.init, "total_steps": total_steps,
-            "num_examples": len(rows), "captions_sha256": captions}
-
-
 def train_bridge(cfg: BridgeTrainConfig, text_model=None) -> Path:
     """Run (or resume) a bridge training stage and write the bridge directory; returns its path.
     ``text_model``: a loaded ``(model, tokenizer)`` instead of loading ``cfg.text_model``."""
-    from transformers import get_constant_schedule_with_warmup, get_cosine_schedule_with_warmup
-
     from .pipeline import BiDiffuser
 
     cfg = cfg.resolved()
@@ -328,29 +320,17 @@ def train_bridge(cfg: BridgeTrainConfig, text_model=None) -> Path:
         trainee, bcfg, uvit_lora, lm_lora = _build(cfg, source, text, env.device, schedule)
     torch.manual_seed(cfg.seed + 1 + env.rank)  # LoRA dropout: its own stream per rank (a resume restores it)
 
-    try:
-        sampler = ResumableSampler(len(rows), cfg.batch_size, env, cfg.seed)
-    except BiDiffuserError as e:
-        raise BiDiffuserError(f"{cfg.data}: {e}") from None
-    steps_per_epoch = sampler.batches_per_rank // cfg.grad_accum
-    if steps_per_epoch == 0:
-        raise BiDiffuserError(f"{cfg.data}: {len(rows)} examples make fewer than one optimizer step")
-    total_steps = cfg.steps or steps_per_epoch * cfg.epochs
+    sampler, steps_per_epoch, total_steps = step_plan(cfg, len(rows), env)
     model, optimizer = _wrap(trainee, cfg, env)
-    warmup = math.ceil(cfg.warmup_ratio * total_steps)
-    scheduler = (get_cosine_schedule_with_warmup(optimizer, warmup, total_steps) if cfg.lr_schedule == "cosine"
-                 else get_constant_schedule_with_warmup(optimizer, warmup))
+    scheduler = lr_scheduler(optimizer, cfg, total_steps)
     autocast = (lambda: torch.autocast(env.device.type, dtype=torch.bfloat16)) \
         if amp == torch.bfloat16 and cfg.strategy != "fsdp" else nullcontext
-    signature = _signature(cfg, rows, total_steps)
+    signature = {**_run_signature(cfg, rows, total_steps, _RUN_KEYS), "init": cfg.init}
     step = 0
     previous = complete_checkpoints(run)
     if previous:
         saved = json.loads((previous[-1] / "trainer_state.json").read_text()).get("run", {})
-        changed = [f"{k} {saved.get(k)!r} -> {v!r}" for k, v in signature.items() if saved.get(k) != v]
-        if changed:
-            raise BiDiffuserError(f"{previous[-1]} belongs to a run with other settings ({'; '.join(changed)}); "
-                                  f"use the same settings to resume, or a new --run-dir / --out")
+        _check_resume(previous[-1], saved, signature)
         state = load_checkpoint(previous[-1], model, optimizer, env)
         step = state["step"]
         scheduler.load_state_dict(state["scheduler"])
@@ -373,8 +353,7 @@ def train_bridge(cfg: BridgeTrainConfig, text_model=None) -> Path:
             gens = [sample_generator(cfg.seed, epoch, i) for i in indices]
             batch = [rows[i] for i in indices]
             captions = [c for _, c in batch]
-            sync = nullcontext() if k == len(micro) - 1 or not hasattr(model, "no_sync") else model.no_sync()
-            with sync, autocast():
+            with _gradient_sync(model, trainee, k == len(micro) - 1), autocast():
                 if trainee.lm is not None:
                     ids, mask = text.tokenize(captions)
                     inputs = {"ids": ids, "mask": mask}
@@ -409,7 +388,8 @@ def train_bridge(cfg: BridgeTrainConfig, text_model=None) -> Path:
     lm_sd = gather_full(lora_state_dict(trainee.lm), env.is_main) if lm_lora is not None else None
     if env.is_main:
         save_bridge(out, bcfg, bridge_sd, uvit_lora=(uvit_lora, uvit_sd) if uvit_lora is not None else None,
-                    lm_lora=(lm_lora, lm_sd) if lm_lora is not None else None, text_model=str(Path(cfg.text_model).resolve()),
+                    lm_lora=(lm_lora, lm_sd) if lm_lora is not None else None,
+                    text_model=str(Path(cfg.text_model).resolve()),
                     info={"stage": cfg.stage, "steps": step, "init": cfg.init, "bidiffuser": str(cfg.model),
                           "preset": cfg.preset})
         print(f"wrote bridge directory {out} (stage {cfg.stage}, step {step})")

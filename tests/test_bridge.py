@@ -43,7 +43,7 @@ def test_both_kinds_fill_the_text_slot_from_any_length(kind, aware):
         assert out.shape == (2, 10, 8)
 
 
-def test_resampler_ignores_padding_and_reads_the_timestep_only_once_trained():
+def test_resampler_ignores_padding_and_reads_the_timestep():
     torch.manual_seed(0)
     bridge = Bridge(small_config())
     states, t = torch.randn(1, 6, 24), torch.tensor([100])
@@ -51,10 +51,14 @@ def test_resampler_ignores_padding_and_reads_the_timestep_only_once_trained():
     mask = torch.tensor([[1] * 6 + [0] * 4])
     alone = bridge(states, torch.ones(1, 6), t)
     torch.testing.assert_close(bridge(padded, mask, t), alone, rtol=1e-5, atol=1e-6)
-    # AdaLN starts at zero: the timestep changes nothing until the modulation has trained
-    assert not torch.equal(bridge(states, torch.ones(1, 6), torch.tensor([900])), alone)  # time_to_latents is live
-    for block in bridge.net.blocks:
-        torch.testing.assert_close(block.norm_ff.modulation.weight, torch.zeros_like(block.norm_ff.modulation.weight))
+    # the timestep reaches the latents from the start; the AdaLN modulations start at zero (ELLA's init)
+    assert not torch.equal(bridge(states, torch.ones(1, 6), torch.tensor([900])), alone)
+    modulations = [n for block in bridge.net.blocks
+                   for n in (block.norm_latents, block.norm_states, block.norm_ff)]
+    assert all(not m.modulation.weight.any() and not m.modulation.bias.any() for m in modulations)
+    # a timestep-blind resampler gives the same condition at every timestep
+    blind = Bridge(small_config(timestep_aware=False))
+    torch.testing.assert_close(blind(states, torch.ones(1, 6), t), blind(states, torch.ones(1, 6), torch.tensor([900])))
     with pytest.raises(BiDiffuserError, match="needs the image timestep"):
         bridge(states, torch.ones(1, 6))
 
@@ -90,7 +94,7 @@ def test_directory_round_trip_with_named_lora_tensors(tiny_dir, tmp_path):
     files = read_bridge(tmp_path / "b")
     assert files.config == bcfg and files.text_model == "/models/llm"
     for k, v in bridge.state_dict().items():
-        assert torch.equal(files.weights[k], v)
+        assert torch.equal(files.weights()[k], v)
     (tmp_path / "c").mkdir()
     with pytest.raises(BiDiffuserError, match="is not a bridge directory"):
         read_bridge(tmp_path / "c")
@@ -155,7 +159,7 @@ def test_distillation_learns_the_clip_latents_and_t2i_adds_named_lora(trained, t
     files = read_bridge(b)
     assert files.info["stage"] == "t2i" and files.info["init"] == str(a)
     assert files.uvit_lora.rank == 2 and files.lm_lora.rank == 2
-    assert all(".lora_" in k and ".default" not in k for k in files.uvit_lora_weights)
+    assert all(".lora_" in k and ".default" not in k for k in files.uvit_lora_weights())
     assert files.text_model == str(Path(tiny_easygen_dir).resolve())
     # the t2i rows' losses: image and CLIP noise terms
     assert {"img", "clip", "loss"} <= set(_log(b / "checkpoints")[0])

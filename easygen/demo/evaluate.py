@@ -140,12 +140,12 @@ def compare_paths(demo: DemoModel, recipe, out: Path, draws: int, conversations:
     the default path, reused for it."""
     results = {}
     for path in ("clip", "bridge"):
-        loaded = _load(demo, path) if default is None or default[0].draw_with != path else default[0]
-        if loaded.draw_with != path:
-            continue  # no bridge in this demo
-        if default is not None and loaded is default[0]:
-            singles, talks = default[1], default[2]
+        if default is not None and default[0].draw_with == path:
+            loaded, singles, talks = default
         else:
+            loaded = _load(demo, "clip" if path == "clip" else "auto")
+            if loaded.draw_with != path:
+                continue  # no bridge in this demo
             singles = draw_requests(loaded, recipe, out / path / "drawings", draws)
             talks = play_conversations(loaded, recipe, out / path / "conversations", conversations, seed)
         drawn = [t for t in talks if t["kind"] in DRAWING_KINDS]
