@@ -29,7 +29,7 @@ from .builder import LoadedModel
 from .constants import IMAGE_PLACEHOLDER, IMG_CLOSE, IMG_OPEN
 from .errors import EasyGenError
 from .features import ImageFeatureExtractor
-from .generation import Row, generate_rows
+from .generation import Row
 from .image_reply import find_image_requests, has_stray_tags, render_image_replies
 
 CONVERSATION_FORMAT, CONVERSATION_VERSION = "easygen-conversation", 1
@@ -65,7 +65,7 @@ class Cancelled(EasyGenError):
 @dataclass
 class Turn:
     """A user turn made ready for generation: the history that fits, the prompt ids, the images'
-    features. ``Assistant.prepare`` makes it, ``generation.generate_rows`` answers it (alone or
+    features. ``Assistant.prepare`` makes it, the LLM engine (``loaded.llm``) answers it (alone or
     batched with others), ``Assistant.complete`` draws the pictures and commits it."""
     kept: list[dict]
     ids: list[int]
@@ -84,6 +84,7 @@ class Assistant:
                  feature_cache: str | os.PathLike | None = None, system_message: str = "",
                  feature_memo: MutableMapping[str, torch.Tensor] | None = None):
         self.model, self.processor, self.pipe = loaded.model, loaded.processor, loaded.bidiffuser
+        self.llm = loaded.llm  # what answers the prompts (easygen.generation.TransformersEngine or vLLM)
         self.settings = settings or GenerationSettings()
         self.out_dir = Path(out_dir)
         if features is None and self.pipe is not None:
@@ -172,7 +173,7 @@ class Assistant:
         turn = self.prepare(text, images, on_token=on_token, should_stop=should_stop)
         s = self.settings
         with self._phase("generate"):
-            generate_rows(self.model, self.processor, [turn.row], s.temperature, s.top_p, s.num_beams, s.seed)
+            self.llm.generate([turn.row], s.temperature, s.top_p, s.num_beams, s.seed)
         return self.complete(turn, on_image_progress, force_image=force_image)
 
     def prepare(self, text: str, images: list[str | os.PathLike] = (), on_token: Callable[[str], None] | None = None,
@@ -257,7 +258,7 @@ class Assistant:
             turn.row.on_text((" " if answer else "") + IMG_OPEN)
         row = Row(ids, turn.features, FORCED_DESCRIPTION_TOKENS, (IMG_CLOSE,), turn.row.on_text, turn.row.should_stop)
         s = self.settings
-        generate_rows(self.model, self.processor, [row], s.temperature, s.top_p, 1, s.seed)
+        self.llm.generate([row], s.temperature, s.top_p, 1, s.seed)
         if row.finish_reason == "cancelled":
             raise Cancelled("stopped")
         turn.row.tokens += row.tokens

@@ -15,7 +15,7 @@ The BiDiffuser directory comes from ``bidiffuser=`` or, when absent, ``MODEL_DIR
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -51,6 +51,13 @@ class LoadedModel:
     processor: EasyGenProcessor
     bidiffuser: BiDiffuser | None
     layout: str  # which of the four layouts was read (for logs and result files)
+    # what answers prompts: the model in this process (default) or vLLM (easygen.vllm_engine.use_vllm)
+    llm: object = field(default=None)
+
+    def __post_init__(self):
+        if self.llm is None:
+            from .generation import TransformersEngine
+            self.llm = TransformersEngine(self.model, self.processor)
 
     @property
     def draw_with(self) -> str:

@@ -4,6 +4,11 @@ Each row streams its own text, stops on its own (end of sequence, a stop string,
 ``max_new_tokens``, or a cancel request) and reports why it stopped, so a server can batch the
 requests that are waiting while each client still sees its own answer arrive token by token. A
 single conversation (``Assistant.send``) is simply a batch of one.
+
+An LLM engine answers rows: ``TransformersEngine`` (here, the default) runs the model in this
+process; ``easygen.vllm_engine.VLLMEngine`` sends each row to vLLM. Both feed the tokens they get
+through the same ``RowStreamer``, so stop strings, length limits, cancellation and the streamed
+pieces are decided by the same code whatever engine runs the LLM.
 """
 from __future__ import annotations
 
@@ -31,7 +36,7 @@ class Row:
     _emitted: int = 0
 
 
-class _RowStreamer(BaseStreamer):
+class RowStreamer(BaseStreamer):
     """Receives each step's new token of every row: decodes, streams, checks stop conditions."""
 
     def __init__(self, rows: list[Row], tokenizer, eos_ids: set[int]):
@@ -47,7 +52,7 @@ class _RowStreamer(BaseStreamer):
             if row.finish_reason is not None:
                 continue
             if token in self.eos_ids:
-                self._finish(row, "stop")
+                self.finish(row, "stop")
                 continue
             row.tokens.append(token)
             self._update(row)
@@ -58,17 +63,17 @@ class _RowStreamer(BaseStreamer):
             at = text.find(s)
             if s and at >= 0:
                 row.text = text[:at]
-                self._finish(row, "stop")
+                self.finish(row, "stop")
                 return
         row.text = text
         if len(row.tokens) >= row.max_new_tokens:
-            self._finish(row, "length")
+            self.finish(row, "length")
         elif row.should_stop is not None and row.should_stop():
-            self._finish(row, "cancelled")
+            self.finish(row, "cancelled")
         else:
             self._emit(row, hold_back=max((len(s) - 1 for s in row.stop), default=0))
 
-    def _finish(self, row: Row, reason: str) -> None:
+    def finish(self, row: Row, reason: str) -> None:
         row.finish_reason = reason
         self._emit(row, hold_back=0)
 
@@ -87,7 +92,7 @@ class _RowStreamer(BaseStreamer):
     def end(self) -> None:
         for row in self.rows:
             if row.finish_reason is None:  # generate stopped at its own length limit
-                self._finish(row, "length")
+                self.finish(row, "length")
 
 
 class _RowsDone(StoppingCriteria):
@@ -96,6 +101,17 @@ class _RowsDone(StoppingCriteria):
 
     def __call__(self, input_ids, scores, **kwargs) -> torch.BoolTensor:
         return torch.tensor([r.finish_reason is not None for r in self.rows], device=input_ids.device)
+
+
+def eos_ids(model) -> set[int]:
+    """The ids that end an answer (the generation config's, one or several)."""
+    eos = model.generation_config.eos_token_id
+    return set(eos if isinstance(eos, (list, tuple)) else [eos]) - {None}
+
+
+def reset_rows(rows: list[Row]) -> None:
+    for row in rows:
+        row.tokens, row.text, row.finish_reason, row._emitted = [], "", None, 0
 
 
 def generate_rows(model, processor, rows: list[Row], temperature: float = 0.0, top_p: float = 1.0,
@@ -109,8 +125,7 @@ def generate_rows(model, processor, rows: list[Row], temperature: float = 0.0, t
         return rows
     if num_beams > 1 and len(rows) > 1:
         raise ValueError("beam search generates one row at a time")
-    for row in rows:
-        row.tokens, row.text, row.finish_reason, row._emitted = [], "", None, 0
+    reset_rows(rows)
     batch = processor.pad_batch([r.ids for r in rows], side="left")
     device = model.device
     features = [r.features for r in rows if r.features is not None]
@@ -120,9 +135,7 @@ def generate_rows(model, processor, rows: list[Row], temperature: float = 0.0, t
         kwargs.update(do_sample=True, temperature=temperature, top_p=top_p)
     else:
         kwargs.update(do_sample=False)
-    eos = model.generation_config.eos_token_id
-    eos_ids = set(eos if isinstance(eos, (list, tuple)) else [eos]) - {None}
-    streamer = _RowStreamer(rows, processor.tokenizer, eos_ids)
+    streamer = RowStreamer(rows, processor.tokenizer, eos_ids(model))
     if num_beams == 1:
         kwargs.update(streamer=streamer, stopping_criteria=StoppingCriteriaList([_RowsDone(rows)]))
     if seed is not None:
@@ -137,3 +150,22 @@ def generate_rows(model, processor, rows: list[Row], temperature: float = 0.0, t
             streamer.put(torch.tensor([token]))
     streamer.end()
     return rows
+
+
+class TransformersEngine:
+    """The LLM in this process: one ``generate`` call answers a batch of rows (``generate_rows``)."""
+    name = "transformers"
+    concurrent = False  # one call at a time: the chat service batches waiting rows into it
+
+    def __init__(self, model, processor):
+        self.model, self.processor = model, processor
+
+    def generate(self, rows: list[Row], temperature: float = 0.0, top_p: float = 1.0, num_beams: int = 1,
+                 seed: int | None = None) -> list[Row]:
+        return generate_rows(self.model, self.processor, rows, temperature, top_p, num_beams, seed)
+
+    def describe(self) -> str:
+        return "transformers (in process)"
+
+    def close(self) -> None:
+        pass

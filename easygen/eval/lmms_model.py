@@ -228,8 +228,6 @@ class EasyGen(lmms):
     def _generate_with_pictures(self, requests) -> list[str]:
         """generate_until with images_out: one Assistant turn per request, rows generated together
         (beam search: one at a time), then each reply's pictures drawn."""
-        from ..generation import generate_rows
-
         out: list[str | None] = [None] * len(requests)
         for batch in self._batches(requests):
             turns = []
@@ -240,8 +238,7 @@ class EasyGen(lmms):
             g = turns[0][0].settings
             groups = [turns] if g.num_beams == 1 else [[t] for t in turns]
             for group in groups:
-                generate_rows(self.qa.model, self.qa.processor, [t.row for _, t in group], g.temperature, g.top_p,
-                              g.num_beams, g.seed)
+                self.qa.loaded.llm.generate([t.row for _, t in group], g.temperature, g.top_p, g.num_beams, g.seed)
             for (i, _), (assistant, turn) in zip(batch, turns):
                 out[i] = self._answer(assistant.complete(turn))
         return out

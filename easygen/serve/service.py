@@ -1,11 +1,16 @@
 """The queue in front of the engine, shared by every HTTP front (the OpenAI API, the web page, the
 FastChat worker).
 
-One engine thread owns the model. Requests wait in a bounded queue (a full queue is refused at once,
-so the front can answer 429); when the thread takes a chat turn it also takes the turns waiting
-behind it that sample the same way and answers them in one batched ``generate`` call, each still
-streaming its own text. A job whose client went away is skipped if it is still waiting, and stops
-at its next token (or drawing step) if it is running.
+With the in-process LLM, one engine thread owns the model. Requests wait in a bounded queue (a full
+queue is refused at once, so the front can answer 429); when the thread takes a chat turn it also
+takes the turns waiting behind it that sample the same way and answers them in one batched
+``generate`` call, each still streaming its own text. A job whose client went away is skipped if it
+is still waiting, and stops at its next token (or drawing step) if it is running.
+
+With an LLM engine that batches by itself (vLLM: ``engine.concurrent``), ``max_batch`` threads each
+take one turn at a time and hand it to the engine, which batches whatever is in flight (continuous
+batching); the work that stays in this process (reading images, projecting them, drawing) runs one
+turn at a time under a lock.
 """
 from __future__ import annotations
 
@@ -22,7 +27,6 @@ from bidiffuser.errors import BiDiffuserError, first_line
 from ..assistant import CONVERSATION_FORMAT, CONVERSATION_VERSION, Assistant, Cancelled, GenerationSettings
 from ..builder import LoadedModel
 from ..features import ImageFeatureExtractor
-from ..generation import generate_rows
 from ..image_reply import render_image_replies
 
 log = logging.getLogger("easygen.serve")
@@ -68,6 +72,7 @@ class ChatJob:
     system: str = ""
     force_image: bool = False
     cancelled: threading.Event = field(default_factory=threading.Event)
+    ended: bool = False  # its last event was sent (set under the service's lock)
 
     def batch_key(self):
         """Jobs with equal keys can share one generate call (a seeded job runs alone: reproducible)."""
@@ -85,6 +90,10 @@ class DrawJob:
     emit: Emit
     seed: int | None = None
     cancelled: threading.Event = field(default_factory=threading.Event)
+    ended: bool = False
+
+    def batch_key(self):
+        return None
 
 
 class ChatService:
@@ -97,24 +106,33 @@ class ChatService:
         self._cond = threading.Condition()
         self._running = 0
         self._closed = False
+        self.llm = loaded.llm
+        self._local = threading.Lock()     # this process's model work (images, projector, drawing)
         self._seconds_per_job = 1.0        # running average, for Retry-After
         # uploads are files named by their content hash, so a path always means the same image
         self._feature_memo = LRUMemo(256)
         self.stats = {"jobs": 0, "batches": 0, "largest_batch": 0, "cancelled": 0}
-        self._thread = threading.Thread(target=self._loop, name="easygen-engine", daemon=True)
+        threads = max_batch if self.llm.concurrent else 1
+        self._threads = [threading.Thread(target=self._loop, name=f"easygen-engine-{k}", daemon=True)
+                         for k in range(threads)]
 
     # -- the fronts' side ---------------------------------------------------------------------------
     def start(self) -> "ChatService":
-        self._thread.start()
+        for thread in self._threads:
+            thread.start()
         return self
 
     def stop(self) -> None:
+        """Stop taking jobs, end the engine threads, and close the LLM engine (a vLLM server this
+        process started stops with it)."""
         with self._cond:
             self._closed = True
             for job in self._queue:
                 job.cancelled.set()
             self._cond.notify_all()
-        self._thread.join(timeout=30)
+        for thread in self._threads:
+            thread.join(timeout=30)
+        self.llm.close()
 
     def submit(self, job: ChatJob | DrawJob) -> None:
         """Queue ``job``; raises QueueFull when ``max_queue`` jobs are already waiting or running."""
@@ -142,10 +160,14 @@ class ChatService:
 
     # -- the engine thread --------------------------------------------------------------------------
     def _end(self, job, kind: str, payload) -> None:
-        """A job's last event; it stops counting as running first, so /health and the worker's
-        queue length never lag behind an answer the client already has."""
+        """A job's last event (once: a later call for the same job does nothing); it stops counting
+        as running first, so /health and the worker's queue length never lag behind an answer the
+        client already has."""
         with self._cond:
-            self._running = max(0, self._running - 1)
+            if job.ended:
+                return
+            job.ended = True
+            self._running -= 1
         job.emit(kind, payload)
 
     def _take(self) -> list | None:
@@ -156,7 +178,7 @@ class ChatService:
                 return None
             first = self._queue.popleft()
             batch = [first]
-            key = first.batch_key() if isinstance(first, ChatJob) else None
+            key = None if self.llm.concurrent else first.batch_key()
             if key is not None:
                 for job in list(self._queue):
                     if len(batch) >= self.max_batch:
@@ -167,7 +189,7 @@ class ChatService:
             live = [j for j in batch if not j.cancelled.is_set()]  # clients that left while waiting
             self.stats["cancelled"] += len(batch) - len(live)
             batch = live
-            self._running = len(batch)
+            self._running += len(batch)
             if batch:
                 self.stats["jobs"] += len(batch)
                 self.stats["batches"] += 1
@@ -186,12 +208,11 @@ class ChatService:
                 elif batch:
                     self._chat(batch)
             except Exception as e:  # never let one bad turn stop the engine
-                log.exception("engine error")
+                if not isinstance(e, BiDiffuserError):
+                    log.exception("engine error")
                 for job in batch:
                     self._end(job, "error", e)
             finally:
-                with self._cond:
-                    self._running = 0
                 if batch:
                     took = (time.perf_counter() - start) / len(batch) * min(len(batch), self.max_batch)
                     self._seconds_per_job = 0.8 * self._seconds_per_job + 0.2 * took
@@ -204,20 +225,21 @@ class ChatService:
                 a.from_json({"format": CONVERSATION_FORMAT, "version": CONVERSATION_VERSION,
                              "messages": job.history}, source="messages")
                 emit = job.emit
-                turn = a.prepare(job.text, job.images, on_token=lambda piece, emit=emit: emit("text", piece),
-                                 should_stop=job.cancelled.is_set)
+                with self._local:
+                    turn = a.prepare(job.text, job.images, on_token=lambda piece, emit=emit: emit("text", piece),
+                                     should_stop=job.cancelled.is_set)
                 ready.append((job, a, turn))
             except BiDiffuserError as e:
                 self._end(job, "error", e)
         if not ready:
             return
         s = ready[0][0].settings
-        generate_rows(self.loaded.model, self.loaded.processor, [t.row for _, _, t in ready], s.temperature,
-                      s.top_p, s.num_beams, s.seed)
+        self.llm.generate([t.row for _, _, t in ready], s.temperature, s.top_p, s.num_beams, s.seed)
         for job, a, turn in ready:
             try:
-                reply = a.complete(turn, lambda step, total, job=job: job.emit("progress", (step, total)),
-                                   force_image=job.force_image)
+                with self._local:
+                    reply = a.complete(turn, lambda step, total, job=job: job.emit("progress", (step, total)),
+                                       force_image=job.force_image)
                 self._end(job, "done", reply)
             except Cancelled:
                 self._end(job, "error", Cancelled("stopped"))
@@ -236,8 +258,9 @@ class ChatService:
             job.emit("progress", (step, total))
 
         try:
-            paths = render_image_replies(self.loaded.bidiffuser, [job.prompt] * job.n, self.out_dir, s.image_steps,
-                                         s.image_scale, job.seed, progress)
+            with self._local:
+                paths = render_image_replies(self.loaded.bidiffuser, [job.prompt] * job.n, self.out_dir,
+                                             s.image_steps, s.image_scale, job.seed, progress)
             self._end(job, "done", paths)
         except Cancelled as e:
             self._end(job, "error", e)
