@@ -26,18 +26,10 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import torch
 
-from .errors import EasyGenError
+from .errors import EasyGenError, LLMEngineError
 from .generation import Row, RowStreamer, eos_ids, reset_rows
 
 log = logging.getLogger("easygen.vllm")
-
-
-class LLMEngineError(EasyGenError):
-    """The LLM engine failed on a request; ``status`` is the HTTP status a server answers with."""
-
-    def __init__(self, status: int, message: str):
-        super().__init__(message)
-        self.status = status
 
 
 def encode_embeds(embeds: torch.Tensor) -> str:

@@ -58,6 +58,27 @@ def add_engine_args(p: argparse.ArgumentParser, max_new_tokens_help: str = "long
                         "(default $XDG_CACHE_HOME/easygen/features, else ~/.cache/easygen/features)")
 
 
+def add_llm_engine_args(p: argparse.ArgumentParser) -> None:
+    """Where the LLM runs: in this process (transformers) or on vLLM (``easygen.vllm_server``)."""
+    g = p.add_argument_group("LLM engine")
+    g.add_argument("--llm-engine", choices=["transformers", "vllm"], default="transformers",
+                   help="what runs the LLM: transformers in this process (default), or vLLM (a server this command "
+                        "starts, or the one at --vllm-url); image features, the projector and drawing stay here")
+    g.add_argument("--vllm-url", default=None, metavar="URL",
+                   help="a running vLLM OpenAI-compatible server of this model's LLM (`easygen export-llm`, served "
+                        "with --enable-prompt-embeds); implies --llm-engine vllm")
+    g.add_argument("--vllm-model", default=None, metavar="NAME",
+                   help="the model name at --vllm-url (default: the first it serves)")
+    g.add_argument("--vllm-python", default=None, metavar="PATH",
+                   help="the python of vLLM's environment, to start vLLM (default $EASYGEN_VLLM_PYTHON, else this "
+                        "python if it has vllm)")
+    g.add_argument("--vllm-arg", action="append", default=[], metavar="ARG",
+                   help="an extra argument for the vLLM server started here, e.g. --vllm-arg=--enforce-eager "
+                        "(repeatable)")
+    g.add_argument("--vllm-timeout", type=float, default=120.0, metavar="S",
+                   help="seconds to wait for vLLM's next token before answering 503 (default 120)")
+
+
 def resolve_model(args) -> None:
     """No --model-path: the built-in shapes demo (``easygen.demo.shipped.default_demo``: the shipped
     model, or $EASYGEN_DEMO_DIR's, built there first with progress on stderr when it is absent).
@@ -105,6 +126,11 @@ def load_engine(args):
                              bidiffuser=args.bidiffuser, bridge=args.bridge, draw_with=args.draw_with,
                              device=args.device, dtype=args.dtype, bidiffuser_dtype=args.bidiffuser_dtype,
                              quantization=args.quantization)
+    if getattr(args, "llm_engine", "transformers") == "vllm" or getattr(args, "vllm_url", None):
+        from ..vllm_server import use_vllm
+        use_vllm(loaded, url=args.vllm_url, model_name=args.vllm_model, python=args.vllm_python,
+                 extra_args=args.vllm_arg, timeout=args.vllm_timeout,
+                 log=lambda s: print(s, file=sys.stderr, flush=True))
     features = None
     if loaded.bidiffuser is not None:
         features = ImageFeatureExtractor(loaded.bidiffuser, steps=args.feature_steps, scale=args.feature_scale,

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from bidiffuser.cliutil import positive_int
 
-from .engine_args import add_engine_args, load_engine, quiet_libraries, resolve_model
+from .engine_args import add_engine_args, add_llm_engine_args, load_engine, quiet_libraries, resolve_model
 
 API_KEY_ENV = "EASYGEN_API_KEY"
 
@@ -27,6 +27,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter)
     add_engine_args(p, max_new_tokens_help="default longest reply in tokens, when a request gives no max_tokens")
     add_server_args(p)
+    add_llm_engine_args(p)
     g = p.add_argument_group("replies")
     g.add_argument("--out-dir", type=Path, default=None, metavar="DIR",
                    help="where drawn pictures are kept (default: a temporary folder removed at exit)")

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from bidiffuser.cliutil import positive_int
 
-from .engine_args import add_engine_args, quiet_libraries, resolve_model
+from .engine_args import add_engine_args, add_llm_engine_args, quiet_libraries, resolve_model
 from .serve import add_server_args
 
 
@@ -21,6 +21,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_engine_args(p, max_new_tokens_help="default longest reply in tokens")
     add_server_args(p, default_port=21002, http_api=False)
+    add_llm_engine_args(p)
     g = p.add_argument_group("FastChat")
     g.add_argument("--controller-address", default="http://127.0.0.1:21001", help="the FastChat controller")
     g.add_argument("--worker-address", default=None,

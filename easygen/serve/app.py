@@ -29,6 +29,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from bidiffuser.errors import BiDiffuserError, first_line
 
 from ..assistant import Cancelled
+from ..errors import LLMEngineError
 from ..image_reply import ImageTagStream
 from .errors import APIError, bad_request
 from .images import ImageInbox
@@ -134,6 +135,8 @@ def create_app(service: ChatService, config: ServeConfig) -> FastAPI:
         return (lambda p: f"{base}/images/{Path(p).name}") if links else png_data_url
 
     def engine_error(e: BaseException) -> APIError:
+        if isinstance(e, LLMEngineError):  # vLLM down (503), failing mid-answer (502), refusing (400)
+            return APIError(e.status, first_line(e), "llm_engine_unavailable" if e.status >= 500 else None)
         if isinstance(e, BiDiffuserError):
             code = "context_length_exceeded" if "too long" in str(e) else None
             return bad_request(first_line(e), "messages", code)

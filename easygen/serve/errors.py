@@ -6,7 +6,7 @@ from fastapi.responses import JSONResponse
 # status -> OpenAI error type
 ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
                404: "not_found_error", 413: "invalid_request_error", 415: "invalid_request_error",
-               429: "rate_limit_error", 500: "server_error", 503: "server_error"}
+               429: "rate_limit_error", 500: "server_error", 502: "server_error", 503: "server_error"}
 
 
 class APIError(Exception):

@@ -10,6 +10,7 @@ from fastchat_ext.conversation import IMAGE_PLACEHOLDER
 from fastchat_ext.model_worker import Busy, Emit
 
 from ..assistant import Cancelled
+from ..errors import LLMEngineError
 from ..image_reply import ImageTagStream
 from .errors import APIError
 from .images import ImageInbox
@@ -85,6 +86,8 @@ def _translate(emit: Emit):
                           "prompt_tokens": payload.prompt_tokens, "completion_tokens": payload.completion_tokens})
         elif isinstance(payload, Cancelled):
             emit("error", (ErrorCode.INTERNAL_ERROR, "cancelled"))
+        elif isinstance(payload, LLMEngineError) and payload.status >= 500:  # vLLM down or failing
+            emit("error", (ErrorCode.INTERNAL_ERROR, first_line(payload)))
         elif isinstance(payload, BiDiffuserError):
             code = ErrorCode.CONTEXT_OVERFLOW if "too long" in str(payload) else ErrorCode.VALIDATION_TYPE_ERROR
             emit("error", (code, first_line(payload)))
