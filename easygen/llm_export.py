@@ -112,6 +112,13 @@ def export_llm(loaded, out_dir: str | os.PathLike, source: str = "", head_dim: i
             tokenizer.save_pretrained(str(tmp))
         finally:
             tokenizer.chat_template = saved_template
+        # Read tokenizer.json as written: transformers' LlamaTokenizer class would rebuild the
+        # normalizer and pre-tokenizer and lose the word start after "</s>" (easygen.llama_tokenizer).
+        tokenizer_file = tmp / "tokenizer_config.json"
+        tokenizer_config = json.loads(tokenizer_file.read_text())
+        if tokenizer_config.get("tokenizer_class") == "LlamaTokenizer" and (tmp / "tokenizer.json").is_file():
+            tokenizer_config["tokenizer_class"] = "PreTrainedTokenizerFast"
+            tokenizer_file.write_text(json.dumps(tokenizer_config, indent=2) + "\n")
         (tmp / EXPORT_NOTE).write_text(json.dumps({
             "exported_from": source, "layout": loaded.layout, "dtype": str(model.dtype).removeprefix("torch."),
             "num_image_tokens": model.config.num_image_tokens, "head_dim": config.head_dim,

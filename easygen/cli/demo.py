@@ -40,6 +40,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     e.add_argument("--out", type=Path, default=None, metavar="DIR",
                    help="where the eval data, predictions, drawings and results.json go (default MODEL/eval; "
                         "for the shipped model ~/.cache/easygen/demo-eval-shipped)")
+    from .engine_args import add_llm_engine_args
+    add_llm_engine_args(e)  # (with --quick: the conversations and drawings are the LLM's part)
     from ..demo.world import COLOURS, IMAGE_SIZE, MAX_SIDE, MIN_SIDE, SHAPES
     d = tasks.add_parser("picture", help="draw a picture of the shapes world (something to upload in a chat)")
     d.add_argument("colour", choices=list(COLOURS))
@@ -93,12 +95,28 @@ def run(args) -> int:
         raise EasyGenError(f"no built demo model in {demo.root}: run `easygen demo build` first")
     shipped = demo.root.resolve() == SHIPPED_DIR
     out = args.out or (user_cache_dir() / "demo-eval-shipped" if shipped else demo.root / "eval")
+    on_vllm = args.llm_engine == "vllm" or args.vllm_url
     if args.quick:
         from ..demo.evaluate import QUICK_SEED, format_quick, quick_evaluate
-        results = quick_evaluate(demo, out / "quick", conversations=args.conversations or 30,
-                                 drawings=args.draws or 24, seed=QUICK_SEED if args.seed is None else args.seed)
+        engines = []
+
+        def use_llm(loaded):
+            from ..vllm_server import use_vllm
+            engines.append(use_vllm(loaded, url=args.vllm_url, model_name=args.vllm_model, python=args.vllm_python,
+                                    extra_args=args.vllm_arg, timeout=args.vllm_timeout,
+                                    log=lambda s: print(s, file=sys.stderr, flush=True)))
+        try:
+            results = quick_evaluate(demo, out / "quick", conversations=args.conversations or 30,
+                                     drawings=args.draws or 24, seed=QUICK_SEED if args.seed is None else args.seed,
+                                     use_llm=use_llm if on_vllm else None)
+        finally:
+            for engine in engines:
+                engine.close()
         print(format_quick(results))
         return 0
+    if on_vllm:
+        raise EasyGenError("--llm-engine vllm goes with --quick (the full eval's caption and VQA passes run "
+                           "`easygen eval`, in process)")
     results = evaluate(demo, out, n_images=args.images, draws=args.draws or 4,
                        seed=2024 if args.seed is None else args.seed, conversations=args.conversations or 120)
     print(format_results(results))

@@ -109,18 +109,22 @@ QUICK_SEED = 7  # CI's reduced check: held out from training (0) and from the fu
 
 
 def quick_evaluate(demo: DemoModel, out: str | Path, conversations: int = 30, drawings: int = 24,
-                   seed: int = QUICK_SEED) -> dict:
+                   seed: int = QUICK_SEED, use_llm=None) -> dict:
     """The reduced eval CI runs on the shipped model (well under a minute): ``drawings`` single draw
     requests (seeds from 1000 * ``seed``) and ``conversations`` held-out scripts (``seed``), no
-    caption/VQA passes; counts, not times."""
+    caption/VQA passes; counts, not times. ``use_llm(loaded)``: put the LLM on another engine
+    (``easygen.vllm_server.use_vllm``); the caller closes it."""
     out = Path(out)
     loaded, recipe = _load(demo), demo.recipe()
+    if use_llm is not None:
+        use_llm(loaded)
     combos = len(world.COLOURS) * len(world.SHAPES)
     draws = draw_requests(loaded, recipe, out / "drawings", draws=-(-drawings // combos), total=drawings,
                           seed=1000 * seed)
     talks = play_conversations(loaded, recipe, out / "conversations", conversations, seed)
     long = draw_descriptions(loaded, recipe, out / "long", world.LONG_HELD_OUT[:1], seed=1000 * seed)
     results = {"model": str(demo.root), "seed": seed, "conversation_count": conversations,
+               "llm_engine": loaded.llm.name,
                "conversations": conversation_table(talks), "drawings": draws,
                "image_counts": drawing_counts(draws), "draw_with": loaded.draw_with,
                "long": drawing_counts(long) | {"turns": len(long)}}
