@@ -95,6 +95,8 @@ def export_llm(loaded, out_dir: str | os.PathLike, source: str = "", head_dim: i
     config.architectures = ["LlamaForCausalLM"]
     state = {k: v for k, v in model.state_dict().items() if not k.startswith("projector.")}
     if head_dim is not None and head_dim != config.head_dim:
+        if head_dim < config.head_dim:
+            raise ValueError(f"heads can be widened, not narrowed ({config.head_dim} -> {head_dim})")
         state = widen_heads(state, config, head_dim)
         config.head_dim = head_dim
     with torch.device("meta"):

@@ -62,11 +62,9 @@ def test_base_llama_plus_projector_file(reference, tmp_path):
         load_pretrained(tmp_path / "vicuna")
 
 
-def test_released_diffllama_layout(reference, tmp_path):
-    """EasyGen's release: model_type diffllama, .bin shards, projector under model.fastchat_proj, and the
-    unused model.clip_proj head of the original code's variant class."""
-    lm, ids, feats = reference
-    d = tmp_path / "easygen-release"
+def write_released_layout(lm, d):
+    """``lm`` saved as EasyGen's release is: model_type diffllama, .bin shards, projector under
+    model.fastchat_proj, and the unused model.clip_proj head of the original code's variant class."""
     d.mkdir()
     cfg = lm.model.config.to_dict()
     for k in ("mm_hidden_size", "projector_hidden_size", "projector_type", "num_image_tokens"):
@@ -80,6 +78,12 @@ def test_released_diffllama_layout(reference, tmp_path):
     torch.save({k: sd[k] for k in keys[: len(keys) // 2]}, d / "pytorch_model-00001-of-00002.bin")
     torch.save({k: sd[k] for k in keys[len(keys) // 2:]}, d / "pytorch_model-00002-of-00002.bin")
     lm.tokenizer.save_pretrained(d)
+    return d
+
+
+def test_released_diffllama_layout(reference, tmp_path):
+    lm, ids, feats = reference
+    d = write_released_layout(lm, tmp_path / "easygen-release")
     loaded = load_pretrained(d, load_bidiffuser=False)
     assert loaded.layout == "easygen-released"
     assert loaded.model.config.mm_hidden_size == lm.model.config.mm_hidden_size

@@ -62,6 +62,22 @@ def test_the_export_is_a_plain_llama_with_the_same_logits_and_prompts(tiny_loade
                                        return_dict=False) == p.tokenize_prompt(p.build_prompt(messages[:n]))
 
 
+def test_export_llm_writes_the_released_weights_as_llama(tiny_loaded, tmp_path):
+    """`easygen export-llm` on EasyGen's released layout (diffllama, .bin shards, projector inside)."""
+    from transformers import LlamaForCausalLM
+
+    from easygen.cli import main
+
+    from .test_builder import write_released_layout
+    release = write_released_layout(tiny_loaded, tmp_path / "release")
+    assert main(["export-llm", "--model-path", str(release), "--out", str(tmp_path / "llama"), "--head-dim", "keep"]) == 0
+    llama = LlamaForCausalLM.from_pretrained(tmp_path / "llama").eval()
+    ids = torch.tensor([[5, 6, 7, 8, 9]])
+    with torch.no_grad():
+        assert torch.equal(llama(input_ids=ids).logits, tiny_loaded.model(input_ids=ids).logits)
+    assert main(["export-llm", "--model-path", str(release), "--out", str(tmp_path / "x"), "--head-dim", "24"]) == 2
+
+
 def test_widening_needs_a_multiple_of_the_head_size():
     from easygen.llm_export import vllm_head_dim
     assert vllm_head_dim(16) == 32 and vllm_head_dim(128) == 128 and vllm_head_dim(40) == 80

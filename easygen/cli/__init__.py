@@ -21,6 +21,7 @@ SUBCOMMANDS: dict[str, str] = {
     "features": "easygen.cli.features",
     "train": "easygen.cli.train",
     "export": "easygen.cli.export",
+    "export-llm": "easygen.cli.export_llm",
     "demo": "easygen.cli.demo",
     "serve": "easygen.cli.serve",
     "worker": "easygen.cli.worker",
