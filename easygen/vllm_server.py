@@ -25,6 +25,7 @@ from pathlib import Path
 from .errors import EasyGenError
 
 VLLM_PYTHON_ENV = "EASYGEN_VLLM_PYTHON"
+VLLM_API_KEY_ENV = "EASYGEN_VLLM_API_KEY"  # a vLLM server started with --api-key
 SERVED_NAME = "easygen-llm"
 # vLLM on CPU reserves most of the RAM for its KV cache unless told a size (GiB).
 DEFAULT_KV_CACHE_GIB = "2"
@@ -69,7 +70,7 @@ class VLLMServer:
         return [self.python, "-m", "vllm.entrypoints.openai.api_server", "--model", str(self.model_dir),
                 "--served-model-name", SERVED_NAME, "--enable-prompt-embeds", "--dtype", self.dtype,
                 "--max-model-len", str(self.max_model_len), "--host", "127.0.0.1", "--port", str(self.port),
-                *self.extra_args]
+                "--disable-uvicorn-access-log", *self.extra_args]  # (a log line per request costs a core here)
 
     def start(self, timeout: float = 600.0, log=None) -> "VLLMServer":
         env = {**os.environ}
@@ -116,15 +117,34 @@ class VLLMServer:
             self.workdir = None
 
 
+def drop_llm_layers(loaded) -> bool:
+    """Free the LLM's decoder layers and head when nothing in this process runs them any more: with
+    vLLM answering, EasyGen's process needs only the token embeddings and the projector to build
+    prompts, unless image replies are drawn through the bridge, which reads the LLM's hidden states
+    (then the LLM stays whole). True when they were dropped."""
+    import torch
+
+    if loaded.bidiffuser is not None and loaded.bidiffuser.has_bridge:
+        return False
+    model = loaded.model
+    model.model.layers = torch.nn.ModuleList()
+    model.model.norm = torch.nn.Identity()
+    model.lm_head = torch.nn.Identity()
+    return True
+
+
 def use_vllm(loaded, url: str | None = None, model_name: str | None = None, python: str | None = None,
              extra_args=(), timeout: float = 120.0, start_timeout: float = 600.0, api_key: str | None = None,
-             log=None):
+             log=None, keep_llm: bool = False):
     """Answer ``loaded``'s prompts with vLLM from now on (``loaded.llm``), and return the engine.
 
     With ``url``: the vLLM server there (started by you, anywhere). Without: export the LLM to a
     temporary directory and start a vLLM server on it with ``python`` (``find_vllm_python``);
-    ``engine.close()`` stops it and removes the export.
+    ``engine.close()`` stops it and removes the export. Unless ``keep_llm``, the LLM layers this
+    process no longer runs are freed before vLLM starts (``drop_llm_layers``), so the LLM is held
+    once, by vLLM. ``api_key``: the vLLM server's (default $EASYGEN_VLLM_API_KEY).
     """
+    api_key = api_key or os.environ.get(VLLM_API_KEY_ENV) or None
     from .llm_export import export_llm, vllm_head_dim
     from .vllm_engine import VLLMEngine
 
@@ -139,6 +159,8 @@ def use_vllm(loaded, url: str | None = None, model_name: str | None = None, pyth
             dtype = str(loaded.model.dtype).removeprefix("torch.")
             server = VLLMServer(model_dir, python, dtype, config.max_position_embeddings, extra_args,
                                 log_path=workdir / "vllm-server.log", workdir=workdir)
+            if not keep_llm:
+                drop_llm_layers(loaded)
             server.start(start_timeout, log)
         except BaseException:
             if server is not None:
@@ -146,6 +168,8 @@ def use_vllm(loaded, url: str | None = None, model_name: str | None = None, pyth
             shutil.rmtree(workdir, ignore_errors=True)
             raise
         url, model_name = server.url, SERVED_NAME
+    elif not keep_llm:
+        drop_llm_layers(loaded)
     engine = VLLMEngine(loaded.model, loaded.processor, url, model_name=model_name, api_key=api_key,
                         timeout=timeout, server=server)
     loaded.llm = engine

