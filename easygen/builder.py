@@ -30,6 +30,7 @@ from bidiffuser.model_dir import read_config
 from bidiffuser.pipeline import BiDiffuser
 from bidiffuser.precision import Precision
 
+from .generation import TransformersEngine
 from .llama_tokenizer import load_tokenizer
 from .model import EasyGenConfig, EasyGenForCausalLM
 from .projector import build_projector
@@ -56,7 +57,6 @@ class LoadedModel:
 
     def __post_init__(self):
         if self.llm is None:
-            from .generation import TransformersEngine
             self.llm = TransformersEngine(self.model, self.processor)
 
     @property
