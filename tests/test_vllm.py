@@ -170,12 +170,17 @@ def test_the_engine_keeps_our_semantics(demo, demo_vllm):
     loaded = load_pretrained(demo.easygen, device="cpu", load_bidiffuser=False)
     p = loaded.processor
     ids = p.tokenize_prompt(p.build_prompt([{"role": "user", "content": "Draw a red square."}]))
+    got = {}
     for stop, length in (((), 64), (("square",), 64), ((), 3)):
         ours, theirs = Row(ids, None, length, stop), Row(ids, None, length, stop)
         loaded.llm.generate([ours])
         demo_vllm.generate([theirs])
         assert (theirs.text, theirs.tokens, theirs.finish_reason) == (ours.text, ours.tokens, ours.finish_reason)
-    assert ours.finish_reason == "length" and len(ours.tokens) == 3
+        got[stop, length] = theirs
+    whole, cut, short = got[(), 64], got[("square",), 64], got[(), 3]
+    assert whole.finish_reason == "stop" and "square" in whole.text  # "Here is a red square: <Img>..."
+    assert cut.finish_reason == "stop" and cut.text == whole.text[:whole.text.index("square")]
+    assert short.finish_reason == "length" and len(short.tokens) == 3
     sampled = [Row(ids, None, 24) for _ in range(3)]
     for row, seed in zip(sampled, (5, 5, 6)):
         demo_vllm.generate([row], temperature=1.5, seed=seed)
