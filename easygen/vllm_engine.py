@@ -140,9 +140,6 @@ class VLLMEngine:
                         streamer.put(torch.tensor([token]))
                 if row.finish_reason is not None:
                     return  # a stop string, the length, or the client left: closing the stream aborts it
-                if row.should_stop is not None and row.should_stop():
-                    streamer.finish(row, "cancelled")
-                    return
         if row.finish_reason is None:  # the stream ended without [DONE]: the server went away
             raise LLMEngineError(502, f"the LLM engine (vLLM at {self.url}) closed the answer before it ended")
 

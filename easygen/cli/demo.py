@@ -95,16 +95,14 @@ def run(args) -> int:
         raise EasyGenError(f"no built demo model in {demo.root}: run `easygen demo build` first")
     shipped = demo.root.resolve() == SHIPPED_DIR
     out = args.out or (user_cache_dir() / "demo-eval-shipped" if shipped else demo.root / "eval")
-    on_vllm = args.llm_engine == "vllm" or args.vllm_url
+    from .engine_args import use_vllm_from_args, wants_vllm
+    on_vllm = wants_vllm(args)
     if args.quick:
         from ..demo.evaluate import QUICK_SEED, format_quick, quick_evaluate
         engines = []
 
         def use_llm(loaded):
-            from ..vllm_server import use_vllm
-            engines.append(use_vllm(loaded, url=args.vllm_url, model_name=args.vllm_model, python=args.vllm_python,
-                                    extra_args=args.vllm_arg, timeout=args.vllm_timeout,
-                                    log=lambda s: print(s, file=sys.stderr, flush=True)))
+            engines.append(use_vllm_from_args(loaded, args))
         try:
             results = quick_evaluate(demo, out / "quick", conversations=args.conversations or 30,
                                      drawings=args.draws or 24, seed=QUICK_SEED if args.seed is None else args.seed,

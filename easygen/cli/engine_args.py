@@ -79,6 +79,18 @@ def add_llm_engine_args(p: argparse.ArgumentParser) -> None:
                    help="seconds to wait for vLLM's next token before answering 503 (default 120)")
 
 
+def wants_vllm(args) -> bool:
+    return getattr(args, "llm_engine", "transformers") == "vllm" or bool(getattr(args, "vllm_url", None))
+
+
+def use_vllm_from_args(loaded, args):
+    """``easygen.vllm_server.use_vllm`` with the ``add_llm_engine_args`` flags; returns the engine."""
+    from ..vllm_server import use_vllm
+    return use_vllm(loaded, url=args.vllm_url, model_name=args.vllm_model, python=args.vllm_python,
+                    extra_args=args.vllm_arg, timeout=args.vllm_timeout,
+                    log=lambda s: print(s, file=sys.stderr, flush=True))
+
+
 def resolve_model(args) -> None:
     """No --model-path: the built-in shapes demo (``easygen.demo.shipped.default_demo``: the shipped
     model, or $EASYGEN_DEMO_DIR's, built there first with progress on stderr when it is absent).
@@ -126,11 +138,8 @@ def load_engine(args):
                              bidiffuser=args.bidiffuser, bridge=args.bridge, draw_with=args.draw_with,
                              device=args.device, dtype=args.dtype, bidiffuser_dtype=args.bidiffuser_dtype,
                              quantization=args.quantization)
-    if getattr(args, "llm_engine", "transformers") == "vllm" or getattr(args, "vllm_url", None):
-        from ..vllm_server import use_vllm
-        use_vllm(loaded, url=args.vllm_url, model_name=args.vllm_model, python=args.vllm_python,
-                 extra_args=args.vllm_arg, timeout=args.vllm_timeout,
-                 log=lambda s: print(s, file=sys.stderr, flush=True))
+    if wants_vllm(args):
+        use_vllm_from_args(loaded, args)
     features = None
     if loaded.bidiffuser is not None:
         features = ImageFeatureExtractor(loaded.bidiffuser, steps=args.feature_steps, scale=args.feature_scale,

@@ -39,8 +39,10 @@ def run(args) -> int:
 
     loaded = load_pretrained(args.model_path, model_base=args.model_base, lora=args.lora, merge_lora=True,
                              load_bidiffuser=False, dtype=args.dtype, device="cpu")
-    head = loaded.model.config.head_dim
-    head_dim = {"auto": lambda: vllm_head_dim(head), "keep": lambda: head}.get(args.head_dim, lambda: args.head_dim)()
+    head_dim = args.head_dim
+    if head_dim in ("auto", "keep"):
+        head = loaded.model.config.head_dim
+        head_dim = vllm_head_dim(head) if head_dim == "auto" else head
     try:
         out = export_llm(loaded, args.out, source=str(args.model_path), head_dim=head_dim)
     except ValueError as e:
