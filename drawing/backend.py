@@ -1,0 +1,95 @@
+"""The drawing interface: descriptions and seeds in, images out.
+
+Every way EasyGen can draw an ``<Img>description</Img>`` reply is a ``DrawingBackend``: BiDiffuser
+(CLIP or its own LLM bridge) and the released text-to-image bridges (ELLA, LaVi-Bridge,
+ParaDiffusion). A backend owns its text encoder: it gets the description as text.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Callable, Protocol, Sequence
+
+import torch
+from diffusers.utils.torch_utils import randn_tensor
+from PIL import Image
+
+from bidiffuser.errors import BiDiffuserError
+
+Progress = Callable[[int, int], None]
+
+
+class DrawingError(BiDiffuserError):
+    """A drawing backend's files or arguments are wrong (one line, shown as is)."""
+
+
+@dataclass(frozen=True)
+class DrawingSettings:
+    """How a backend draws unless told otherwise: the defaults of its reference inference code."""
+    steps: int
+    guidance: float
+    width: int
+    height: int
+
+    def override(self, steps: int | None = None, guidance: float | None = None, width: int | None = None,
+                 height: int | None = None) -> "DrawingSettings":
+        given = {k: v for k, v in dict(steps=steps, guidance=guidance, width=width, height=height).items()
+                 if v is not None}
+        return replace(self, **given)
+
+
+class DrawingBackend(Protocol):
+    name: str                   # "bidiffuser", "ella", "lavi-bridge", "paradiffusion"
+    defaults: DrawingSettings
+    max_batch: int              # how many descriptions one call draws together (1: one by one)
+
+    def draw(self, prompts: Sequence[str], seeds: Sequence[int | None], steps: int | None = None,
+             guidance: float | None = None, width: int | None = None, height: int | None = None,
+             progress: Progress | None = None) -> list[Image.Image]:
+        """One image per prompt; image i depends only on prompt i and seeds[i] (None: a random seed),
+        never on the other prompts of the batch. ``progress(step, total)`` after each step."""
+        ...
+
+    def describe(self) -> str:
+        """One line for logs: what was loaded from where."""
+        ...
+
+
+def generators(seeds: Sequence[int | None], device: torch.device | str = "cpu") -> list[torch.Generator]:
+    """One generator per image, as diffusers pipelines take them (``generator=[...]``): a seed gives
+    the noise ``torch.manual_seed(seed); torch.randn(...)`` would give on CPU."""
+    out = []
+    for seed in seeds:
+        g = torch.Generator("cpu")
+        if seed is None:
+            g.seed()
+        else:
+            g.manual_seed(int(seed))
+        out.append(g)
+    return out
+
+
+def initial_noise(shape: tuple[int, ...], seeds: Sequence[int | None], device, dtype) -> torch.Tensor:
+    """The starting latents exactly as diffusers' pipelines draw them from ``generator=[...]``: row i
+    from its own CPU generator (so a batch equals its images drawn one by one, on any device)."""
+    return randn_tensor(tuple(shape), generator=generators(seeds), device=torch.device(device), dtype=dtype)
+
+
+def check_prompts(prompts: Sequence[str], seeds: Sequence[int | None]) -> None:
+    if isinstance(prompts, str):
+        raise DrawingError("prompts must be a list of strings (got one string)")
+    if len(prompts) != len(seeds):
+        raise DrawingError(f"{len(prompts)} prompts but {len(seeds)} seeds: give one seed (or None) per prompt")
+    for p in prompts:
+        if not isinstance(p, str) or not p.strip():
+            raise DrawingError("every prompt must be a non-empty string")
+
+
+def draw_in_batches(backend: DrawingBackend, prompts: Sequence[str], seeds: Sequence[int | None],
+                    progress: Progress | None = None, **settings) -> list[Image.Image]:
+    """``backend.draw`` over any number of prompts, ``backend.max_batch`` at a time."""
+    check_prompts(prompts, seeds)
+    size = max(1, backend.max_batch)
+    images: list[Image.Image] = []
+    for i in range(0, len(prompts), size):
+        images += backend.draw(list(prompts[i:i + size]), list(seeds[i:i + size]), progress=progress, **settings)
+    return images
