@@ -23,6 +23,7 @@ import torch
 from bidiffuser.checkpoint import atomic_path, read_json
 from bidiffuser.errors import BiDiffuserError
 from bidiffuser.images import load_image
+from drawing import draw_in_batches
 from fastchat_ext.conversation import LLAVA_IMAGE_TOKEN
 
 from .builder import LoadedModel
@@ -42,8 +43,8 @@ class GenerationSettings:
     max_new_tokens: int = 512
     num_beams: int = 1
     seed: int | None = None      # set for reproducible sampling
-    image_steps: int = 50        # BiDiffuser steps for image replies
-    image_scale: float = 7.0
+    image_steps: int | None = None    # steps for image replies (None: the drawing backend's default)
+    image_scale: float | None = None  # guidance scale for image replies (None: the backend's default)
     stop: tuple[str, ...] = ()   # the answer ends before the first of these strings
 
 
@@ -84,6 +85,7 @@ class Assistant:
                  feature_cache: str | os.PathLike | None = None, system_message: str = "",
                  feature_memo: MutableMapping[str, torch.Tensor] | None = None):
         self.model, self.processor, self.pipe = loaded.model, loaded.processor, loaded.bidiffuser
+        self.drawer = loaded.drawer
         self.llm = loaded.llm  # what answers the prompts (easygen.generation.TransformersEngine or vLLM)
         self.settings = settings or GenerationSettings()
         self.out_dir = Path(out_dir)
@@ -210,7 +212,7 @@ class Assistant:
             raise Cancelled("stopped")
         answer = row.text.strip()
         requests = find_image_requests(answer)
-        if force_image and not requests and self.pipe is not None:
+        if force_image and not requests and self.drawer is not None:
             with self._phase("generate the picture's description"):
                 answer = self._force_image(turn, answer)
             requests = find_image_requests(answer)
@@ -220,8 +222,9 @@ class Assistant:
             reply.notices.append("the answer has an unfinished picture tag; its words are shown as text, "
                                  "no picture was drawn for them")
         if requests:
-            if self.pipe is None:
-                reply.notices.append("the answer asks for an image but no BiDiffuser is loaded")
+            if self.drawer is None:
+                reply.notices.append("the answer asks for an image but nothing that draws is loaded "
+                                     "(no BiDiffuser, no --draw-with backend)")
             else:
                 s = self.settings
 
@@ -232,7 +235,7 @@ class Assistant:
                         on_image_progress(step, total)
 
                 with self._phase("draw"):
-                    reply.image_paths = render_image_replies(self.pipe, requests, self.out_dir, s.image_steps,
+                    reply.image_paths = render_image_replies(self.drawer, requests, self.out_dir, s.image_steps,
                                                              s.image_scale, s.seed, progress)
                 reply.image_descriptions = list(requests)
         # Committed last: Ctrl-C while the picture is drawn drops the whole turn, as during generation.
@@ -241,13 +244,12 @@ class Assistant:
         return reply
 
     def draw(self, descriptions: list[str], seeds: list[int | None]) -> list:
-        """One picture (PIL) per description, as an image reply draws it (this model's way: the bridge
-        or CLIP; the settings' steps and scale), with its own seed."""
+        """One picture (PIL) per description, as an image reply draws it (this model's drawing backend;
+        the settings' steps and scale), with its own seed; batched as the backend allows."""
         s = self.settings
-        if self.pipe is None:
-            raise EasyGenError("drawing needs a BiDiffuser model directory (--bidiffuser)")
-        return [self.pipe.text_to_image(d, steps=s.image_steps, scale=s.image_scale, seed=seed).images[0]
-                for d, seed in zip(descriptions, seeds, strict=True)]
+        if self.drawer is None:
+            raise EasyGenError("drawing needs a BiDiffuser model directory (--bidiffuser) or a --draw-with backend")
+        return draw_in_batches(self.drawer, descriptions, seeds, steps=s.image_steps, guidance=s.image_scale)
 
     def _force_image(self, turn: Turn, answer: str) -> str:
         """Continue ``answer`` with IMG_OPEN and let the model write the description, up to IMG_CLOSE."""

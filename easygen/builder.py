@@ -29,6 +29,8 @@ from bidiffuser.bridge import is_bridge_dir
 from bidiffuser.model_dir import read_config
 from bidiffuser.pipeline import BiDiffuser
 from bidiffuser.precision import Precision
+from drawing.bidiffuser_backend import BiDiffuserBackend
+from drawing.registry import BACKENDS
 
 from .generation import TransformersEngine
 from .llama_tokenizer import load_tokenizer
@@ -54,17 +56,22 @@ class LoadedModel:
     layout: str  # which of the four layouts was read (for logs and result files)
     # what answers prompts: the model in this process (default) or vLLM (easygen.vllm_engine.use_vllm)
     llm: object = field(default=None)
+    # what draws image replies (a drawing.DrawingBackend): BiDiffuser by default, or a released system
+    drawer: object = field(default=None)
 
     def __post_init__(self):
         if self.llm is None:
             self.llm = TransformersEngine(self.model, self.processor)
+        if self.drawer is None and self.bidiffuser is not None:
+            self.drawer = BiDiffuserBackend(self.bidiffuser)
 
     @property
     def draw_with(self) -> str:
-        """How image replies are drawn: "bridge" or "clip" ("none" without BiDiffuser)."""
-        if self.bidiffuser is None:
+        """How image replies are drawn: "bridge" or "clip" (BiDiffuser), a released system's backend
+        name ("ella", "lavi-bridge", "paradiffusion"), or "none"."""
+        if self.drawer is None:
             return "none"
-        return "bridge" if self.bidiffuser.has_bridge else "clip"
+        return self.drawer.path if isinstance(self.drawer, BiDiffuserBackend) else self.drawer.name
 
 
 def read_hf_weights(directory: Path, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
@@ -191,7 +198,8 @@ def _tokenizer(*candidates: Path):
     raise BiDiffuserError(f"no tokenizer found in {', '.join(str(c) for c in candidates if c)}")
 
 
-DRAW_WITH = ("auto", "bridge", "clip")
+# BiDiffuser's ways, then the released systems' backends (drawn from their own files: ``drawer=``)
+DRAW_WITH = ("auto", "bridge", "clip") + tuple(b for b in BACKENDS if b != "bidiffuser")
 
 
 def find_bridge_dir(bridge: str | os.PathLike | None, *model_dirs) -> Path | None:
@@ -205,7 +213,7 @@ def resolve_bridge_dir(bridge, draw_with: str, *model_dirs) -> Path | None:
     """The bridge directory image replies are drawn through, or None for the CLIP path."""
     if draw_with not in DRAW_WITH:
         raise BiDiffuserError(f"--draw-with must be one of {', '.join(DRAW_WITH)} (got {draw_with!r})")
-    if draw_with == "clip":
+    if draw_with not in ("auto", "bridge"):
         return None
     found = find_bridge_dir(bridge, *model_dirs)
     if draw_with == "bridge" and found is None:
@@ -227,7 +235,8 @@ def load_pretrained(model_path: str | os.PathLike, model_base: str | os.PathLike
                     device: str | torch.device | None = None, dtype: str | torch.dtype = "float32",
                     load_bidiffuser: bool = True, new_projector_hidden: int | None = None,
                     bidiffuser_dtype: str = "auto", quantization: str | None = None,
-                    bridge: str | os.PathLike | None = None, draw_with: str = "auto") -> LoadedModel:
+                    bridge: str | os.PathLike | None = None, draw_with: str = "auto",
+                    drawer: str | os.PathLike | None = None, drawer_options: dict | None = None) -> LoadedModel:
     """Load an EasyGen model in any of the four layouts (see the module docstring).
 
     ``dtype`` is the LLM's; ``bidiffuser_dtype`` names BiDiffuser's precision policy
@@ -240,7 +249,9 @@ def load_pretrained(model_path: str | os.PathLike, model_base: str | os.PathLike
     ``draw_with`` says how image replies are drawn: "clip" (the description re-encoded by CLIP, as
     EasyGen's released weights do), "bridge" (the LLM's own hidden states over the description,
     through the bridge directory ``bridge`` or ``MODEL_DIR/bridge``), "auto" (the bridge when the
-    model has one)."""
+    model has one), or a released system drawing from its own files under ``drawer`` ("ella",
+    "lavi-bridge", "paradiffusion"; ``drawer_options`` go to ``drawing.load_backend``); BiDiffuser
+    still reads the user's images."""
 
     device = resolve_device(device) if not isinstance(device, torch.device) else device
     dtype = torch_dtype(dtype) if isinstance(dtype, str) else dtype
@@ -283,6 +294,7 @@ def load_pretrained(model_path: str | os.PathLike, model_base: str | os.PathLike
     processor = EasyGenProcessor(tokenizer, num_image_tokens=model.config.num_image_tokens)
 
     bridge_dir = resolve_bridge_dir(bridge, draw_with, adapter, base)
+    released = load_drawer(draw_with, drawer, device, drawer_options)
     pipe = None
     if load_bidiffuser and bidiffuser_dir is not None:
         # the bridge reads this very LLM: its hidden states over the description are the drawing's condition
@@ -293,7 +305,21 @@ def load_pretrained(model_path: str | os.PathLike, model_base: str | os.PathLike
         if width != model.config.mm_hidden_size:
             raise BiDiffuserError(f"BiDiffuser {bidiffuser_dir} gives {width}-d image features but the model's "
                                   f"projector expects {model.config.mm_hidden_size}")
-    return LoadedModel(model, tokenizer, processor, pipe, layout)
+    return LoadedModel(model, tokenizer, processor, pipe, layout, drawer=released)
+
+
+def load_drawer(draw_with: str, drawer: str | os.PathLike | None, device, options: dict | None = None):
+    """The released system's backend ``--draw-with`` names (None for BiDiffuser's own ways)."""
+    if draw_with in ("auto", "bridge", "clip"):
+        if drawer is not None:
+            raise BiDiffuserError(f"--drawer is the files of a released system: use it with --draw-with "
+                                  f"{'|'.join(DRAW_WITH[3:])}")
+        return None
+    if drawer is None:
+        raise BiDiffuserError(f"--draw-with {draw_with} needs --drawer DIR (the {draw_with} files as downloaded)")
+    from drawing import load_backend
+    options = dict(options or {})
+    return load_backend(draw_with, drawer, device=options.pop("device", device), **options)
 
 
 def save_pretrained(model: EasyGenForCausalLM, tokenizer, out_dir: str | os.PathLike,

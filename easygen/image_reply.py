@@ -1,5 +1,6 @@
-"""Image replies: an answer holding ``<Img>description</Img>`` gets the description drawn by
-BiDiffuser (CLIP text encoder -> encode_prefix -> text-to-image -> VAE) and saved as PNG."""
+"""Image replies: an answer holding ``<Img>description</Img>`` gets the description drawn by a
+drawing backend (BiDiffuser through CLIP or its bridge, or a released system: ``drawing``) and
+saved as PNG."""
 from __future__ import annotations
 
 import re
@@ -8,7 +9,7 @@ from pathlib import Path
 from typing import Callable
 
 from bidiffuser.images import save_png
-from bidiffuser.pipeline import BiDiffuser
+from drawing import DrawingBackend
 
 from .constants import IMAGE_PLACEHOLDER, IMG_CLOSE, IMG_OPEN
 
@@ -21,14 +22,15 @@ def find_image_requests(text: str) -> list[str]:
     return [d for d in found if d and d != IMAGE_PLACEHOLDER]
 
 
-def render_image_replies(pipe: BiDiffuser, descriptions: list[str], out_dir: str | Path, steps: int = 50,
-                         scale: float = 7.0, seed: int | None = None,
+def render_image_replies(drawer: DrawingBackend, descriptions: list[str], out_dir: str | Path,
+                         steps: int | None = None, scale: float | None = None, seed: int | None = None,
                          progress: Callable[[int, int], None] | None = None) -> list[Path]:
-    """Draw each description once; returns the PNG paths (unique names under ``out_dir``)."""
+    """Draw each description once (picture i with seed + i; steps and scale None: the backend's
+    own defaults); returns the PNG paths (unique names under ``out_dir``)."""
     paths = []
     for i, description in enumerate(descriptions):
-        image = pipe.text_to_image(description, steps=steps, scale=scale,
-                                   seed=None if seed is None else seed + i, progress=progress).images[0]
+        image, = drawer.draw([description], [None if seed is None else seed + i], steps=steps, guidance=scale,
+                             progress=progress)
         # a full uuid4: a server may link to the file, so its name must be unguessable
         paths.append(save_png(image, Path(out_dir) / f"easygen-{uuid.uuid4().hex}.png"))
     return paths

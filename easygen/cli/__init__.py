@@ -22,6 +22,7 @@ SUBCOMMANDS: dict[str, str] = {
     "train": "easygen.cli.train",
     "export": "easygen.cli.export",
     "export-llm": "easygen.cli.export_llm",
+    "draw": "easygen.cli.draw",
     "demo": "easygen.cli.demo",
     "serve": "easygen.cli.serve",
     "worker": "easygen.cli.worker",

@@ -121,9 +121,39 @@ def resolve_model(args) -> None:
     if recipe is not None:
         defaults = {"steps": recipe.image_steps, "scale": recipe.image_scale,
                     "feature_steps": recipe.feature_steps, "feature_scale": recipe.feature_scale}
+    if getattr(args, "draw_with", "auto") not in ("auto", "bridge", "clip"):
+        del defaults["steps"], defaults["scale"]  # a released system draws with its own reference settings
     for name, value in defaults.items():
         if getattr(args, name) is None:
             setattr(args, name, value)
+
+
+def parse_options(items: list[str], flag: str) -> dict:
+    """KEY=VALUE items as keywords (key-name -> key_name; values read as JSON when they parse)."""
+    import json
+
+    from ..errors import EasyGenError
+    options = {}
+    for item in items:
+        key, eq, value = item.partition("=")
+        if not eq or not key.strip():
+            raise EasyGenError(f"{flag} {item!r}: expected KEY=VALUE")
+        try:
+            options[key.strip().replace("-", "_")] = json.loads(value)
+        except ValueError:
+            options[key.strip().replace("-", "_")] = value
+    return options
+
+
+def drawer_options(args) -> dict:
+    """--drawer-option KEY=VALUE (values read as JSON when they parse: numbers, true/false), plus
+    --drawer-device and --drawer-dtype, as ``drawing.load_backend`` keywords."""
+    options = parse_options(getattr(args, "drawer_option", None) or [], "--drawer-option")
+    if getattr(args, "drawer_device", None):
+        options["device"] = args.drawer_device
+    if getattr(args, "drawer_dtype", None):
+        options["dtype"] = args.drawer_dtype
+    return options
 
 
 def load_engine(args):
@@ -136,7 +166,7 @@ def load_engine(args):
 
     loaded = load_pretrained(args.model_path, model_base=args.model_base, lora=args.lora, projector=args.projector,
                              bidiffuser=args.bidiffuser, bridge=args.bridge, draw_with=args.draw_with,
-                             device=args.device, dtype=args.dtype, bidiffuser_dtype=args.bidiffuser_dtype,
+                             drawer=args.drawer, drawer_options=drawer_options(args), device=args.device, dtype=args.dtype, bidiffuser_dtype=args.bidiffuser_dtype,
                              quantization=args.quantization)
     if wants_vllm(args):
         use_vllm_from_args(loaded, args)

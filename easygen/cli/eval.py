@@ -71,8 +71,10 @@ def _add_t2i(tasks) -> None:
     g.add_argument("--limit", type=positive_int, metavar="N", help="only the first N prompts")
     g.add_argument("--quiet", action="store_true", help="no progress bar")
     g = t.add_argument_group("drawing")
-    g.add_argument("--steps", type=positive_int, default=50, metavar="N", help="BiDiffuser steps (default 50)")
-    g.add_argument("--scale", type=float, default=7.0, metavar="S", help="guidance scale (default 7)")
+    g.add_argument("--steps", type=positive_int, metavar="N",
+                   help="sampling steps (default: BiDiffuser 50; a --draw-with backend: its reference's)")
+    g.add_argument("--scale", type=float, metavar="S",
+                   help="guidance scale (default: BiDiffuser 7; a --draw-with backend: its reference's)")
     g.add_argument("--seed", type=int, default=42, metavar="N",
                    help="sample k of each prompt gets seed N+k (default 42, GenEval's)")
     g.add_argument("--n-samples", type=positive_int, metavar="N",
@@ -269,6 +271,8 @@ def run_t2i(args: argparse.Namespace) -> int:
     from easygen.builder import find_bidiffuser_dir, resolve_bridge_dir
     from easygen.errors import EasyGenError
 
+    from .engine_args import drawer_options
+
     from ..assistant import Assistant, GenerationSettings
     from ..eval import runner, t2i
 
@@ -286,12 +290,17 @@ def run_t2i(args: argparse.Namespace) -> int:
         raise EasyGenError("no BiDiffuser directory: give --bidiffuser "
                            "(or put it in the model directory as bidiffuser/)")
     bridge_dir = resolve_bridge_dir(args.bridge, args.draw_with, args.lora, args.model_path)
+    released = args.draw_with not in ("auto", "bridge", "clip")
+    if not released:
+        args.steps, args.scale = args.steps or 50, 7.0 if args.scale is None else args.scale
     # Everything the pictures depend on; stored in each PNG, so a rerun never mixes two settings.
     header = {"benchmark": args.benchmark,
               "model": runner.model_fingerprint(args.model_path, args.model_base, args.lora, args.projector),
               "bidiffuser": read_config(bidiffuser_dir).fingerprint(),
-              "draw_with": "clip" if bridge_dir is None else "bridge",
+              "draw_with": args.draw_with if released else "clip" if bridge_dir is None else "bridge",
               "bridge": None if bridge_dir is None else bridge_fingerprint(bridge_dir),
+              "drawer": tree_fingerprint(args.drawer) if released and args.drawer else None,
+              "drawer_options": drawer_options(args) or None,
               "steps": args.steps, "scale": args.scale,
               "seed": args.seed, "n_samples": layout.n_samples, "dtype": args.dtype,
               "bidiffuser_dtype": args.bidiffuser_dtype, "quantization": args.quantization}
@@ -307,8 +316,8 @@ def run_t2i(args: argparse.Namespace) -> int:
         tile = None
         if mine:
             loaded = _load_for_drawing(args, dist)
-            tile = loaded.bidiffuser.config.resolution
-            # the chat's own drawing (clip or bridge, as --draw-with resolved)
+            tile = _tile(loaded.drawer.defaults)
+            # the chat's own drawing (clip, bridge or a released system, as --draw-with resolved)
             draw = Assistant(loaded, GenerationSettings(image_steps=args.steps, image_scale=args.scale)).draw
             update, close = progress_bar("drawing", disable=args.quiet or not dist.main, unit="prompt")
             try:
@@ -319,8 +328,8 @@ def run_t2i(args: argparse.Namespace) -> int:
             out.mkdir(parents=True, exist_ok=True)
         dist.barrier()
         if dist.main:
-            if tile is None:
-                tile = read_config(bidiffuser_dir).resolution
+            if tile is None:  # (nothing left to draw here: the size the images were drawn at)
+                tile = read_config(bidiffuser_dir).resolution if not released else "the backend's"
             print(t2i_summary(args, layout, out, total, len(prompts), len(todo), tile, dist.world,
                               round(time.time() - started, 1)))
     finally:
@@ -336,17 +345,48 @@ def _load_for_drawing(args, dist):
     from easygen.builder import load_pretrained
     from easygen.errors import EasyGenError
 
+    from .engine_args import drawer_options
     dev = resolve_device(args.device)
     if dev.type == "cuda" and dev.index is None and dist.world > 1:
         dev = torch.device("cuda", dist.local_rank)
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
     loaded = load_pretrained(args.model_path, model_base=args.model_base, lora=args.lora, projector=args.projector,
-                             bidiffuser=args.bidiffuser, bridge=args.bridge, draw_with=args.draw_with, device=dev,
+                             bidiffuser=args.bidiffuser, bridge=args.bridge, draw_with=args.draw_with,
+                             drawer=args.drawer, drawer_options=drawer_options(args), device=dev,
                              dtype=args.dtype, bidiffuser_dtype=args.bidiffuser_dtype, quantization=args.quantization)
     if loaded.bidiffuser is None:
         raise EasyGenError("no BiDiffuser directory: give --bidiffuser")
     return loaded
+
+
+def _tile(defaults) -> str | int:
+    """A picture's size for the summary: its side when square, else WxH."""
+    return defaults.width if defaults.width == defaults.height else f"{defaults.width}x{defaults.height}"
+
+
+def _drawing_name(args) -> str:
+    return "BiDiffuser" if args.draw_with in ("auto", "bridge", "clip") else args.draw_with
+
+
+def _or_default(value, what: str) -> str:
+    if value is None:
+        return f"the backend's default {what}"
+    return f"{value:g}" + (" steps" if what == "steps" else "")
+
+
+def tree_fingerprint(path) -> str:
+    """sha256 over every file under ``path`` (relative names and ``fingerprint_file``), for a
+    released system's folders of subfolders."""
+    import hashlib
+    import json
+    from pathlib import Path
+
+    from bidiffuser.checkpoint import fingerprint_file
+    root = Path(path)
+    files = sorted(f for f in root.rglob("*") if f.is_file() and not f.name.startswith(".")) if root.is_dir() else [root]
+    entries = [(str(f.relative_to(root)) if root.is_dir() else f.name, fingerprint_file(f)) for f in files]
+    return hashlib.sha256(json.dumps(entries).encode()).hexdigest()
 
 
 def t2i_summary(args, layout, out, total: int, n: int, drawn: int, tile: int, world: int, elapsed: float) -> str:
@@ -367,7 +407,8 @@ def t2i_summary(args, layout, out, total: int, n: int, drawn: int, tile: int, wo
         f"EasyGen eval t2i: {TITLES[args.benchmark]}, {n} of {total} prompts ({drawn} drawn now, "
         f"{n - drawn} already there)",
         f"  model       {args.model_path}",
-        f"  drawing     BiDiffuser {args.steps} steps, scale {args.scale:g}, {seeds} (sample k: seed + k); "
+        f"  drawing     {_drawing_name(args)} {_or_default(args.steps, 'steps')}, "
+        f"scale {_or_default(args.scale, 'scale')}, {seeds} (sample k: seed + k); "
         f"{layout.n_samples} sample{'s' if layout.n_samples > 1 else ''} a prompt",
         f"  images      {out}/{what}",
         f"  score with  {score}",

@@ -7,6 +7,22 @@ import argparse
 from bidiffuser.cliutil import PRECISION_NAMES, add_device_args
 
 
+# BiDiffuser's own ways, then the released systems (drawing.BACKENDS; named here to keep this import-light)
+DRAW_WITH = ["auto", "bridge", "clip", "ella", "lavi-bridge", "paradiffusion"]
+
+
+def add_drawer_args(g) -> None:
+    """Where a released drawing system's files are, and how it runs."""
+    g.add_argument("--drawer", metavar="DIR", help="with --draw-with ella|lavi-bridge|paradiffusion: that system's "
+                                                   "files as downloaded (see docs/drawing-backends.md)")
+    g.add_argument("--drawer-option", metavar="KEY=VALUE", action="append", default=[],
+                   help="an option of the --draw-with backend (repeatable; e.g. mode=flexible for ELLA)")
+    g.add_argument("--drawer-device", metavar="DEVICE",
+                   help="device of the --draw-with backend (default: --device); e.g. cpu keeps it off the LLM's GPU")
+    g.add_argument("--drawer-dtype", metavar="DTYPE",
+                   help="dtype of the --draw-with backend (default: each part as its reference code runs it)")
+
+
 def add_model_args(p: argparse.ArgumentParser, model_path_note: str = "", required: bool = True) -> None:
     g = p.add_argument_group("model")
     g.add_argument("--model-path", required=required, metavar="DIR",
@@ -17,10 +33,12 @@ def add_model_args(p: argparse.ArgumentParser, model_path_note: str = "", requir
     g.add_argument("--projector", metavar="FILE", help="projector file, for a plain LLaMA/Vicuna --model-path")
     g.add_argument("--bidiffuser", metavar="DIR", help="BiDiffuser model directory (default: MODEL_PATH/bidiffuser)")
     g.add_argument("--bridge", metavar="DIR", help="LLM bridge directory for image replies (default: MODEL_PATH/bridge)")
-    g.add_argument("--draw-with", choices=["auto", "bridge", "clip"], default="auto",
+    g.add_argument("--draw-with", choices=DRAW_WITH, default="auto",
                    help="how image replies are drawn: bridge (the LLM's hidden states over the description), clip "
                         "(the description re-encoded by CLIP, as EasyGen's released weights), auto (default: the "
-                        "bridge when the model has one)")
+                        "bridge when the model has one), or a released system from its own files (--drawer): "
+                        "ella, lavi-bridge, paradiffusion")
+    add_drawer_args(g)
     add_device_args(g)
     q = g.add_mutually_exclusive_group()
     q.add_argument("--load-8bit", dest="quantization", action="store_const", const="8bit",

@@ -280,11 +280,12 @@ def create_app(service: ChatService, config: ServeConfig) -> FastAPI:
         n = body.get("n", 1)
         if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_DRAWINGS:
             raise bad_request(f"n must be an integer from 1 to {MAX_DRAWINGS}", "n")
-        if service.loaded.bidiffuser is None:
-            raise bad_request("this server has no BiDiffuser model: it cannot draw", "model")
-        res = service.loaded.bidiffuser.config.resolution
-        if body.get("size") not in (None, "auto", f"{res}x{res}"):
-            raise bad_request(f"size must be {res}x{res} (this model's resolution) or auto", "size")
+        drawer = service.loaded.drawer
+        if drawer is None:
+            raise bad_request("this server has nothing that draws (no BiDiffuser, no --draw-with backend)", "model")
+        size = f"{drawer.defaults.width}x{drawer.defaults.height}"
+        if body.get("size") not in (None, "auto", size):
+            raise bad_request(f"size must be {size} (what this server draws) or auto", "size")
         fmt = body.get("response_format") or "b64_json"
         if fmt not in ("b64_json", "url"):
             raise bad_request("response_format must be b64_json or url", "response_format")

@@ -247,8 +247,9 @@ class ChatService:
                 self._end(job, "error", e)
 
     def _draw(self, job: DrawJob) -> None:
-        if self.loaded.bidiffuser is None:
-            self._end(job, "error", BiDiffuserError("this server has no BiDiffuser model: it cannot draw"))
+        if self.loaded.drawer is None:
+            self._end(job, "error", BiDiffuserError("this server has nothing that draws (no BiDiffuser, "
+                                                    "no --draw-with backend)"))
             return
         s = self.settings
 
@@ -259,7 +260,7 @@ class ChatService:
 
         try:
             with self._local:
-                paths = render_image_replies(self.loaded.bidiffuser, [job.prompt] * job.n, self.out_dir,
+                paths = render_image_replies(self.loaded.drawer, [job.prompt] * job.n, self.out_dir,
                                              s.image_steps, s.image_scale, job.seed, progress)
             self._end(job, "done", paths)
         except Cancelled as e:
