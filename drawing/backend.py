@@ -53,6 +53,10 @@ class DrawingBackend(Protocol):
         """One line for logs: what was loaded from where."""
         ...
 
+    def to(self, device) -> "DrawingBackend":
+        """Every weight to ``device`` (where the next ``draw`` runs); returns the backend."""
+        ...
+
 
 def generators(seeds: Sequence[int | None], device: torch.device | str = "cpu") -> list[torch.Generator]:
     """One generator per image, as diffusers pipelines take them (``generator=[...]``): a seed gives
@@ -93,3 +97,31 @@ def draw_in_batches(backend: DrawingBackend, prompts: Sequence[str], seeds: Sequ
     for i in range(0, len(prompts), size):
         images += backend.draw(list(prompts[i:i + size]), list(seeds[i:i + size]), progress=progress, **settings)
     return images
+
+
+class Offloaded:
+    """A backend whose weights wait on the CPU and visit ``device`` only while drawing, so a large
+    LLM can have the GPU to itself between pictures (``--drawer-offload``)."""
+
+    def __init__(self, backend: DrawingBackend, device):
+        self.backend, self.device = backend.to("cpu"), torch.device(device)
+        self.name, self.defaults, self.max_batch = backend.name, backend.defaults, backend.max_batch
+
+    def draw(self, prompts, seeds, **settings) -> list[Image.Image]:
+        self.backend.to(self.device)
+        try:
+            return self.backend.draw(prompts, seeds, **settings)
+        finally:
+            self.backend.to("cpu")
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+
+    def describe(self) -> str:
+        return f"{self.backend.describe()} (on the CPU between drawings, {self.device} while drawing)"
+
+    def to(self, device) -> "Offloaded":
+        self.device = torch.device(device)
+        return self
+
+    def __getattr__(self, name):  # the wrapped backend's extras (e.g. BiDiffuser's path)
+        return getattr(self.backend, name)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 from typing import Sequence
 
+import torch
+
 from bidiffuser.pipeline import BiDiffuser
 
 from .backend import DrawingError, DrawingSettings, Progress, check_prompts, generators
@@ -34,6 +36,13 @@ class BiDiffuserBackend:
                                f"(got {s.width}x{s.height})")
         return self.pipe.text_to_image(list(prompts), steps=s.steps, scale=s.guidance, generator=generators(seeds),
                                        progress=progress, draw_with=self.draw_with).images
+
+    def to(self, device) -> "BiDiffuserBackend":
+        # BiDiffuser also reads the user's images for the LLM: it stays where it was loaded
+        if torch.device(device) != self.pipe.device:
+            raise DrawingError(f"BiDiffuser stays on {self.pipe.device} (it also reads images); only a released "
+                               f"system's backend moves between devices")
+        return self
 
     def describe(self) -> str:
         return f"bidiffuser ({self.path}) from {self.pipe.config.root}"

@@ -318,8 +318,12 @@ def load_drawer(draw_with: str, drawer: str | os.PathLike | None, device, option
     if drawer is None:
         raise BiDiffuserError(f"--draw-with {draw_with} needs --drawer DIR (the {draw_with} files as downloaded)")
     from drawing import load_backend
+    from drawing.backend import Offloaded
     options = dict(options or {})
-    return load_backend(draw_with, drawer, device=options.pop("device", device), **options)
+    target = options.pop("device", device)
+    if options.pop("offload", False):  # weights on the CPU, on the device only while drawing
+        return Offloaded(load_backend(draw_with, drawer, device="cpu", **options), target)
+    return load_backend(draw_with, drawer, device=target, **options)
 
 
 def save_pretrained(model: EasyGenForCausalLM, tokenizer, out_dir: str | os.PathLike,

@@ -147,10 +147,12 @@ def parse_options(items: list[str], flag: str) -> dict:
 
 def drawer_options(args) -> dict:
     """--drawer-option KEY=VALUE (values read as JSON when they parse: numbers, true/false), plus
-    --drawer-device and --drawer-dtype, as ``drawing.load_backend`` keywords."""
+    --drawer-device, --drawer-offload and --drawer-dtype, as ``load_drawer`` keywords."""
     options = parse_options(getattr(args, "drawer_option", None) or [], "--drawer-option")
     if getattr(args, "drawer_device", None):
         options["device"] = args.drawer_device
+    if getattr(args, "drawer_offload", False):
+        options["offload"] = True
     if getattr(args, "drawer_dtype", None):
         options["dtype"] = args.drawer_dtype
     return options

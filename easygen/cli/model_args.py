@@ -19,6 +19,9 @@ def add_drawer_args(g) -> None:
                    help="an option of the --draw-with backend (repeatable; e.g. mode=flexible for ELLA)")
     g.add_argument("--drawer-device", metavar="DEVICE",
                    help="device of the --draw-with backend (default: --device); e.g. cpu keeps it off the LLM's GPU")
+    g.add_argument("--drawer-offload", action="store_true",
+                   help="keep the --draw-with backend's weights on the CPU and move them to its device only "
+                        "while it draws (the LLM keeps the GPU between pictures)")
     g.add_argument("--drawer-dtype", metavar="DTYPE",
                    help="dtype of the --draw-with backend (default: each part as its reference code runs it)")
 
