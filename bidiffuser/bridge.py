@@ -24,6 +24,8 @@ from __future__ import annotations
 import json
 import os
 import re
+import threading
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -233,10 +235,14 @@ def parameter_count(module: nn.Module) -> int:
 class TextModel:
     """A transformers language model read for its hidden states: ``encode(prompts)`` gives
     (states B x L x lm_dim in float32, attention mask B x L). ``model`` may be a causal LM (LLaMA,
-    EasyGen's LLM) or an encoder (T5's, BERT); it is run without gradients unless LoRA is trained."""
+    EasyGen's LLM) or an encoder (T5's, BERT); it is run without gradients unless LoRA is trained.
+    ``lora``: a ``LoraHooks`` switched on while the states are computed (a bridge's LM LoRA on a model
+    that others use as it is)."""
 
-    def __init__(self, model, tokenizer, layer: int = -1, max_length: int = 128, pad_to: int | None = None):
+    def __init__(self, model, tokenizer, layer: int = -1, max_length: int = 128, pad_to: int | None = None,
+                 lora: "LoraHooks | None" = None):
         self.model, self.tokenizer, self.layer, self.max_length, self.pad_to = model, tokenizer, layer, max_length, pad_to
+        self.lora = lora
         if getattr(tokenizer, "pad_token", None) is None:
             # LLaMA tokenizers have no pad token; padded positions are masked out anyway
             tokenizer.pad_token = tokenizer.unk_token or tokenizer.eos_token
@@ -250,8 +256,12 @@ class TextModel:
         return next(self.model.parameters()).device
 
     def tokenize(self, prompts: list[str]):
+        """(ids, mask), padded on the right: token i of a prompt is position i, as LaVi-Bridge pads (its
+        per-token adapter reads position i into slot i, unmasked), whatever side the tokenizer pads on
+        by default (transformers' LLaMA tokenizers pad on the left). Asked per call, so a tokenizer
+        shared with a chat keeps its own setting."""
         padding = "max_length" if self.pad_to else "longest"
-        batch = self.tokenizer(list(prompts), padding=padding, truncation=True,
+        batch = self.tokenizer(list(prompts), padding=padding, truncation=True, padding_side="right",
                                max_length=self.pad_to or self.max_length, return_tensors="pt")
         return batch.input_ids.to(self.device), batch.attention_mask.to(self.device)
 
@@ -261,7 +271,8 @@ class TextModel:
         if getattr(model.config, "is_encoder_decoder", False):
             model = model.get_encoder()
         extra = {"logits_to_keep": 1} if hasattr(model, "lm_head") else {}  # the vocabulary is not needed
-        out = model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True, **extra)
+        with self.lora.active() if self.lora is not None else nullcontext():
+            out = model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True, **extra)
         hidden = out.hidden_states if getattr(out, "hidden_states", None) is not None else out.encoder_hidden_states
         return hidden[self.layer].float()
 
@@ -298,15 +309,19 @@ def load_text_model(path: str | os.PathLike, device="cpu", dtype=torch.float32):
 
 
 # ------------------------------------------------------------------------------------------ LoRA
+def lora_target_pattern(targets) -> str:
+    """Layers whose own name is a target; the U-ViT's patch embedding (a conv also named ``proj``) is not
+    one of the attention / feed-forward layers LoRA is meant for."""
+    return rf"^(?!patch_embed\.).*\b({'|'.join(map(re.escape, targets))})$"
+
+
 def add_lora(module: nn.Module, settings: LoraSettings) -> nn.Module:
     """peft LoRA layers on ``settings.targets`` (module names' last part), in place; the base
     weights are frozen, only the A/B matrices train."""
     from peft import LoraConfig, inject_adapter_in_model
 
-    # Linear layers whose own name is a target; the U-ViT's patch embedding (a conv also named ``proj``)
-    # is not one of the attention / feed-forward layers LoRA is meant for.
-    pattern = rf"^(?!patch_embed\.).*\b({'|'.join(map(re.escape, settings.targets))})$"
-    cfg = LoraConfig(r=settings.rank, lora_alpha=settings.alpha, lora_dropout=settings.dropout, target_modules=pattern)
+    cfg = LoraConfig(r=settings.rank, lora_alpha=settings.alpha, lora_dropout=settings.dropout,
+                     target_modules=lora_target_pattern(settings.targets))
     module.requires_grad_(False)
     inject_adapter_in_model(cfg, module)
     for name, p in module.named_parameters():
@@ -327,6 +342,74 @@ def load_lora(module: nn.Module, sd: dict[str, torch.Tensor], source) -> None:
         raise BiDiffuserError(f"{source}: LoRA weights do not fit the model "
                               f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
     module.load_state_dict({own[k]: v for k, v in sd.items()}, strict=False)
+
+
+class LoraHooks:
+    """LoRA matrices (``lora_state_dict``'s layout) applied to a model without changing it: inside
+    ``active()``, forward hooks add ``lora_B(lora_A(x)) * alpha / rank`` to each adapted layer's output,
+    as peft's LoRA layer does (in float32, then back to the layer's dtype), and only for calls from the
+    thread that switched them on. Outside, the model is exactly itself, so the bridge can read through
+    a model that answers a chat meanwhile (EasyGen hands its own LLM over). Checked strictly: every
+    target layer of the model has its matrices, every matrix has its layer, with matching shapes."""
+
+    def __init__(self, model: nn.Module, settings: LoraSettings, sd: dict[str, torch.Tensor], source):
+        if hasattr(model, "get_base_model"):  # a peft model (a chat LoRA left unmerged): its layers' names
+            model = model.get_base_model()
+        pattern = re.compile(lora_target_pattern(settings.targets))
+        layers = {name: m for name, m in model.named_modules() if pattern.match(name)}
+        pairs = {k.rsplit(".lora_", 1)[0] for k in sd}
+        missing = sorted(f"{n}.lora_{ab}.weight" for n in layers for ab in "AB" if f"{n}.lora_{ab}.weight" not in sd)
+        unexpected = sorted(k for k in sd if k.rsplit(".lora_", 1)[0] not in layers
+                            or not k.endswith((".lora_A.weight", ".lora_B.weight")))
+        if missing or unexpected:
+            raise BiDiffuserError(f"{source}: LoRA weights do not fit the model "
+                                  f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+        self.scale = settings.alpha / settings.rank
+        self.weights = {}
+        for name in sorted(pairs):
+            layer, a, b = layers[name], sd[f"{name}.lora_A.weight"], sd[f"{name}.lora_B.weight"]
+            out_f, in_f = _linear_shape(layer)
+            if a.shape != (settings.rank, in_f) or b.shape != (out_f, settings.rank):
+                raise BiDiffuserError(f"{source}: LoRA weights of {name} are {tuple(a.shape)} and {tuple(b.shape)}; "
+                                      f"its layer ({in_f} -> {out_f}) at rank {settings.rank} needs "
+                                      f"{(settings.rank, in_f)} and {(out_f, settings.rank)}")
+            self.weights[name] = (layer, a.float(), b.float())
+        self._lock = threading.RLock()
+        self._owner: int | None = None
+
+    def _hook(self, a: torch.Tensor, b: torch.Tensor):
+        def hook(module, args, output):
+            if threading.get_ident() != self._owner:
+                return None
+            x = args[0]
+            delta = F.linear(F.linear(x.to(a.device, torch.float32), a.to(x.device)), b.to(x.device)) * self.scale
+            return (output + delta).to(output.dtype)
+        return hook
+
+    @contextmanager
+    def active(self):
+        with self._lock:  # one reader at a time; the same thread may nest
+            if self._owner is not None:
+                yield
+                return
+            handles = [layer.register_forward_hook(self._hook(a, b)) for layer, a, b in self.weights.values()]
+            self._owner = threading.get_ident()
+            try:
+                yield
+            finally:
+                self._owner = None
+                for h in handles:
+                    h.remove()
+
+
+def _linear_shape(layer: nn.Module) -> tuple[int, int]:
+    """(out_features, in_features) of a linear layer, plain, peft-wrapped or quantized."""
+    if hasattr(layer, "in_features") and hasattr(layer, "out_features"):
+        return int(layer.out_features), int(layer.in_features)
+    weight = getattr(layer, "weight", None)
+    if weight is None or weight.ndim != 2:
+        raise BiDiffuserError(f"LoRA needs a linear layer; {type(layer).__name__} is not one")
+    return tuple(weight.shape)
 
 
 def set_lora_enabled(module: nn.Module, enabled: bool) -> None:

@@ -19,8 +19,8 @@ import torch
 from PIL import Image
 
 from .autoencoder import decode_latents, image_posterior, load_autoencoder, sample_posterior
-from .bridge import (BridgeFiles, TextModel, add_lora, bridge_condition, check_fits, load_lora, load_text_model,
-                     read_bridge, set_lora_enabled)
+from .bridge import (LM_LORA, BridgeFiles, LoraHooks, TextModel, add_lora, bridge_condition, check_fits, load_lora,
+                     load_text_model, read_bridge, set_lora_enabled)
 from .caption_decoder import load_caption_decoder
 from .clip import load_clip_image_encoder, load_clip_text_encoder
 from .errors import BiDiffuserError
@@ -86,7 +86,8 @@ class BiDiffuser:
         ``bridge`` (a bridge directory, see bidiffuser.bridge) lets ``text_to_image`` draw from a
         language model's hidden states; ``text_model`` is that model: a transformers directory, or a
         loaded ``(model, tokenizer)`` pair (EasyGen passes its own LLM). Without it, the bridge's
-        recorded text model is loaded."""
+        recorded text model is loaded. A bridge's LM LoRA is applied only while a prompt is read for
+        drawing (``bridge.LoraHooks``): a handed-over model is otherwise left exactly as it was."""
         self.config = config
         self.device = torch.device(device)
         self.precision = precision or Precision.uniform(dtype)
@@ -141,12 +142,8 @@ class BiDiffuser:
         c = files.config
         text = TextModel(model, tokenizer, c.layer, c.max_length, pad_to=c.num_tokens if c.kind == "per_token" else None)
         check_fits(c, self.config.uvit.text_dim, self.config.uvit.num_text_tokens, text.hidden_size, files.root)
-        if files.lm_lora is not None:
-            if isinstance(source, tuple):
-                raise BiDiffuserError(f"bridge {files.root} has LM LoRA weights; give the text model as a directory")
-            add_lora(model, files.lm_lora)
-            load_lora(model, files.lm_lora_weights(), files.root / "lm_lora.safetensors")
-            model.eval().requires_grad_(False)
+        if files.lm_lora is not None:  # on only while the bridge reads: a handed-over LLM chats as it was
+            text.lora = LoraHooks(model, files.lm_lora, files.lm_lora_weights(), files.root / LM_LORA)
         return text
 
     @_component
