@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from bidiffuser.checkpoint import require_file
-from bidiffuser.errors import first_line
+from bidiffuser.errors import BiDiffuserError, first_line
 
 from .backend import DrawingError
 
@@ -86,7 +86,10 @@ def reference_order(model: nn.Module, targets: Sequence[str]) -> list[LoraSite]:
 
 def read_positional(path: str | os.PathLike, what: str) -> list[torch.Tensor]:
     """A LaVi-Bridge LoRA file: a plain list (or tuple) of tensors, read with ``weights_only=True``."""
-    path = require_file(path, what)
+    try:
+        path = require_file(path, what)
+    except BiDiffuserError as e:
+        raise DrawingError(str(e)) from None
     try:
         obj = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as e:  # corrupt, truncated or not a weight file

@@ -38,14 +38,16 @@ class LlamaText:
         import sentencepiece as spm
         from transformers import LlamaForCausalLM
 
-        spm_path = require_file(directory / "tokenizer.model", "LLaMA tokenizer")
-        cfg = read_json(directory / "tokenizer_config.json") if (directory / "tokenizer_config.json").is_file() else {}
         try:
+            spm_path = require_file(directory / "tokenizer.model", "LLaMA tokenizer")
+            cfg = read_json(directory / "tokenizer_config.json") if (directory / "tokenizer_config.json").is_file() else {}
             sp = spm.SentencePieceProcessor(model_file=str(spm_path))
             model = _checked(LlamaForCausalLM.from_pretrained(str(directory), dtype=dtype, output_loading_info=True),
                              "Llama", directory)
-        except (DrawingError, BiDiffuserError):
+        except DrawingError:
             raise
+        except BiDiffuserError as e:
+            raise DrawingError(str(e)) from None
         except (OSError, ValueError, RuntimeError) as e:
             raise DrawingError(f"cannot load Llama from {directory}: {first_line(e)}") from None
         return cls(model.to(device), sp, bool(cfg.get("add_bos_token", True)), bool(cfg.get("add_eos_token", False)))
@@ -84,8 +86,10 @@ class T5Text:
             tokenizer = AutoTokenizer.from_pretrained(str(directory))
             model = _checked(T5EncoderModel.from_pretrained(str(directory), dtype=dtype, output_loading_info=True),
                              "T5 encoder", directory)
-        except (DrawingError, BiDiffuserError):
+        except DrawingError:
             raise
+        except BiDiffuserError as e:
+            raise DrawingError(str(e)) from None
         except (OSError, ValueError, RuntimeError) as e:
             raise DrawingError(f"cannot load T5 from {directory}: {first_line(e)}") from None
         return cls(model.to(device), tokenizer)

@@ -117,12 +117,14 @@ def _json(path: Path, obj) -> None:
     path.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
-def _diffusers_part(folder: Path, cls, config: dict, seed: int, dtype=torch.float32):
+def _diffusers_part(folder: Path, cls, config: dict, seed: int, extra: dict | None = None):
+    """``extra``: keys the released file holds that today's class no longer has."""
     model = cls.from_config({k: v for k, v in config.items() if not k.startswith("_")})
-    sd = _fill({k: v.shape for k, v in model.state_dict().items()}, seed)
+    shapes = {k: v.shape for k, v in model.state_dict().items()}
+    sd = _fill({**shapes, **(extra or {})}, seed)
     _json(folder / "config.json", config)
-    save_safetensors({k: v.to(dtype) for k, v in sd.items()}, folder / "diffusion_pytorch_model.safetensors")
-    model.load_state_dict(sd)
+    save_safetensors(sd, folder / "diffusion_pytorch_model.safetensors")
+    model.load_state_dict({k: sd[k] for k in shapes})
     return model
 
 
@@ -138,14 +140,15 @@ def t5_tokenizer_json() -> dict:
     return {
         "version": "1.0", "truncation": None, "padding": None, "added_tokens": special,
         "normalizer": {"type": "Replace", "pattern": {"Regex": " {2,}"}, "content": " "},
-        "pre_tokenizer": {"type": "Metaspace", "replacement": "▁", "prepend_scheme": "always", "split": True},
+        # Metaspace written as t5-large's own file writes it (older tokenizers read only this form)
+        "pre_tokenizer": {"type": "Metaspace", "replacement": "▁", "add_prefix_space": True},
         "post_processor": {
             "type": "TemplateProcessing",
             "single": [{"Sequence": {"id": "A", "type_id": 0}}, {"SpecialToken": {"id": "</s>", "type_id": 0}}],
             "pair": [{"Sequence": {"id": "A", "type_id": 0}}, {"SpecialToken": {"id": "</s>", "type_id": 0}},
                      {"Sequence": {"id": "B", "type_id": 0}}, {"SpecialToken": {"id": "</s>", "type_id": 0}}],
             "special_tokens": {"</s>": {"id": "</s>", "ids": [1], "tokens": ["</s>"]}}},
-        "decoder": {"type": "Metaspace", "replacement": "▁", "prepend_scheme": "always", "split": True},
+        "decoder": {"type": "Metaspace", "replacement": "▁", "add_prefix_space": True},
         "model": {"type": "Unigram", "unk_id": 2, "vocab": [list(p) for p in pieces], "byte_fallback": False},
     }
 
@@ -172,7 +175,10 @@ def write_tiny_lavi(root: str | os.PathLike, seed: int = 0) -> Path:
     unet = _diffusers_part(sd14 / "unet", UNet2DConditionModel, UNET_CONFIG, seed + 1)
     _diffusers_part(sd14 / "vae", AutoencoderKL, VAE_CONFIG, seed + 2)
     _json(sd14 / "scheduler" / "scheduler_config.json", SD_SCHEDULER)
-    transformer = _diffusers_part(pixart / "transformer", PixArtTransformer2DModel, PIXART_CONFIG, seed + 3)
+    # PixArt's file also holds the caption projection's unused null embedding (120 tokens), a buffer of
+    # diffusers 0.24's class that today's class dropped
+    transformer = _diffusers_part(pixart / "transformer", PixArtTransformer2DModel, PIXART_CONFIG, seed + 3,
+                                  {"caption_projection.y_embedding": (120, PIXART_CONFIG["caption_channels"])})
     _diffusers_part(pixart / "vae", AutoencoderKL, VAE_CONFIG, seed + 4)
     _json(pixart / "scheduler" / "scheduler_config.json", PIXART_SCHEDULER)
 
