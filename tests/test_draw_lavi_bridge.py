@@ -184,3 +184,44 @@ def test_released_list_round_trips(tiny):
     back = positional_list(model, sites)
     assert len(back) == len(tensors) == 2 * 8
     assert all(torch.equal(a, b) for a, b in zip(back, tensors))
+
+
+# ----------------------------------------------------------------------------- real-size trees
+REAL = {  # the bases' own configs (the fields that shape the module trees), as in the parity driver
+    "unet": dict(block_out_channels=[320, 640, 1280, 1280], layers_per_block=2, cross_attention_dim=768,
+                 attention_head_dim=8, down_block_types=["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"],
+                 up_block_types=["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3, sample_size=64),
+    "pixart": dict(num_attention_heads=16, attention_head_dim=72, in_channels=4, out_channels=8, num_layers=28,
+                   patch_size=2, sample_size=64, caption_channels=4096, cross_attention_dim=1152,
+                   norm_type="ada_norm_single", norm_elementwise_affine=False, norm_eps=1e-6, attention_bias=True,
+                   activation_fn="gelu-approximate", num_embeds_ada_norm=1000),
+    "llama": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+                  num_key_value_heads=32, vocab_size=32000),
+    "t5": dict(d_model=1024, d_kv=64, num_heads=16, d_ff=4096, num_layers=24, vocab_size=32128),
+}
+
+
+@pytest.mark.parametrize("which,count,first", [
+    ("unet", 224, ("down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q", (320, 32), (32, 320))),
+    ("pixart", 224, ("transformer_blocks.0.attn1.to_q", (1152, 32), (32, 1152))),
+    ("llama", 128, ("model.layers.0.self_attn.q_proj", (4096, 32), (32, 4096))),
+    ("t5", 96, ("encoder.block.0.layer.0.SelfAttention.q", (1024, 32), (32, 1024))),
+])
+def test_real_size_trees_take_the_released_counts(which, count, first):
+    """Today's classes at the bases' real sizes (built on the meta device) have exactly as many LoRA
+    sites as the released lists have pairs (SD1.4 224, PixArt-XL-2 224, Llama-2-7b 128, t5-large 96),
+    in the order the reference's monkeypatch gives pairs out on its own diffusers/transformers."""
+    from diffusers import PixArtTransformer2DModel, UNet2DConditionModel
+    from transformers import LlamaConfig, LlamaForCausalLM, T5Config, T5EncoderModel
+    with torch.device("meta"):
+        model, targets = {
+            "unet": lambda: (UNet2DConditionModel(**REAL["unet"]), UNET_TARGETS),
+            "pixart": lambda: (PixArtTransformer2DModel(**REAL["pixart"]), TRANSFORMER_TARGETS),
+            "llama": lambda: (LlamaForCausalLM(LlamaConfig(**REAL["llama"])), LLAMA_TARGETS),
+            "t5": lambda: (T5EncoderModel(T5Config(**REAL["t5"])), T5_TARGETS),
+        }[which]()
+    sites = reference_order(model, targets)
+    assert len(sites) == count
+    assert (sites[0].name, *sites[0].expected_shapes(32)) == first
+    assert len({s.name for s in sites}) == count  # no module met twice
+    assert [s.name for s in sites] == GOLDEN["sentinel_real_size"][which]

@@ -71,6 +71,44 @@ def sentinel(model, targets, monkeypatch, injected) -> list[str]:
     return [found[k] for k in range(len(sites))]
 
 
+# The bases' own configs (the fields that shape the module trees): SD1.4's U-Net, PixArt-XL-2-512x512's
+# transformer, Llama-2-7b, t5-large. Built on the meta device, where values are lost, so pair k is
+# told apart by its rank (k + 1) instead.
+REAL = {
+    "unet": dict(block_out_channels=[320, 640, 1280, 1280], layers_per_block=2, cross_attention_dim=768,
+                 attention_head_dim=8, down_block_types=["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"],
+                 up_block_types=["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3, sample_size=64),
+    "pixart": dict(num_attention_heads=16, attention_head_dim=72, in_channels=4, out_channels=8, num_layers=28,
+                   patch_size=2, sample_size=64, caption_channels=4096, cross_attention_dim=1152,
+                   norm_type="ada_norm_single", norm_elementwise_affine=False, norm_eps=1e-6, attention_bias=True,
+                   activation_fn="gelu-approximate", num_embeds_ada_norm=1000),
+    "llama": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+                  num_key_value_heads=32, vocab_size=32000),
+    "t5": dict(d_model=1024, d_kv=64, num_heads=16, d_ff=4096, num_layers=24, vocab_size=32128),
+}
+
+
+def real_size_sentinel(model, targets, monkeypatch, injected) -> list[str]:
+    from torch import nn
+    sites = []
+    for ancestor in (m for m in model.modules() if type(m).__name__ in targets):
+        for _, m in ancestor.named_modules():
+            if isinstance(m, (nn.Linear, nn.Conv2d)):
+                sites.append(m)
+    tensors = []
+    for k, m in enumerate(sites):
+        r = k + 1
+        if isinstance(m, nn.Conv2d):
+            up, down = (m.out_channels, r, 1, 1), (r, m.in_channels // m.groups, *m.kernel_size)
+        else:
+            up, down = (m.out_features, r), (r, m.in_features)
+        tensors += [torch.empty(up, device="meta"), torch.empty(down, device="meta")]
+    monkeypatch(model, tensors, r=32, target_replace_module=targets)
+    found = {m.lora_up.weight.shape[1] - 1: name for name, m in model.named_modules() if isinstance(m, injected)}
+    assert sorted(found) == list(range(len(sites)))
+    return [found[k] for k in range(len(sites))]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--reference-repo", required=True)
@@ -102,6 +140,18 @@ def main() -> None:
     }
     sentinels = {name: sentinel(make(), targets, monkeypatch_or_replace_lora_extended, injected)
                  for name, (make, targets) in trees.items()}
+
+    from transformers import LlamaConfig, T5Config
+    with torch.device("meta"):
+        real_trees = {
+            "unet": (UNet2DConditionModel(**REAL["unet"]), trees["unet"][1]),
+            "pixart": (Transformer2DModel(**REAL["pixart"]), trees["pixart"][1]),
+            "llama": (LlamaForCausalLM(LlamaConfig(**REAL["llama"], attn_implementation=LLAMA_ATTENTION)),
+                      trees["llama"][1]),
+            "t5": (T5EncoderModel(T5Config(**REAL["t5"])), trees["t5"][1]),
+        }
+        real_sentinels = {name: real_size_sentinel(model, targets, monkeypatch_or_replace_lora_extended, injected)
+                          for name, (model, targets) in real_trees.items()}
 
     images, pad_ids = {}, {}
     for combo in ("llama2_unet", "t5_unet", "t5_transformer"):
@@ -215,13 +265,15 @@ def main() -> None:
         "pad_token_ids": pad_ids,
         "files": {str(p.relative_to(tiny)): hashlib.sha256(p.read_bytes()).hexdigest() for p in files},
         "sentinel": sentinels,
+        "sentinel_real_size": real_sentinels,
         "images": "lavi_bridge.safetensors: '<combo>/<prompt index>' -> (64, 64, 3) float32 in [0, 1]",
     }
     from safetensors.torch import save_file
     out.mkdir(parents=True, exist_ok=True)
     save_file(images, str(out / "lavi_bridge.safetensors"))
     (out / "lavi_bridge.json").write_text(json.dumps(golden, indent=1) + "\n")
-    print("wrote", out / "lavi_bridge.json", {k: len(v) for k, v in sentinels.items()})
+    print("wrote", out / "lavi_bridge.json", {k: len(v) for k, v in sentinels.items()},
+          {k: len(v) for k, v in real_sentinels.items()})
 
 
 if __name__ == "__main__":
