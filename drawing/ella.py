@@ -99,7 +99,8 @@ def load_connector(path: str | os.PathLike, width: int, input_dim: int, heads: i
             model = ELLAConnector(time_embed_dim=width, width=width, heads=heads, input_dim=input_dim)
         check_state_dict(model.state_dict(), sd, path)
     except BiDiffuserError as e:
-        raise DrawingError(f"ELLA connector: {e}") from None
+        raise DrawingError(f"ELLA connector: {e} (built as ELLA-SD1.5 with width {width} = the U-Net's "
+                           f"cross_attention_dim and input {input_dim} = T5's d_model)") from None
     model.load_state_dict(sd, strict=True, assign=True)
     return model.eval().requires_grad_(False)
 

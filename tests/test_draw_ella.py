@@ -145,3 +145,36 @@ def test_bad_input_is_one_clear_line(files, tmp_path, backends):
         backends().draw(["a cat"], [0], width=60)
     with pytest.raises(DrawingError, match="seeds"):
         backends().draw(["a cat", "a dog"], [0])
+
+
+def test_the_released_connector_has_the_released_shapes():
+    """ELLA() of model.py at the real size: what ella-sd1.5-tsc-t5xl.safetensors holds."""
+    from drawing.tiny_layouts_ella import connector_shapes
+    shapes = connector_shapes(dict(time_channel=320, time_embed_dim=768, width=768, layers=6, heads=8,
+                                   num_latents=64, input_dim=2048))
+    assert shapes["connector.latents"] == (64, 768)
+    assert shapes["connector.proj_in.weight"] == (768, 2048)
+    assert shapes["time_embedding.linear_1.weight"] == (768, 320)
+    assert shapes["connector.perceiver_blocks.5.attn.in_proj_weight"] == (3 * 768, 768)
+    assert shapes["connector.perceiver_blocks.5.ln_ff.linear.weight"] == (2 * 768, 768)
+    assert shapes["connector.perceiver_blocks.0.mlp.c_fc.weight"] == (4 * 768, 768)
+    per_block = {k.split(".", 3)[3] for k in shapes if k.startswith("connector.perceiver_blocks.0.")}
+    assert per_block == {f"{m}.{p}" for m in ("attn.out_proj", "mlp.c_fc", "mlp.c_proj", "ln_1.linear", "ln_2.linear",
+                                              "ln_ff.linear") for p in ("weight", "bias")} | {
+        "attn.in_proj_weight", "attn.in_proj_bias"}
+    assert len(shapes) == 4 + 1 + 2 + 2 + 6 * len(per_block)  # time embedding, latents, time_aware_linear, proj_in
+
+
+@pytest.mark.parametrize("part, file, key", [
+    ("stable-diffusion-v1-5/unet", "diffusion_pytorch_model.safetensors", "conv_out.weight"),
+    ("flan-t5-xl", "model-00002-of-00002.safetensors", "encoder.final_layer_norm.weight"),
+])
+def test_unet_and_t5_weights_are_strict_too(files, tmp_path, part, file, key):
+    import shutil
+    copy = tmp_path / "ella"
+    shutil.copytree(files, copy)
+    sd = load_file(copy / part / file)
+    del sd[key]
+    save_file(sd, str(copy / part / file), metadata={"format": "pt"})
+    with pytest.raises(DrawingError, match=f"missing keys: {key}"):
+        load(copy, device="cpu")

@@ -114,6 +114,7 @@ def main() -> None:
         print(f"{name}: {tuple(out.shape)} mean {out.mean():.6f}")
 
     token_ids = {p: t5_encoder.tokenizer(p, add_special_tokens=True).input_ids for p in (SHORT, LONG, "")}
+    import huggingface_hub
     import sentencepiece
     import tokenizers
     golden = dict(
@@ -122,7 +123,7 @@ def main() -> None:
                             "generate_image_with_fixed_max_length, generate_image_with_flexible_max_length"),
         versions=dict(python=sys.version.split()[0], torch=torch.__version__, diffusers=diffusers.__version__,
                       transformers=transformers.__version__, tokenizers=tokenizers.__version__,
-                      sentencepiece=sentencepiece.__version__),
+                      sentencepiece=sentencepiece.__version__, huggingface_hub=huggingface_hub.__version__),
         settings=SETTINGS, cases=cases, token_ids=token_ids,
         timesteps=[int(t) for t in pipe.scheduler.timesteps],
         scheduler={k: v for k, v in pipe.scheduler.config.items() if not k.startswith("_")},
@@ -132,6 +133,7 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "ella.json").write_text(json.dumps(golden, indent=1, default=str) + "\n")
     safetensors.torch.save_file(images, str(args.out / "ella.safetensors"))
+    (args.out / "ella.safetensors").chmod(0o644)
     print(f"wrote {args.out / 'ella.json'} and ella.safetensors")
 
 
