@@ -253,7 +253,8 @@ def load(path: str | os.PathLike, device=None, dtype: str | None = None, *, ella
         try:
             clip_tok = CLIPTokenizer.from_pretrained(str(sd_path / "tokenizer"))
         except (OSError, ValueError, TypeError) as e:
-            raise DrawingError(f"ELLA: cannot load the CLIP tokenizer from {sd_path / 'tokenizer'}: {first_line(e)}") from None
+            raise DrawingError(f"ELLA: cannot load the CLIP tokenizer from {sd_path / 'tokenizer'}: "
+                               f"{first_line(e)}") from None
         if encoder.config.hidden_size != width:
             raise DrawingError(f"ELLA: CLIP width {encoder.config.hidden_size} differs from the U-Net's "
                                f"cross-attention width {width}")

@@ -216,16 +216,10 @@ def _tokenizer_json(spiece: bytes, extra: list[str]) -> str:
 
 
 def _byte_symbols() -> list[str]:
-    """GPT-2/CLIP's printable stand-in for each byte value (``bytes_to_unicode``), in byte order."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), 256))
-    table, extra = {}, 0
-    for b in range(256):
-        if b in printable:
-            table[b] = chr(b)
-        else:
-            table[b] = chr(256 + extra)
-            extra += 1
-    return [table[b] for b in sorted(table, key=lambda b: (b not in printable, printable.index(b) if b in printable else b))]
+    """GPT-2/CLIP's stand-in character for each byte (``bytes_to_unicode``), in its order: the
+    printable bytes as themselves, then the others as chr(256), chr(257), ..."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), 256)]
+    return [chr(b) for b in printable] + [chr(256 + i) for i in range(256 - len(printable))]
 
 
 def _clip_tokenizer_files(root: Path) -> None:
