@@ -33,6 +33,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from .checkpoint import atomic_path, read_json, read_state_dict, save_safetensors
 from .clip import quiet_transformers
@@ -124,13 +125,22 @@ class PerTokenAdapter(nn.Module):
         self.ff2 = GEGLUFeedForward(cfg.lm_dim, hidden, cfg.text_dim)
         self.num_tokens = cfg.num_tokens
 
+        self.checkpointing = False   # recompute the feed-forwards in backward (training memory)
+
     def forward(self, states, mask, time=None):
         L, n = states.shape[1], self.num_tokens
         if L >= n:
             states = states[:, :n]
         else:
             states = F.pad(states, (0, 0, 0, n - L))
-        return self.ff2(self.norm2(self.ff1(self.norm1(states))))
+        x = _maybe_checkpoint(self.checkpointing, self.ff1, self.norm1(states))
+        return _maybe_checkpoint(self.checkpointing, self.ff2, self.norm2(x))
+
+
+def _maybe_checkpoint(on: bool, fn, *args):
+    if on and torch.is_grad_enabled():
+        return checkpoint(fn, *args, use_reentrant=False)
+    return fn(*args)
 
 
 class AdaLayerNorm(nn.Module):
@@ -190,6 +200,7 @@ class Resampler(nn.Module):
         self.proj_in = nn.Linear(cfg.lm_dim, cfg.width)
         self.blocks = nn.ModuleList(PerceiverBlock(cfg.width, cfg.heads, cfg.mult, time_dim) for _ in range(cfg.depth))
         self.proj_out = nn.Linear(cfg.width, cfg.text_dim)
+        self.checkpointing = False  # recompute each block in backward (training memory)
 
     def forward(self, states, mask, time=None):
         B = states.shape[0]
@@ -207,7 +218,7 @@ class Resampler(nn.Module):
         key_mask = keep[:, None, None, :]
         states = self.proj_in(states)
         for block in self.blocks:
-            latents = block(latents, states, key_mask, temb)
+            latents = _maybe_checkpoint(self.checkpointing, block, latents, states, key_mask, temb)
         return self.proj_out(latents)
 
 

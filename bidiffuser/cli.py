@@ -39,8 +39,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--mode", required=True, choices=MODES, help=MODE_HELP)
     s.add_argument("--prompt", action="append", help="text prompt (t2i, t2i2t); may repeat")
     s.add_argument("--image", action="append", help="input image (i2t, i2t2i); may repeat")
-    s.add_argument("--steps", type=positive_int, default=50, help="DPM-Solver++ steps (default 50)")
-    s.add_argument("--scale", type=float, default=7.0, help="classifier-free guidance scale (default 7)")
+    s.add_argument("--steps", type=positive_int, default=None,
+                   help="DPM-Solver++ steps (default: the model directory's sampling_defaults, else 50)")
+    s.add_argument("--scale", type=float, default=None,
+                   help="classifier-free guidance scale (default: the model directory's sampling_defaults, else 7)")
     s.add_argument("--seed", type=int, default=1234, help="random seed (same seed, same output)")
     s.add_argument("--n-samples", type=positive_int, default=1, help="samples per prompt or image (every mode)")
     s.add_argument("--out", type=Path, default=Path("out"), help="directory for PNG outputs (default ./out)")
@@ -90,8 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "noise), so guidance has a trained branch; e.g. 0.1 (default 0)")
     s.add_argument("--snr-gamma", type=float, default=None,
                    help="Min-SNR-gamma loss weighting, e.g. 5 (default: off, plain MSE)")
-    s.add_argument("--ema-decay", type=float, default=0.9999,
-                   help="EMA decay (default 0.9999); the EMA weights are written")
+    s.add_argument("--ema-decay", type=float, default=None,
+                   help="EMA decay (default 0.9999; bridge: no EMA unless given); the EMA weights are written")
     s.add_argument("--no-ema", action="store_true", help="keep no EMA and write the raw weights")
     s.add_argument("--strategy", choices=["ddp", "fsdp"], default="ddp",
                    help="under torchrun: DDP, or FSDP2 sharding per U-ViT block (default ddp)")
@@ -99,7 +101,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--keep-last", type=int, default=2, help="checkpoints kept (default 2; 0 keeps all)")
     s.add_argument("--log-every", type=positive_int, default=10, help="optimizer steps between log.jsonl records")
     s.add_argument("--seed", type=int, default=42, help="data order and noise (default 42)")
-    s.add_argument("--activation-checkpointing", action="store_true", help="recompute block activations in backward")
+    s.add_argument("--activation-checkpointing", action="store_true",
+                   help="recompute block activations in backward (bridge: its blocks, the U-ViT's and a LoRA'd LM's)")
     s.add_argument("--skip-bad-rows", action="store_true", help="skip malformed TSV rows (counted) instead of failing")
     s.add_argument("--copy", action="store_true", help="copy the unchanged components into OUT instead of symlinking")
     b = s.add_argument_group("LLM bridge (--bridge-stage): OUT is a bridge directory, the U-ViT stays as it is")
@@ -123,18 +126,20 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--lora-alpha", type=float, help="LoRA alpha (default 32: scale 1 at rank 32)")
     b.add_argument("--lora-dropout", type=float, help="LoRA dropout (default 0.1)")
     b.add_argument("--lm-lr", type=float, help="learning rate of the LM's LoRA (default 5e-6)")
-    b.add_argument("--distill-teacher", choices=["same", "first"], default="same",
+    b.add_argument("--distill-teacher", choices=["same", "first"], default=None,
                    help="stage distill: CLIP reads the row's own caption (same: GILL's), or the first caption of "
                         "the row's image in the TSV (first: for descriptions longer than CLIP's context)")
-    b.add_argument("--uncond-prob", type=float, default=0.1,
+    b.add_argument("--uncond-prob", type=float, default=None,
                    help="stage t2i: share of rows whose text is the true-uncond noise (default 0.1)")
     s.add_argument("--encode-once", action="store_true",
                    help="encode every image and caption once before training and keep them in memory (small "
                         "data sets: saves the frozen encoders' work in every step; same results)")
     s.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available; one GPU per process)")
     s.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
-                   help="compute dtype of the U-ViT and the frozen encoders; trained weights, optimizer state "
-                        "and EMA stay float32")
+                   help="compute dtype of the U-ViT and the frozen encoders (bridge: and the text model's "
+                        "weights); trained weights, optimizer state and EMA stay float32")
+    # the bridge group's flags (all but --bridge-stage): refused without --bridge-stage, where they do nothing
+    s.set_defaults(bridge_flags=[(a.dest, a.option_strings[0]) for a in b._group_actions if a.dest != "bridge_stage"])
     return p
 
 
@@ -147,11 +152,61 @@ def _train(args) -> int:
         resolve_device(args.device)  # a clear error for an unknown or missing device
     if args.bridge_stage:
         return _train_bridge(args)
+    _refuse(args, [dest for dest, _ in args.bridge_flags if getattr(args, dest) is not None],
+            "{flags} {train} a bridge: give --bridge-stage (or leave {them} out)")
     given = lambda name: getattr(args, name) is not None  # noqa: E731  (unset: the dataclass default)
     settings = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)
-                if hasattr(args, f.name) and (given(f.name) or f.name not in ("lr", "max_grad_norm"))}
-    train(TrainConfig(**{**settings, "ema_decay": None if args.no_ema else args.ema_decay}))
+                if hasattr(args, f.name) and (given(f.name) or f.name not in ("lr", "max_grad_norm", "ema_decay"))}
+    ema_decay = None if args.no_ema else args.ema_decay if args.ema_decay is not None else 0.9999
+    train(TrainConfig(**{**settings, "ema_decay": ema_decay}))
     return 0
+
+
+def _refuse(args, dests: list[str], message: str) -> None:
+    """One line naming the flags (``message`` has {flags}; {train}/{them}/{belong} agree with how many)."""
+    if not dests:
+        return
+    names = dict(args.bridge_flags) | {"snr_gamma": "--snr-gamma"}
+    one = len(dests) == 1
+    raise BiDiffuserError(message.format(flags=", ".join(names[d] for d in dests), train="trains" if one else "train",
+                                         them="it" if one else "them", belong="belongs" if one else "belong"))
+
+
+# Flags of stage t2i only, and those that shape a new bridge (an init bridge brings its own shape).
+_T2I_ONLY = ("uvit_lora_rank", "lm_lora_rank", "lora_alpha", "lora_dropout", "lm_lr", "uncond_prob", "snr_gamma")
+_SHAPE = ("kind", "timestep_aware", "width", "depth", "heads", "layer", "max_length")
+
+
+def _refuse_unused_bridge_flags(args, cfg) -> None:
+    """Every flag given to a bridge run acts on it; the others are refused (``cfg``: the run, resolved)."""
+    from .bridge import read_bridge
+
+    if args.copy:
+        raise BiDiffuserError("--copy writes a BiDiffuser directory's components; with --bridge-stage OUT is a "
+                              "bridge directory (nothing to copy): leave it out")
+    given = [dest for dest, _ in args.bridge_flags if getattr(args, dest) is not None]
+    given += ["snr_gamma"] if args.snr_gamma is not None else []
+    if cfg.stage == "distill":
+        _refuse(args, [d for d in given if d in _T2I_ONLY],
+                "{flags} {belong} to --bridge-stage t2i (distillation trains the bridge alone): leave {them} out")
+    elif "distill_teacher" in given:
+        _refuse(args, ["distill_teacher"], "{flags} {belong} to --bridge-stage distill: leave {them} out")
+    if cfg.init:
+        _refuse(args, [d for d in given if d in _SHAPE],
+                "{flags}: the bridge's shape comes from --bridge-init: leave {them} out")
+    if cfg.stage != "t2i":
+        return
+    init = read_bridge(cfg.init) if cfg.init else None
+    kept = {"uvit_lora_rank": init is not None and init.uvit_lora, "lm_lora_rank": init is not None and init.lm_lora}
+    _refuse(args, [d for d in kept if d in given and kept[d]],
+            "{flags}: the --bridge-init bridge's LoRA trains on at its own rank: leave {them} out")
+    new = (cfg.uvit_lora_rank and not kept["uvit_lora_rank"]) or (cfg.lm_lora_rank and not kept["lm_lora_rank"])
+    if not new:
+        _refuse(args, [d for d in ("lora_alpha", "lora_dropout") if d in given],
+                "{flags} set up a new LoRA, and this run starts none: leave {them} out")
+    if not (cfg.lm_lora_rank or kept["lm_lora_rank"]) and "lm_lr" in given:
+        _refuse(args, ["lm_lr"], "{flags} is the LM LoRA's learning rate, and no LM LoRA trains in this run "
+                                 "(--lm-lora-rank): leave {them} out")
 
 
 def _train_bridge(args) -> int:
@@ -169,14 +224,19 @@ def _train_bridge(args) -> int:
     settings = {f.name: getattr(args, f.name) for f in dataclasses.fields(BridgeTrainConfig)
                 if hasattr(args, f.name)}
     settings["stage"] = args.bridge_stage
-    if settings.get("max_grad_norm") is None:
-        settings.pop("max_grad_norm")
-    train_bridge(BridgeTrainConfig(**settings))
+    settings["ema_decay"] = None if args.no_ema else args.ema_decay
+    for name in ("max_grad_norm", "distill_teacher", "uncond_prob"):  # unset: the dataclass default
+        if settings.get(name) is None:
+            settings.pop(name)
+    cfg = BridgeTrainConfig(**settings)
+    _refuse_unused_bridge_flags(args, cfg.resolved())
+    train_bridge(cfg)
     return 0
 
 
 def _sample(args) -> int:
     from .images import load_image, save_png
+    from .model_dir import SamplingDefaults
     from .pipeline import BiDiffuser
 
     needs_prompt, needs_image = args.mode in ("t2i", "t2i2t"), args.mode in ("i2t", "i2t2i")
@@ -200,8 +260,9 @@ def _sample(args) -> int:
     if args.image:  # fail on a bad image before loading any network; n samples of each image
         images = [im for im in (load_image(p) for p in args.image) for _ in range(args.n_samples)]
     update, close = progress_bar(f"{args.mode} sampling", disable=args.quiet)
-    common = dict(steps=args.steps, seed=args.seed, progress=update)
-    guided = dict(common, scale=args.scale)
+    steps, scale = (pipe.config.sampling_defaults or SamplingDefaults()).for_mode(args.mode)
+    common = dict(steps=args.steps or steps, seed=args.seed, progress=update)
+    guided = dict(common, scale=scale if args.scale is None else args.scale)
     try:
         if args.mode == "t2i":
             out = pipe.text_to_image(args.prompt, n_samples=args.n_samples, draw_with=args.draw_with, **guided)

@@ -7,7 +7,13 @@ and its config, so users point every command at one folder.
     autoencoder_kl.pth      SD KL-f8 VAE in LDM key names
     clip_image/, clip_text/ transformers CLIP directories (image: ViT-B/32, text: ViT-L/14)
 
-Component paths are relative to the directory (absolute paths are allowed too).
+Component paths are relative to the directory (absolute paths are allowed too). An optional
+``sampling_defaults`` says how this model samples best when a command is not told (the shapes demo draws
+at 20 steps and guidance 0.2, not UniDiffuser's 50 and 7):
+
+    "sampling_defaults": {"steps": 20, "scale": 0.2, "modes": {"i2t": {"scale": 1.0}}}
+
+``steps`` and ``scale`` for every mode, ``modes`` (optional) overriding them per mode (t2i, i2t, ...).
 """
 from __future__ import annotations
 
@@ -31,6 +37,54 @@ from .uvit import UViT, UViTConfig
 
 CONFIG_NAME = "bidiffuser.json"
 FORMAT_VERSION = 1
+DEFAULT_STEPS, DEFAULT_SCALE = 50, 7.0  # UniDiffuser-v1's, for a directory that names none
+
+
+@dataclass(frozen=True)
+class SamplingDefaults:
+    """What ``bidiffuser.json``'s ``sampling_defaults`` holds (see the module docstring)."""
+    steps: int | None = None
+    scale: float | None = None
+    modes: dict[str, dict] = field(default_factory=dict)   # mode -> {"steps": .., "scale": ..}
+
+    def for_mode(self, mode: str) -> tuple[int, float]:
+        """(steps, scale) for ``mode``: its own, else the directory's, else UniDiffuser's 50 and 7."""
+        own = self.modes.get(mode, {})
+        steps = own.get("steps", self.steps if self.steps is not None else DEFAULT_STEPS)
+        return steps, own.get("scale", self.scale if self.scale is not None else DEFAULT_SCALE)
+
+    def to_json(self) -> dict:
+        doc = {k: v for k, v in (("steps", self.steps), ("scale", self.scale)) if v is not None}
+        return doc | ({"modes": self.modes} if self.modes else {})
+
+    @classmethod
+    def from_json(cls, raw) -> "SamplingDefaults":
+        """Checked; a problem raises ValueError naming it."""
+        from .modes import MODES
+
+        def values(doc, where: str, allowed: tuple[str, ...]) -> dict:
+            if not isinstance(doc, dict):
+                raise ValueError(f"{where}expected a JSON object")
+            for key in doc:
+                if key not in allowed:
+                    raise ValueError(f"{where}unknown key {key!r} (known: {', '.join(allowed)})")
+            steps, scale = doc.get("steps"), doc.get("scale")
+            if steps is not None and (type(steps) is not int or steps < 1):
+                raise ValueError(f"{where}steps must be an integer >= 1 (got {steps!r})")
+            if scale is not None and (type(scale) not in (int, float) or not 0 <= scale < float("inf")):
+                raise ValueError(f"{where}scale must be a number >= 0 (got {scale!r})")
+            return {k: v for k, v in (("steps", steps), ("scale", None if scale is None else float(scale)))
+                    if v is not None}
+
+        top = values(raw, "", ("steps", "scale", "modes"))
+        modes = raw.get("modes", {})
+        if not isinstance(modes, dict):
+            raise ValueError("modes: expected a JSON object")
+        for mode in modes:
+            if mode not in MODES:
+                raise ValueError(f"unknown mode {mode!r} (known: {', '.join(MODES)})")
+        return cls(top.get("steps"), top.get("scale"),
+                   {m: values(v, f"modes.{m}: ", ("steps", "scale")) for m, v in modes.items()})
 
 
 @dataclass
@@ -44,6 +98,7 @@ class BiDiffuserConfig:
     files: dict[str, str] = field(default_factory=dict)  # component -> path (relative to root)
     data_type: int = 1                   # v1 samples with the "high quality" data-type token
     clip_backend: str = "transformers"
+    sampling_defaults: SamplingDefaults | None = None  # how this model samples when not told (optional)
 
     def path(self, component: str) -> Path:
         p = Path(self.files[component])
@@ -58,7 +113,8 @@ class BiDiffuserConfig:
         directory keeps its fingerprint; changing any weight file or config value changes it.
         """
         h = hashlib.sha256()
-        config = {k: v for k, v in self.to_json().items() if k != "files"}
+        # sampling defaults are advice on using the weights, not part of them
+        config = {k: v for k, v in self.to_json().items() if k not in ("files", "sampling_defaults")}
         h.update(json.dumps(config, sort_keys=True, separators=(",", ":")).encode())
         for component in sorted(self.files):
             path = self.path(component)
@@ -84,7 +140,7 @@ class BiDiffuserConfig:
             "data_type": self.data_type, "clip_backend": self.clip_backend, "files": self.files,
             "uvit": self.uvit.to_dict(), "caption_decoder": self.caption_decoder.to_dict(),
             "autoencoder": self.autoencoder.to_dict(),
-        }
+        } | ({"sampling_defaults": self.sampling_defaults.to_json()} if self.sampling_defaults is not None else {})
 
     def validate(self) -> None:
         """Cross-component consistency; each failure is one line naming both sides."""
@@ -131,6 +187,11 @@ def read_config(directory: str | os.PathLike) -> BiDiffuserConfig:
             data_type=int(raw.get("data_type", 1)), clip_backend=raw.get("clip_backend", "transformers"))
     except (KeyError, TypeError, ValueError) as e:
         raise BiDiffuserError(f"{cfg_path}: bad config: {e}") from None
+    if "sampling_defaults" in raw:
+        try:
+            cfg.sampling_defaults = SamplingDefaults.from_json(raw["sampling_defaults"])
+        except ValueError as e:
+            raise BiDiffuserError(f"{cfg_path}: bad sampling_defaults: {e}") from None
     cfg.validate()
     return cfg
 
@@ -140,6 +201,19 @@ def write_config(cfg: BiDiffuserConfig) -> Path:
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(cfg.to_json(), indent=2) + "\n")
     return path
+
+
+def set_sampling_defaults(directory: str | os.PathLike, steps: int | None = None, scale: float | None = None,
+                          modes: dict[str, dict] | None = None) -> BiDiffuserConfig:
+    """Record in ``DIR/bidiffuser.json`` how the model samples when not told (all None: the record is removed)."""
+    cfg = read_config(directory)
+    doc = {k: v for k, v in (("steps", steps), ("scale", scale), ("modes", modes)) if v is not None}
+    try:
+        cfg.sampling_defaults = SamplingDefaults.from_json(doc) if doc else None
+    except ValueError as e:
+        raise BiDiffuserError(f"sampling defaults for {cfg.root}: {e}") from None
+    write_config(cfg)
+    return cfg
 
 
 def place_component(src: str | os.PathLike, dst: Path, copy: bool = False) -> None:
@@ -169,7 +243,7 @@ OFFICIAL_FILES = {
 def init_tiny(directory: str | os.PathLike, seed: int = 0, resolution: int = 32, *,
               uvit: UViTConfig | None = None, autoencoder: AutoencoderConfig | None = None,
               caption_decoder: CaptionDecoderConfig | None = None, corpus: list[str] | None = None,
-              clip_layers: int = 2) -> BiDiffuserConfig:
+              clip_layers: int = 2, sampling_defaults: SamplingDefaults | None = None) -> BiDiffuserConfig:
     """Write a complete random-initialised small BiDiffuser directory in the official file formats.
 
     Without component configs it is the test size. Given configs set the sizes; the fields that
@@ -199,7 +273,7 @@ def init_tiny(directory: str | os.PathLike, seed: int = 0, resolution: int = 32,
         save_torch(decoder_official_state_dict(decoder), root / OFFICIAL_FILES["caption_decoder"])
         save_torch(vae_official_state_dict(build_autoencoder(vae_cfg), vae_cfg), root / OFFICIAL_FILES["autoencoder"])
     cfg = BiDiffuserConfig(root=root, resolution=resolution, uvit=uvit_cfg, caption_decoder=dec_cfg,
-                           autoencoder=vae_cfg, files=dict(OFFICIAL_FILES))
+                           autoencoder=vae_cfg, files=dict(OFFICIAL_FILES), sampling_defaults=sampling_defaults)
     cfg.validate()
     write_config(cfg)
     return cfg

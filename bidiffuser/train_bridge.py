@@ -17,9 +17,11 @@ image (and its CLIP embedding) noised at n, the text slot filled by the bridge a
 With probability ``uncond_prob`` a row's text is UniDiffuser's "true uncond" input instead (Gaussian
 noise at t_text = N), so classifier-free guidance keeps a trained branch. The U-ViT gets LoRA (peft) on
 ``qkv``, ``proj``, ``fc1``, ``fc2``; the LM stays frozen unless ``lm_lora_rank`` asks for LoRA on its
-attention. Only the bridge and the LoRA matrices train, checkpoint and are written. The result is a
-bridge directory (``config.json`` + named safetensors); stage B usually starts from stage A's
-(``init``). Every random draw of a row comes from ``train.sample_generator(seed, epoch, index)``.
+attention (stage t2i; a preset's LM LoRA waits for that stage). Only the bridge and the LoRA matrices
+train, checkpoint and are written (their EMA with ``ema_decay``). The result is a bridge directory
+(``config.json`` + named safetensors); stage B usually starts from stage A's (``init``), whose LoRAs
+carry on. The text model runs in the run's ``dtype``. Every random draw of a row comes from
+``train.sample_generator(seed, epoch, index)``.
 """
 from __future__ import annotations
 
@@ -38,15 +40,16 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from tqdm import tqdm
 
 from .autoencoder import sample_posterior
-from .bridge import (LM_LORA_TARGETS, UVIT_LORA_TARGETS, Bridge, BridgeConfig, LoraSettings, TextModel, add_lora,
-                     check_fits, load_lora, load_text_model, lora_state_dict, read_bridge, save_bridge)
+from .bridge import (LM_LORA, LM_LORA_TARGETS, UVIT_LORA_TARGETS, Bridge, BridgeConfig, LoraHooks, LoraSettings,
+                     TextModel, add_lora, check_fits, load_lora, load_text_model, lora_state_dict, read_bridge,
+                     save_bridge)
 from .captions import read_caption_tsv
 from .distributed import barrier, init_distributed, shutdown
 from .errors import BiDiffuserError
 from .images import load_image
 from .model_dir import read_config
 from .sampler import NoiseSchedule
-from .train import (KILL_ENV, LossLog, _check_resume, _gradient_sync, _noise_mse, _run_signature, gather_full,
+from .train import (EMA, KILL_ENV, LossLog, _check_resume, _gradient_sync, _noise_mse, _run_signature, gather_full,
                     lr_scheduler, sample_generator, snr_weights, step_plan)
 from .train_checkpoint import complete_checkpoints, load_checkpoint, save_checkpoint
 from .uvit import load_uvit
@@ -64,7 +67,7 @@ PRESETS = {
 DEFAULTS = dict(kind="resampler", timestep_aware=True, width=768, depth=6, heads=8, max_length=128, layer=-1,
                 uvit_lora_rank=32, lm_lora_rank=0, lora_dropout=0.1, lr=1e-4, lm_lr=5e-6)
 _RUN_KEYS = ("stage", "seed", "batch_size", "grad_accum", "warmup_ratio", "weight_decay", "max_grad_norm",
-             "lr_schedule", "uncond_prob", "snr_gamma", "lora_alpha", "distill_teacher", *DEFAULTS)
+             "lr_schedule", "uncond_prob", "snr_gamma", "lora_alpha", "distill_teacher", "ema_decay", *DEFAULTS)
 
 
 @dataclass
@@ -108,15 +111,19 @@ class BridgeTrainConfig:
     log_every: int = 10
     seed: int = 42
     device: str | None = None
-    dtype: str = "float32"
+    dtype: str = "float32"              # bfloat16: the frozen encoders and the text model's weights, autocast
     skip_bad_rows: bool = False
     encode_once: bool = False           # frozen encodings (LM states, CLIP targets, image posteriors) once
+    ema_decay: float | None = None      # an EMA of the trained weights, written instead of the raw ones
+    activation_checkpointing: bool = False  # recompute the bridge's, U-ViT's and LoRA'd LM's blocks in backward
 
     def resolved(self) -> "BridgeTrainConfig":
         """Unset settings from the preset, then from DEFAULTS; checked."""
         if self.preset is not None and self.preset not in PRESETS:
             raise BiDiffuserError(f"unknown bridge preset {self.preset!r} (known: {', '.join(PRESETS)})")
         fill = {**DEFAULTS, **PRESETS.get(self.preset, {})}
+        if self.stage == "distill":  # a preset's LM LoRA is for its stage t2i; distilling keeps the LM frozen
+            fill["lm_lora_rank"] = 0
         cfg = dataclasses.replace(self, **{k: v for k, v in fill.items() if getattr(self, k) is None})
         problems = []
         if cfg.stage not in STAGES:
@@ -125,6 +132,8 @@ class BridgeTrainConfig:
             problems.append("LoRA ranks must be >= 0")
         if cfg.stage == "distill" and cfg.lm_lora_rank:
             problems.append("LM LoRA trains in stage t2i (distillation keeps the LM frozen)")
+        if cfg.ema_decay is not None and not 0.0 <= cfg.ema_decay < 1.0:
+            problems.append("ema_decay must lie in [0, 1)")
         if cfg.distill_teacher not in ("same", "first"):
             problems.append("distill_teacher must be same or first")
         if not 0.0 <= cfg.uncond_prob < 1.0:
@@ -168,10 +177,12 @@ class BridgeTrainee(nn.Module):
                         self._data_type, self._snr_gamma)
 
 
-def _build(cfg: BridgeTrainConfig, source, text: TextModel, device, schedule: NoiseSchedule):
-    """(trainee, bridge config, U-ViT LoRA settings, LM LoRA settings), from ``init`` when given."""
+def _build(cfg: BridgeTrainConfig, source, text: TextModel, device, schedule: NoiseSchedule, init):
+    """(trainee, bridge config, U-ViT LoRA settings, LM LoRA settings, kept), from ``init`` (a read bridge
+    directory) when given. The init bridge's LoRAs carry on: trained on in stage t2i (its settings win over
+    the rank flags), and in stage distill left as they are (the LM reads through its LoRA, frozen) and
+    written back unchanged: ``kept`` maps "uvit_lora" / "lm_lora" to those (settings, weights)."""
     u = source.uvit
-    init = read_bridge(cfg.init) if cfg.init else None
     if init is not None:
         bcfg = init.config
     else:
@@ -184,25 +195,46 @@ def _build(cfg: BridgeTrainConfig, source, text: TextModel, device, schedule: No
     text.pad_to = bcfg.num_tokens if bcfg.kind == "per_token" else None
     bridge = init.build(device) if init is not None else Bridge(bcfg).to(device)
     bridge.train().requires_grad_(True)
+    bridge.net.checkpointing = cfg.activation_checkpointing
     uvit = uvit_lora = lm = lm_lora = None
+    kept = {}
+    init_uvit, init_lm = (init.uvit_lora, init.lm_lora) if init is not None else (None, None)
     if cfg.stage == "t2i":
         uvit = load_uvit(source.path("uvit"), u, device, torch.float32)
-        uvit_lora = init.uvit_lora if init is not None and init.uvit_lora else (
+        uvit_lora = init_uvit or (
             LoraSettings(cfg.uvit_lora_rank, cfg.lora_alpha or cfg.uvit_lora_rank, cfg.lora_dropout, list(UVIT_LORA_TARGETS))
             if cfg.uvit_lora_rank else None)
         if uvit_lora is not None:
             add_lora(uvit, uvit_lora)
-            if init is not None and init.uvit_lora:
+            if init_uvit:
                 load_lora(uvit, init.uvit_lora_weights(), cfg.init)
         else:
             uvit.requires_grad_(False)
         uvit.to(device).train()
-        if cfg.lm_lora_rank:
-            lm_lora = LoraSettings(cfg.lm_lora_rank, cfg.lora_alpha or cfg.lm_lora_rank, cfg.lora_dropout,
-                                   list(LM_LORA_TARGETS))
+        for block in [*uvit.in_blocks, uvit.mid_block, *uvit.out_blocks]:
+            block.use_checkpoint = cfg.activation_checkpointing
+        lm_lora = init_lm or (LoraSettings(cfg.lm_lora_rank, cfg.lora_alpha or cfg.lm_lora_rank, cfg.lora_dropout,
+                                           list(LM_LORA_TARGETS)) if cfg.lm_lora_rank else None)
+        if lm_lora is not None:
             lm = add_lora(text.model, lm_lora).train()
+            if init_lm:
+                load_lora(lm, init.lm_lora_weights(), init.root / LM_LORA)
+            for p in lm.parameters():  # trained weights stay float32 on a bfloat16 LM (peft makes them its dtype)
+                if p.requires_grad:
+                    p.data = p.data.float()
+            if cfg.activation_checkpointing:
+                if not getattr(lm, "supports_gradient_checkpointing", False):
+                    raise BiDiffuserError(f"--activation-checkpointing: the text model ({type(lm).__name__}) does "
+                                          f"not support gradient checkpointing")
+                lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        if init_uvit:
+            kept["uvit_lora"] = (init_uvit, init.uvit_lora_weights())
+        if init_lm:
+            kept["lm_lora"] = (init_lm, init.lm_lora_weights())
+            text.lora = LoraHooks(text.model, init_lm, kept["lm_lora"][1], init.root / LM_LORA)
     trainee = BridgeTrainee(bridge, uvit, lm, text, schedule, source.data_type, cfg.uncond_prob, cfg.snr_gamma)
-    return trainee, bcfg, uvit_lora, lm_lora
+    return trainee, bcfg, uvit_lora, lm_lora, kept
 
 
 def _wrap(trainee: BridgeTrainee, cfg: BridgeTrainConfig, env):
@@ -310,18 +342,24 @@ def train_bridge(cfg: BridgeTrainConfig, text_model=None) -> Path:
         run.mkdir(parents=True, exist_ok=True)
         (run / "train_config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=1))
     source = read_config(cfg.model)
+    init = read_bridge(cfg.init) if cfg.init else None
     amp = torch.bfloat16 if cfg.dtype == "bfloat16" else torch.float32
     pipe = BiDiffuser(source, device=env.device, dtype=amp)
-    model_, tokenizer = text_model if text_model is not None else load_text_model(cfg.text_model, env.device)
+    # The text model in the run's dtype (a 7B LLM in bfloat16: 13.5 GB, not 27); under FSDP a LoRA'd LM stays
+    # float32, as every sharded weight does (FSDP's mixed precision casts it for compute).
+    lm_trains = cfg.stage == "t2i" and bool(cfg.lm_lora_rank or (init is not None and init.lm_lora))
+    lm_dtype = amp if not (lm_trains and env.distributed and cfg.strategy == "fsdp") else torch.float32
+    model_, tokenizer = text_model if text_model is not None else load_text_model(cfg.text_model, env.device, lm_dtype)
     text = TextModel(model_, tokenizer)
     schedule = NoiseSchedule.stable_diffusion()
     with torch.random.fork_rng(devices=[env.device] if env.device.type == "cuda" else []):
         torch.manual_seed(cfg.seed)  # the same initial bridge and LoRA weights on every rank and every rerun
-        trainee, bcfg, uvit_lora, lm_lora = _build(cfg, source, text, env.device, schedule)
+        trainee, bcfg, uvit_lora, lm_lora, kept = _build(cfg, source, text, env.device, schedule, init)
     torch.manual_seed(cfg.seed + 1 + env.rank)  # LoRA dropout: its own stream per rank (a resume restores it)
 
     sampler, steps_per_epoch, total_steps = step_plan(cfg, len(rows), env)
     model, optimizer = _wrap(trainee, cfg, env)
+    ema = EMA(trainee, cfg.ema_decay) if cfg.ema_decay is not None else None
     scheduler = lr_scheduler(optimizer, cfg, total_steps)
     autocast = (lambda: torch.autocast(env.device.type, dtype=torch.bfloat16)) \
         if amp == torch.bfloat16 and cfg.strategy != "fsdp" else nullcontext
@@ -331,7 +369,7 @@ def train_bridge(cfg: BridgeTrainConfig, text_model=None) -> Path:
     if previous:
         saved = json.loads((previous[-1] / "trainer_state.json").read_text()).get("run", {})
         _check_resume(previous[-1], saved, signature)
-        state = load_checkpoint(previous[-1], model, optimizer, env)
+        state = load_checkpoint(previous[-1], model, optimizer, env, ema.state() if ema else None)
         step = state["step"]
         scheduler.load_state_dict(state["scheduler"])
         if env.is_main:
@@ -372,26 +410,33 @@ def train_bridge(cfg: BridgeTrainConfig, text_model=None) -> Path:
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
+        if ema is not None:
+            ema.update()
         step += 1
         bar.update(1)
         log.step(step, epoch, scheduler.get_last_lr()[0], bar, step % cfg.log_every == 0 or step == total_steps)
         if step % cfg.save_every == 0 or step == total_steps:
             save_checkpoint(run, step, model, optimizer, {"scheduler": scheduler.state_dict(), "run": signature},
-                            env, keep_last=cfg.keep_last)
+                            env, keep_last=cfg.keep_last, extra_state=ema.state() if ema else None)
         if step == kill_at:  # fault injection for the resume test
             os.kill(os.getpid(), signal.SIGKILL)
     bar.close()
     log.close()
 
+    if ema is not None:  # the EMA is what gets written
+        with torch.no_grad():
+            for name, p in ema.params.items():
+                p.copy_(ema.shadow[name])
     bridge_sd = gather_full(trainee.bridge.state_dict(), env.is_main)
     uvit_sd = gather_full(lora_state_dict(trainee.uvit), env.is_main) if uvit_lora is not None else None
     lm_sd = gather_full(lora_state_dict(trainee.lm), env.is_main) if lm_lora is not None else None
     if env.is_main:
-        save_bridge(out, bcfg, bridge_sd, uvit_lora=(uvit_lora, uvit_sd) if uvit_lora is not None else None,
-                    lm_lora=(lm_lora, lm_sd) if lm_lora is not None else None,
+        save_bridge(out, bcfg, bridge_sd,
+                    uvit_lora=(uvit_lora, uvit_sd) if uvit_lora is not None else kept.get("uvit_lora"),
+                    lm_lora=(lm_lora, lm_sd) if lm_lora is not None else kept.get("lm_lora"),
                     text_model=str(Path(cfg.text_model).resolve()),
                     info={"stage": cfg.stage, "steps": step, "init": cfg.init, "bidiffuser": str(cfg.model),
-                          "preset": cfg.preset})
+                          "preset": cfg.preset, **({"ema_decay": cfg.ema_decay} if ema is not None else {})})
         print(f"wrote bridge directory {out} (stage {cfg.stage}, step {step})")
     barrier()
     shutdown()

@@ -150,3 +150,73 @@ def test_assemble_in_the_download_folder_keeps_the_files(cli, tiny_dir, tmp_path
     assert r.returncode == 0, r.stderr
     assert not (out / "uvit_v1.pth").is_symlink() and (out / "uvit_v1.pth").read_bytes() == before
     assert (out / "clip_text" / "config.json").is_file()
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--bridge-stage", "t2i", "--copy"], "--copy writes a BiDiffuser directory"),
+    (["--bridge-stage", "t2i", "--distill-teacher", "first"], "--distill-teacher belongs to --bridge-stage distill"),
+    (["--bridge-stage", "distill", "--uncond-prob", "0.2"], "--uncond-prob belongs to --bridge-stage t2i"),
+    (["--text-model", "llm"], "--text-model trains a bridge: give --bridge-stage"),
+    (["--bridge-preset", "ella"], "--bridge-preset trains a bridge: give --bridge-stage"),
+    (["--uvit-lora-rank", "4"], "--uvit-lora-rank trains a bridge: give --bridge-stage"),
+    (["--bridge-stage", "distill", "--snr-gamma", "5"], "--snr-gamma belongs to --bridge-stage t2i"),
+    (["--bridge-stage", "t2i", "--bridge-init", "b", "--bridge-width", "8", "--bridge-layer", "-2"],
+     "--bridge-width, --bridge-layer: the bridge's shape comes from --bridge-init"),
+    (["--bridge-stage", "t2i", "--lm-lr", "1e-4"], "--lm-lr is the LM LoRA's learning rate, and no LM LoRA trains"),
+    (["--bridge-stage", "t2i", "--uvit-lora-rank", "0", "--lora-alpha", "4"], "--lora-alpha set up a new LoRA"),
+])
+def test_train_flags_that_do_nothing_here_are_refused(cli, tiny_dir, tmp_path, args, message):
+    """Every flag `train` accepts acts on the run it starts; the others are refused in one line."""
+    (tmp_path / "c.tsv").write_text("image\tcaption\n")
+    llm = ["--text-model", "llm"] if "--bridge-stage" in args else []
+    r = cli("train", "--model", tiny_dir, "--data", tmp_path / "c.tsv", "--out", tmp_path / "o", *args, *llm)
+    assert r.returncode == 2 and message in r.stderr, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and not (tmp_path / "o").exists()
+
+
+def _with_defaults(tiny_dir, out, **defaults):
+    """A copy of the tiny model whose bidiffuser.json carries its own sampling defaults."""
+    import shutil
+
+    from bidiffuser.model_dir import set_sampling_defaults
+    shutil.copytree(tiny_dir, out)
+    set_sampling_defaults(out, **defaults)
+    return out
+
+
+def _png(cli, model, out, *args):
+    r = cli("sample", "--model", model, "--prompt", "a red circle", "--mode", "t2i", "--quiet", "--out", out, *args)
+    assert r.returncode == 0, r.stderr
+    return (out / "t2i-1234-0.png").read_bytes()
+
+
+def test_sample_uses_the_model_directorys_own_defaults(cli, tiny_dir, tmp_path):
+    """bidiffuser.json may say how its model draws best (the shapes demo: 20 steps, scale 0.2); --steps and
+    --scale still win, and a mode can have its own (the demo reads images at scale 1)."""
+    from bidiffuser.model_dir import read_config
+    model = _with_defaults(tiny_dir, tmp_path / "m", steps=2, scale=0.5, modes={"i2t": {"scale": 1.0}})
+    cfg = read_config(model)
+    assert cfg.sampling_defaults.for_mode("t2i") == (2, 0.5) and cfg.sampling_defaults.for_mode("i2t") == (2, 1.0)
+    assert cfg.fingerprint() == read_config(tiny_dir).fingerprint()  # not part of the weights' identity
+    own = _png(cli, model, tmp_path / "own")
+    assert own == _png(cli, tiny_dir, tmp_path / "explicit", "--steps", "2", "--scale", "0.5")
+    assert own != _png(cli, model, tmp_path / "scale", "--scale", "3")
+    assert _png(cli, model, tmp_path / "steps", "--steps", "3") == _png(cli, tiny_dir, tmp_path / "s3", "--steps", "3",
+                                                                         "--scale", "0.5")
+
+
+def test_sampling_defaults_survive_rewrites_and_bad_ones_are_refused(cli, tiny_dir, tmp_path):
+    import dataclasses
+    import json
+
+    from bidiffuser.model_dir import read_config, write_config
+    model = _with_defaults(tiny_dir, tmp_path / "m", steps=20, scale=0.2)
+    write_config(dataclasses.replace(read_config(model)))  # e.g. train_autoencoder rewriting the config
+    assert json.loads((model / "bidiffuser.json").read_text())["sampling_defaults"] == {"steps": 20, "scale": 0.2}
+    assert "sampling_defaults" not in json.loads((tiny_dir / "bidiffuser.json").read_text())  # optional
+    doc = json.loads((model / "bidiffuser.json").read_text())
+    for bad, message in (({"steps": 0}, "steps must be an integer >= 1"), ({"scale": "x"}, "scale must be a number"),
+                         ({"modes": {"x2y": {}}}, "unknown mode 'x2y'"), ({"step": 3}, "unknown key 'step'")):
+        (model / "bidiffuser.json").write_text(json.dumps({**doc, "sampling_defaults": bad}))
+        r = cli("sample", "--model", model, "--mode", "t", "--quiet")
+        assert r.returncode == 2 and "bidiffuser.json: bad sampling_defaults: " + message in r.stderr, r.stderr

@@ -91,3 +91,48 @@ def test_draw_with_flag_reaches_the_engine(bridged_model):
         resolve_model(args)
         loaded, _, _ = load_engine(args)
         assert loaded.draw_with == want
+
+
+@pytest.fixture(scope="module")
+def lavi_model(tiny_dir, tiny_easygen_dir, captions, tmp_path_factory) -> Path:
+    """A copy of the tiny EasyGen directory whose MODEL/bridge was trained with the lavi-bridge preset
+    (per-token adapter, LoRA on the U-ViT and on the LLM's attention) from its own LLM."""
+    model = tmp_path_factory.mktemp("lavi") / "model"
+    shutil.copytree(tiny_easygen_dir, model, symlinks=True)
+    train_bridge(BridgeTrainConfig(model=str(tiny_dir), data=str(captions), out=str(model / "bridge"),
+                                   text_model=str(model), preset="lavi-bridge", stage="t2i", steps=2, batch_size=4,
+                                   uvit_lora_rank=2, lm_lora_rank=2, lm_lr=1e-2, seed=0))
+    return model
+
+
+def test_a_bridge_with_llm_lora_draws_in_chat_and_the_chat_is_unchanged(lavi_model, tmp_path):
+    """The builder hands the chat LLM to the bridge; its LoRA is on only while a description is read."""
+    import copy
+
+    from bidiffuser.bridge import TextModel, add_lora, load_lora
+    loaded = load_pretrained(lavi_model, device="cpu")
+    files = loaded.bidiffuser.bridge_files
+    assert loaded.draw_with == "bridge" and files.lm_lora is not None and files.config.kind == "per_token"
+    overfit(loaded, DRAW)
+    probe = torch.tensor([loaded.tokenizer("USER: Draw a red square. ASSISTANT: Here it is").input_ids])
+    with torch.no_grad():
+        before = loaded.model(input_ids=probe).logits
+    assistant = Assistant(loaded, GenerationSettings(temperature=0, seed=0, image_steps=2, image_scale=0.0),
+                          out_dir=tmp_path)
+    reply = assistant.send("Draw a red square.")
+    assert reply.image_descriptions == ["a red square"] and reply.image_paths[0].is_file()
+    with torch.no_grad():
+        assert torch.equal(loaded.model(input_ids=probe).logits, before)
+    assert assistant.send("Draw a red square.").text == reply.text  # the next answer as the first
+    assert not any("lora" in k for k in loaded.model.state_dict())  # nothing stays in the chat LLM
+
+    # what the drawing read: the LLM with the bridge's LoRA, as peft puts it in (on a private copy)
+    c = files.config
+    reference = copy.deepcopy(loaded.model)
+    add_lora(reference, files.lm_lora)
+    load_lora(reference, files.lm_lora_weights(), files.root)
+    want, _ = TextModel(reference.eval(), loaded.tokenizer, c.layer, c.max_length, c.num_tokens).encode(["a red square"])
+    base, _ = TextModel(loaded.model, loaded.tokenizer, c.layer, c.max_length, c.num_tokens).encode(["a red square"])
+    got, _ = loaded.bidiffuser.encode_bridge(["a red square"])
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert (got - base).abs().max() > 1e-3  # the LoRA did change what the drawing read
