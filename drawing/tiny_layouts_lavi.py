@@ -139,9 +139,10 @@ def t5_tokenizer_json() -> dict:
                 "normalized": False, "special": True} for i, c in enumerate(("<pad>", "</s>", "<unk>"))]
     return {
         "version": "1.0", "truncation": None, "padding": None, "added_tokens": special,
-        "normalizer": {"type": "Replace", "pattern": {"Regex": " {2,}"}, "content": " "},
-        # Metaspace written as t5-large's own file writes it (older tokenizers read only this form)
-        "pre_tokenizer": {"type": "Metaspace", "replacement": "▁", "add_prefix_space": True},
+        "normalizer": None,
+        # t5-large's own pipeline, Metaspace written as its file writes it (older tokenizers read only this form)
+        "pre_tokenizer": {"type": "Sequence", "pretokenizers": [
+            {"type": "WhitespaceSplit"}, {"type": "Metaspace", "replacement": "▁", "add_prefix_space": True}]},
         "post_processor": {
             "type": "TemplateProcessing",
             "single": [{"Sequence": {"id": "A", "type_id": 0}}, {"SpecialToken": {"id": "</s>", "type_id": 0}}],

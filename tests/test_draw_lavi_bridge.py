@@ -225,3 +225,14 @@ def test_real_size_trees_take_the_released_counts(which, count, first):
     assert (sites[0].name, *sites[0].expected_shapes(32)) == first
     assert len({s.name for s in sites}) == count  # no module met twice
     assert [s.name for s in sites] == GOLDEN["sentinel_real_size"][which]
+
+
+def test_tokens_are_the_scripts_tokens(tiny, backends):
+    """Runs of spaces, tabs, a trailing space, special tokens written as text: the ids (and PixArt's
+    120-token mask) the scripts' LlamaTokenizer / AutoTokenizer give on transformers 4.38."""
+    llama = backend(backends, tiny, "llama2_unet").text
+    t5 = backend(backends, tiny, "t5_unet").text
+    probes, want = GOLDEN["probes"], GOLDEN["token_ids"]
+    assert [llama.ids(p, 77) for p in probes] == want["llama_77"]
+    assert t5.tokenize(probes, 77)[0].tolist() == want["t5_77"]
+    assert t5.tokenize(probes, 120)[1].tolist() == want["t5_120_mask"]

@@ -36,6 +36,9 @@ PROMPTS = ["a red circle",
            "but also the fragrant and delicate blooms of a lilac, all while taking on the mesmerizing form of a "
            "strip, capturing the essence of nature's diverse beauty and mathematical intrigue."]
 SEEDS = [0, 7]
+# Tokenizer probes: runs of spaces, tabs, trailing space, special tokens written as text, the word-start mark
+PROBES = ["a red circle", "  two leading spaces", "tabs\tand\nnewlines", "Ünïcödé façade — naïve café 🦙",
+          "a  b   c", "ends with space ", "<s> literal </s> specials<unk>", "x</s>y", "▁marker ▁", "word " * 100, ""]
 STEPS, GUIDANCE, SIZE = 6, 7.5, 64
 # PATCH: with LaVi-Bridge's torch 2.0.1, transformers 4.38 builds Llama with eager attention (its SDPA
 # class needs torch >= 2.1.1), whose class is ``LlamaAttention``, the name the script targets. On a newer
@@ -153,6 +156,15 @@ def main() -> None:
         real_sentinels = {name: real_size_sentinel(model, targets, monkeypatch_or_replace_lora_extended, injected)
                           for name, (model, targets) in real_trees.items()}
 
+    # the scripts' tokenizers as the scripts set them up and call them
+    llama_tok = LlamaTokenizer.from_pretrained(llama_dir)
+    llama_tok.pad_token = '[PAD]'
+    t5_tok = AutoTokenizer.from_pretrained(t5_dir)
+    token_ids = {"llama_77": [llama_tok(p, padding="max_length", max_length=77, truncation=True).input_ids for p in PROBES],
+                 "t5_77": [t5_tok(p, padding="max_length", max_length=77, truncation=True).input_ids for p in PROBES],
+                 "t5_120_mask": [t5_tok(p, padding="max_length", max_length=120, add_special_tokens=True,
+                                        truncation=True).attention_mask for p in PROBES]}
+
     images, pad_ids = {}, {}
     for combo in ("llama2_unet", "t5_unet", "t5_transformer"):
         ckpt_dir = tiny / combo
@@ -263,6 +275,7 @@ def main() -> None:
                      "python": sys.version.split()[0]},
         "prompts": PROMPTS, "seeds": SEEDS, "steps": STEPS, "guidance": GUIDANCE, "width": SIZE, "height": SIZE,
         "pad_token_ids": pad_ids,
+        "probes": PROBES, "token_ids": token_ids,
         "files": {str(p.relative_to(tiny)): hashlib.sha256(p.read_bytes()).hexdigest() for p in files},
         "sentinel": sentinels,
         "sentinel_real_size": real_sentinels,
