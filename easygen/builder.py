@@ -321,9 +321,13 @@ def load_drawer(draw_with: str, drawer: str | os.PathLike | None, device, option
     from drawing.backend import Offloaded
     options = dict(options or {})
     target = options.pop("device", device)
-    if options.pop("offload", False):  # weights on the CPU, on the device only while drawing
-        return Offloaded(load_backend(draw_with, drawer, device="cpu", **options), target)
-    return load_backend(draw_with, drawer, device=target, **options)
+    # steps, guidance, width, height: this server's defaults instead of the reference's
+    settings = {k: options.pop(k) for k in ("steps", "guidance", "width", "height") if k in options}
+    offload = options.pop("offload", False)
+    backend = load_backend(draw_with, drawer, device="cpu" if offload else target, **options)
+    backend.defaults = backend.defaults.override(**settings)
+    # offload: the weights wait on the CPU and visit the device only while drawing
+    return Offloaded(backend, target) if offload else backend
 
 
 def save_pretrained(model: EasyGenForCausalLM, tokenizer, out_dir: str | os.PathLike,

@@ -1,0 +1,145 @@
+"""EasyGen's image replies drawn by the released systems, from their files in the layout users
+download (tiny, random): through the Assistant, `easygen chat`, `easygen serve` (official OpenAI
+client) and `easygen worker` (the stock FastChat controller and API server). The picture is the
+backend's own drawing of the description, and the next turn shows it to the LLM."""
+from __future__ import annotations
+
+import base64
+import io
+import sys
+from pathlib import Path
+
+import numpy as np
+import openai
+import pytest
+from PIL import Image
+
+from easygen.assistant import Assistant, GenerationSettings
+from easygen.builder import load_pretrained, save_pretrained
+from easygen.cli import main as easygen_main
+
+from .conftest import overfit
+from .serving import easygen_serve, free_port, running
+
+SIDE = 64  # drawn at 64 px (the references' 512 px would only slow the tests)
+ASK, DESCRIPTION = "draw a red circle", "a red circle"
+
+
+def _ella(root: Path) -> tuple[Path, list[str]]:
+    from drawing.tiny_layouts_ella import write_tiny_ella
+    return write_tiny_ella(root / "ella"), []
+
+
+def _lavi(root: Path) -> tuple[Path, list[str]]:
+    from drawing.tiny_layouts_lavi import write_tiny_lavi
+    return write_tiny_lavi(root / "lavi") / "t5_unet", []
+
+
+LAYOUTS = {"ella": _ella, "lavi-bridge": _lavi}
+
+
+@pytest.fixture(scope="module")
+def drawer_dirs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("released")
+    return {name: make(root) for name, make in LAYOUTS.items()}
+
+
+@pytest.fixture(scope="module")
+def drawing_model(tiny_easygen_dir, tmp_path_factory):
+    """The tiny EasyGen model taught to answer ASK with <Img>DESCRIPTION</Img>, saved as a model directory."""
+    loaded = load_pretrained(tiny_easygen_dir, device="cpu")
+    assert overfit(loaded, [{"role": "user", "content": ASK},
+                            {"role": "assistant", "content": f"<Img>{DESCRIPTION}</Img>"}]) < 0.1
+    out = tmp_path_factory.mktemp("drawing_model") / "model"
+    return save_pretrained(loaded.model, loaded.tokenizer, out, tiny_easygen_dir / "bidiffuser")
+
+
+def _flags(name: str, drawer_dirs) -> list[str]:
+    path, extra = drawer_dirs[name]
+    return ["--draw-with", name, "--drawer", str(path), "--drawer-option", f"width={SIDE}",
+            "--drawer-option", f"height={SIDE}", "--drawer-option", "steps=2", *extra]
+
+
+def _load(model, name, drawer_dirs):
+    path, _ = drawer_dirs[name]
+    return load_pretrained(model, device="cpu", draw_with=name, drawer=path,
+                           drawer_options={"width": SIDE, "height": SIDE, "steps": 2})
+
+
+def _pixels(image) -> np.ndarray:
+    return np.asarray(image.convert("RGB"), dtype=np.int16)
+
+
+@pytest.mark.parametrize("name", list(LAYOUTS))
+def test_the_assistant_draws_with_the_backend_and_shows_the_picture_next(name, drawing_model, drawer_dirs, tmp_path):
+    from easygen.constants import IMAGE_TOKEN_ID
+    loaded = _load(drawing_model, name, drawer_dirs)
+    assert loaded.draw_with == name
+    a = Assistant(loaded, GenerationSettings(temperature=0, max_new_tokens=16, seed=5), out_dir=tmp_path)
+    reply = a.send(ASK)
+    assert reply.text == f"<Img>{DESCRIPTION}</Img>" and len(reply.image_paths) == 1
+    # the backend's own drawing of the description (its text encoder read it), with the turn's seed
+    expected = loaded.drawer.draw([DESCRIPTION], [5])[0]
+    assert expected.size == (SIDE, SIDE)
+    assert np.abs(_pixels(Image.open(reply.image_paths[0])) - _pixels(expected)).max() <= 1
+    turn = a.prepare("what color did you make it?")
+    assert turn.ids.count(IMAGE_TOKEN_ID) == loaded.model.config.num_image_tokens  # the drawn picture, shown
+
+
+@pytest.mark.parametrize("name", list(LAYOUTS))
+def test_easygen_chat_prompt_draws_with_the_backend(name, drawing_model, drawer_dirs, tmp_path, capsys):
+    rc = easygen_main(["chat", "--model-path", str(drawing_model), "--prompt", ASK, "--temperature", "0",
+                       "--out-dir", str(tmp_path / "pics"), "--feature-cache", str(tmp_path / "fc"),
+                       *_flags(name, drawer_dirs)])
+    out = capsys.readouterr().out
+    drawn = list((tmp_path / "pics").glob("*.png"))
+    assert rc == 0 and len(drawn) == 1 and str(drawn[0].name) in out
+    assert Image.open(drawn[0]).size == (SIDE, SIDE)
+
+
+def _data_url_image(markdown: str) -> Image.Image:
+    url = markdown.split("](", 1)[1].split(")", 1)[0]
+    assert url.startswith("data:image/png;base64,")
+    return Image.open(io.BytesIO(base64.b64decode(url.split(",", 1)[1])))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(LAYOUTS))
+def test_easygen_serve_draws_with_the_backend(name, drawing_model, drawer_dirs, tmp_path):
+    with easygen_serve(drawing_model, tmp_path, "--temperature", "0", *_flags(name, drawer_dirs)) as base:
+        c = openai.OpenAI(base_url=f"{base}/v1", api_key="none", max_retries=0, timeout=120)
+        chat = c.chat.completions.create(model=c.models.list().data[0].id, temperature=0, seed=3,
+                                         messages=[{"role": "user", "content": ASK}])
+        assert _data_url_image(chat.choices[0].message.content).size == (SIDE, SIDE)
+        r = c.images.generate(model=c.models.list().data[0].id, prompt=DESCRIPTION, n=1,
+                              response_format="b64_json", extra_body={"seed": 3})
+        assert Image.open(io.BytesIO(base64.b64decode(r.data[0].b64_json))).size == (SIDE, SIDE)
+        with pytest.raises(openai.BadRequestError, match=f"{SIDE}x{SIDE}"):
+            c.images.generate(model=c.models.list().data[0].id, prompt=DESCRIPTION, size="1024x1024")
+
+
+@pytest.mark.slow
+def test_easygen_worker_draws_with_each_backend(drawing_model, drawer_dirs, tmp_path):
+    """One stock controller and API server, one worker per backend (model names = backend names)."""
+    py = sys.executable
+    ctl, api = free_port(), free_port()
+    controller = f"http://127.0.0.1:{ctl}"
+    workers = {name: free_port() for name in LAYOUTS}
+    import contextlib
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(running([py, "-m", "fastchat.serve.controller", "--host", "127.0.0.1", "--port", str(ctl)],
+                                    f"{controller}/test_connection", tmp_path / "controller.log", cwd=tmp_path))
+        for name, port in workers.items():
+            stack.enter_context(running(
+                [py, "-m", "easygen.cli", "worker", "--model-path", str(drawing_model), "--port", str(port),
+                 "--controller-address", controller, "--model-name", name, "--temperature", "0",
+                 "--feature-cache", str(tmp_path / f"features-{name}"), *_flags(name, drawer_dirs)],
+                f"http://127.0.0.1:{port}/", tmp_path / f"worker-{name}.log", cwd=tmp_path))
+        stack.enter_context(running([py, "-m", "fastchat.serve.openai_api_server", "--host", "127.0.0.1",
+                                     "--port", str(api), "--controller-address", controller],
+                                    f"http://127.0.0.1:{api}/v1/models", tmp_path / "api.log", cwd=tmp_path))
+        c = openai.OpenAI(base_url=f"http://127.0.0.1:{api}/v1", api_key="none", max_retries=0, timeout=120)
+        assert sorted(m.id for m in c.models.list().data) == sorted(workers)
+        for name in workers:
+            chat = c.chat.completions.create(model=name, temperature=0, messages=[{"role": "user", "content": ASK}])
+            assert _data_url_image(chat.choices[0].message.content).size == (SIDE, SIDE), name
