@@ -54,10 +54,16 @@ class ParaDiffusionBackend:
         states = self.text_encoder(input_ids=ids.to(self.device), attention_mask=mask.to(self.device)).last_hidden_state
         return states.to(self.unet.dtype)
 
-    @torch.no_grad()
     def draw(self, prompts: Sequence[str], seeds: Sequence[int | None], steps: int | None = None,
              guidance: float | None = None, width: int | None = None, height: int | None = None,
              progress: Progress | None = None) -> list[Image.Image]:
+        return to_images(self.draw_pixels(prompts, seeds, steps, guidance, width, height, progress))
+
+    @torch.no_grad()
+    def draw_pixels(self, prompts: Sequence[str], seeds: Sequence[int | None], steps: int | None = None,
+                    guidance: float | None = None, width: int | None = None, height: int | None = None,
+                    progress: Progress | None = None) -> torch.Tensor:
+        """``draw``'s pixels before rounding: batch x 3 x H x W in [0, 1], float32."""
         check_prompts(prompts, seeds)
         s = self.defaults.override(steps, guidance, width, height)
         if s.width % 8 or s.height % 8:  # the reference pipeline's check_inputs
@@ -83,7 +89,7 @@ class ParaDiffusionBackend:
             latents = self.scheduler.step(eps, t, latents, return_dict=False)[0]
             if progress is not None:
                 progress(i + 1, len(timesteps))
-        return to_images(self.decode(latents))
+        return self.decode(latents)
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:

@@ -98,10 +98,16 @@ def load_text_encoder(llama_dir: Path, lora_dir: Path | None, dtype: torch.dtype
     from transformers import LlamaModel
 
     require_file(llama_dir / "config.json", "Llama config")
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # its load report would list lm_head; what matters is checked below
     try:
         model, info = LlamaModel.from_pretrained(str(llama_dir), dtype=dtype, output_loading_info=True)
     except (OSError, ValueError) as e:
         raise DrawingError(f"{llama_dir}: cannot load the Llama ({str(e).splitlines()[0]})") from None
+    finally:
+        hf_logging.set_verbosity(verbosity)
     problems = {"missing keys": sorted(info.get("missing_keys", [])),
                 "unexpected keys": sorted(set(info.get("unexpected_keys", [])) - {"lm_head.weight"}),
                 "mis-shaped keys": sorted(str(m) for m in info.get("mismatched_keys", []))}
@@ -127,7 +133,7 @@ def _with_lora(model, lora_dir: Path):
         raise DrawingError(f"adapter_model.safetensors (or .bin) not found in {lora_dir}")
     peft_model = PeftModel(model, config)
     # peft only warns about keys that do not fit: compare with what save_pretrained would write
-    expected = get_peft_model_state_dict(peft_model)
+    expected = get_peft_model_state_dict(peft_model, save_embedding_layers=False)
     try:
         sd = read_state_dict(weights[0], "LoRA adapter")
         check_state_dict(expected, sd, weights[0])
@@ -158,7 +164,9 @@ def load_diffusers_model(cls, directory: Path, what: str, dtype: torch.dtype):
     except BiDiffuserError as e:
         raise _fail(e) from None
     model.load_state_dict(sd, strict=True)
-    return model.to(dtype).eval().requires_grad_(False)
+    if dtype != torch.float32:  # built in float32; casting to it again only adds a diffusers warning
+        model = model.to(dtype)
+    return model.eval().requires_grad_(False)
 
 
 def load_scheduler(directory: Path):
