@@ -66,6 +66,9 @@ def _from_pretrained(cls, directory: Path, what: str, **kwargs):
     """A diffusers model/scheduler from a local folder; any missing, unexpected or mis-shaped key refuses it."""
     if not directory.is_dir():
         raise DrawingError(f"{what}: no folder {directory}")
+    from diffusers.utils import logging as dlogging
+    level = dlogging.get_verbosity()
+    dlogging.set_verbosity_error()  # its load report (PixArt's unused key, old config fields) is judged below
     try:
         if hasattr(cls, "load_config") and not hasattr(cls, "set_timesteps"):
             model, info = cls.from_pretrained(str(directory), output_loading_info=True, **kwargs)
@@ -78,8 +81,10 @@ def _from_pretrained(cls, directory: Path, what: str, **kwargs):
         return cls.from_pretrained(str(directory), **kwargs)
     except DrawingError:
         raise
-    except (OSError, ValueError, RuntimeError, KeyError, EnvironmentError) as e:
+    except (OSError, ValueError, RuntimeError, KeyError) as e:
         raise DrawingError(f"cannot load {what} from {directory}: {first_line(e)}") from None
+    finally:
+        dlogging.set_verbosity(level)
 
 
 class LaViBridgeBackend:

@@ -7,6 +7,7 @@ from pathlib import Path
 import torch
 
 from bidiffuser.checkpoint import read_json, require_file
+from bidiffuser.clip import quiet_transformers
 from bidiffuser.errors import BiDiffuserError, first_line
 
 from .backend import DrawingError
@@ -56,8 +57,9 @@ class LlamaText:
         try:
             spm_path = require_file(directory / "tokenizer.model", "LLaMA tokenizer")
             cfg = read_json(directory / "tokenizer_config.json") if (directory / "tokenizer_config.json").is_file() else {}
-            model = _checked(LlamaForCausalLM.from_pretrained(str(directory), dtype=dtype, output_loading_info=True),
-                             "Llama", directory)
+            with quiet_transformers():
+                loaded = LlamaForCausalLM.from_pretrained(str(directory), dtype=dtype, output_loading_info=True)
+            model = _checked(loaded, "Llama", directory)
             return cls(model.to(device), spm_path, cfg)
         except DrawingError:
             raise
@@ -139,8 +141,9 @@ class T5Text:
             cfg = read_json(directory / "tokenizer_config.json") if (directory / "tokenizer_config.json").is_file() else {}
             pad = cfg.get("pad_token") or "<pad>"
             tokenizer = Tokenizer.from_file(str(path))
-            model = _checked(T5EncoderModel.from_pretrained(str(directory), dtype=dtype, output_loading_info=True),
-                             "T5 encoder", directory)
+            with quiet_transformers():  # t5-large's file also holds the decoder: reported, not a problem
+                loaded = T5EncoderModel.from_pretrained(str(directory), dtype=dtype, output_loading_info=True)
+            model = _checked(loaded, "T5 encoder", directory)
             return cls(model.to(device), tokenizer, pad["content"] if isinstance(pad, dict) else pad)
         except DrawingError:
             raise

@@ -236,3 +236,30 @@ def test_tokens_are_the_scripts_tokens(tiny, backends):
     assert [llama.ids(p, 77) for p in probes] == want["llama_77"]
     assert t5.tokenize(probes, 77)[0].tolist() == want["t5_77"]
     assert t5.tokenize(probes, 120)[1].tolist() == want["t5_120_mask"]
+
+
+def test_base_with_a_key_it_does_not_use_is_refused(tiny, tmp_path):
+    import shutil
+    from safetensors.torch import save_file
+    base = tmp_path / "stable-diffusion-v1-4"
+    shutil.copytree(tiny / "stable-diffusion-v1-4", base)
+    (tmp_path / "t5-large").symlink_to(tiny / "t5-large")
+    (tmp_path / "t5_unet").symlink_to(tiny / "t5_unet")
+    weights = base / "unet" / "diffusion_pytorch_model.safetensors"
+    sd = load_file(str(weights))
+    sd["mid_block.extra.weight"] = torch.zeros(2)
+    save_file(sd, str(weights))
+    with pytest.raises(DrawingError, match=r"unet of stable-diffusion-v1-4 .* does not fit its config: "
+                                           r"unexpected_keys: \['mid_block.extra.weight'\]"):
+        load_backend("lavi-bridge", tmp_path / "t5_unet")
+
+
+def test_dtype_option_sets_every_part_but_the_adapter(tiny):
+    b = load_backend("lavi-bridge", tiny / "t5_unet", dtype="bfloat16")
+    assert {p.dtype for p in b.vis.parameters()} == {torch.bfloat16}
+    assert {p.dtype for p in b.text.model.parameters()} == {torch.bfloat16}
+    assert {p.dtype for p in b.adapter.parameters()} == {torch.float32}  # the scripts run it in float32
+    image = b.draw(["a red circle"], [0], steps=1, width=64, height=64)[0]
+    assert image.size == (64, 64)
+    with pytest.raises(DrawingError, match="unknown dtype"):
+        load_backend("lavi-bridge", tiny / "t5_unet", dtype="int8")
