@@ -198,6 +198,13 @@ class ELLABackend:
         arr = (images.permute(0, 2, 3, 1).cpu().numpy() * 255).round().astype("uint8")
         return [Image.fromarray(a) for a in arr]
 
+    def to(self, device) -> "ELLABackend":
+        self.device = torch.device(device)
+        for part in (self.connector, self.t5, self.unet, self.vae, *(self.clip or ())):
+            if isinstance(part, torch.nn.Module):
+                part.to(self.device)
+        return self
+
     def describe(self) -> str:
         extra = " + CLIP" if self.clip is not None else ""
         return (f"ella ({self.length} length{extra}) from {self.paths.get('ella')}, T5 {self.paths.get('t5')}, "

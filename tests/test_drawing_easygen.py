@@ -143,3 +143,16 @@ def test_easygen_worker_draws_with_each_backend(drawing_model, drawer_dirs, tmp_
         for name in workers:
             chat = c.chat.completions.create(model=name, temperature=0, messages=[{"role": "user", "content": ASK}])
             assert _data_url_image(chat.choices[0].message.content).size == (SIDE, SIDE), name
+
+
+def test_an_offloaded_backend_draws_the_same_picture(drawing_model, drawer_dirs):
+    """--drawer-offload: the weights wait on the CPU between pictures and the picture is unchanged."""
+    from drawing.backend import Offloaded
+    path, _ = drawer_dirs["ella"]
+    plain = _load(drawing_model, "ella", drawer_dirs).drawer
+    offloaded = load_pretrained(drawing_model, device="cpu", draw_with="ella", drawer=path,
+                                drawer_options={"width": SIDE, "height": SIDE, "steps": 2, "offload": True}).drawer
+    assert isinstance(offloaded, Offloaded) and "while drawing" in offloaded.describe()
+    a, b = plain.draw([DESCRIPTION], [9])[0], offloaded.draw([DESCRIPTION], [9])[0]
+    assert np.array_equal(_pixels(a), _pixels(b))
+    assert next(offloaded.backend.unet.parameters()).device.type == "cpu"
