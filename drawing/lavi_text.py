@@ -43,7 +43,11 @@ class LlamaText:
         self.special_ids = {self.sp.piece_to_id(t) for t in self.SPECIALS}
         if not self.legacy:
             # as transformers 4.38's get_spm_processor: the same model without SentencePiece's dummy prefix
-            from sentencepiece import sentencepiece_model_pb2
+            try:
+                from sentencepiece import sentencepiece_model_pb2
+            except ImportError:
+                raise DrawingError(f"{spm_path}: its tokenizer config says legacy=false, which needs the protobuf "
+                                   "package to read the SentencePiece model (pip install protobuf)") from None
             proto = sentencepiece_model_pb2.ModelProto()
             proto.ParseFromString(spm_path.read_bytes())
             proto.normalizer_spec.add_dummy_prefix = False
