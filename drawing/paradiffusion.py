@@ -70,6 +70,8 @@ class ParaDiffusionBackend:
             raise DrawingError(f"ParaDiffusion draws sizes divisible by 8 (got {s.width}x{s.height})")
         if s.steps < 1:
             raise DrawingError(f"steps must be at least 1 (got {s.steps})")
+        if not prompts:
+            return torch.zeros(0, 3, s.height, s.width)
         cfg = s.guidance > 1.0
         cond = self.encode(prompts)
         if cfg:  # the reference encodes "" once per image, padded to the prompts' length

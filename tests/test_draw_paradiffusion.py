@@ -116,6 +116,7 @@ def test_bad_requests_are_refused(backend):
         backend.draw(["a cat"], [0], width=36, height=24)
     with pytest.raises(DrawingError, match="one seed"):
         backend.draw(["a cat", "a dog"], [0])
+    assert backend.draw([], []) == []
 
 
 # ------------------------------------------------------------------ the released files, checked
