@@ -97,6 +97,15 @@ def test_draws_what_the_reference_draws(tiny, backends, combo):
         assert want.std() > 0.05  # a real picture, not a flat one that any code would match
 
 
+@pytest.mark.parametrize("combo", COMBOS)
+def test_fifty_steps_as_the_scripts(tiny, backends, combo):
+    b = backend(backends, tiny, combo)
+    image = b.sample(GOLDEN["prompts"][:1], GOLDEN["seeds"][:1], width=GOLDEN["width"], height=GOLDEN["height"])
+    want = load_file(str(GOLDENS / "lavi_bridge.safetensors"))[f"{combo}/50steps"]
+    diff = (image[0].permute(1, 2, 0) - want).abs().max().item()
+    assert diff < ATOL, f"{combo} at 50 steps: max abs difference {diff}"
+
+
 def test_pil_images_and_one_by_one_equal_batched(tiny, backends):
     b = backend(backends, tiny, "t5_unet")
     kw = dict(steps=2, width=64, height=64)

@@ -170,7 +170,7 @@ def main() -> None:
         ckpt_dir = tiny / combo
         pos_prompt = ", best quality, extremely detailed, 4k resolution"
         height = width = SIZE                                  # PATCH: 512 in the scripts
-        num_inference_steps, guidance_scale = STEPS, GUIDANCE  # PATCH: 50 steps in the scripts
+        guidance_scale = GUIDANCE  # PATCH: steps set per run below (STEPS, and 50 as in the scripts)
         torch_device = "cpu"                                   # PATCH: "cuda" in the scripts
         base = pixart if combo == "t5_transformer" else sd14   # PATCH: hub names in the scripts
         vae = AutoencoderKL.from_pretrained(base, subfolder="vae").to(torch_device)
@@ -206,7 +206,10 @@ def main() -> None:
         vae.eval(), vis.eval(), text_encoder.eval(), adapter.eval()
 
         with torch.no_grad():
-            for i, (prompt, seed) in enumerate(zip(PROMPTS, SEEDS)):
+            # each prompt at STEPS, and the first once more at the scripts' own 50 steps (past UniPC's
+            # lower-order finish, which only runs under 15 steps)
+            for i, prompt, seed, num_inference_steps in [(0, PROMPTS[0], SEEDS[0], STEPS), (1, PROMPTS[1], SEEDS[1], STEPS),
+                                                         ("50steps", PROMPTS[0], SEEDS[0], 50)]:
                 prompt += pos_prompt
                 if combo == "t5_transformer":  # test/t5_transformer.py
                     text_inputs = tokenizer(prompt, padding="max_length", max_length=120, add_special_tokens=True,
