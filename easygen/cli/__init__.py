@@ -26,6 +26,7 @@ SUBCOMMANDS: dict[str, str] = {
     "demo": "easygen.cli.demo",
     "serve": "easygen.cli.serve",
     "worker": "easygen.cli.worker",
+    "train-lavi-bridge": "easygen.cli.train_lavi_bridge",
 }
 
 
