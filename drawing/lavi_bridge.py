@@ -165,6 +165,13 @@ class LaViBridgeBackend:
         image = self.vae.decode((latents / VAE_SCALE).to(vae_dtype)).sample
         return (image.float() / 2 + 0.5).clamp(0, 1)
 
+    def to(self, device) -> "LaViBridgeBackend":
+        """Every weight to ``device`` (dtypes kept), where the next ``draw`` runs."""
+        self.device = torch.device(device)
+        for part in (self.vis, self.vae, self.text.model, self.adapter):
+            part.to(self.device)
+        return self
+
     def describe(self) -> str:
         return (f"lavi-bridge {self.combo_name} from {self.sources['combo']} on {self.sources['diffusion']} "
                 f"and {self.sources['text']} ({self.device}, {str(self.dtype).replace('torch.', '')})")

@@ -117,6 +117,8 @@ def test_pil_images_and_one_by_one_equal_batched(tiny, backends):
     assert np.abs(np.asarray(both[1], int) - np.asarray(alone[0], int)).max() <= 1
     assert b.defaults.steps == 50 and b.defaults.guidance == 7.5 and (b.defaults.width, b.defaults.height) == (512, 512)
     assert "t5_unet" in b.describe()
+    assert b.to("cpu") is b and b.text.model.device.type == "cpu"
+    assert np.array_equal(np.asarray(b.draw(["city"], [4], **kw)[0]), np.asarray(alone[0]))
 
 
 def test_llama_pads_with_the_id_the_reference_resolves(tiny, backends):
