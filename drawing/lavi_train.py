@@ -273,6 +273,9 @@ def train_lavi(cfg: LaviTrainConfig) -> Path:
     out = Path(cfg.out)
     if out.resolve() in (Path(cfg.diffusion), Path(cfg.text_model)):
         raise BiDiffuserError(f"--out {out} is an input of this run; write a new folder")
+    for flag, path in (("--diffusion", cfg.diffusion), ("--text-model", cfg.text_model)):
+        if not Path(path).is_dir():
+            raise BiDiffuserError(f"{flag}: no folder {path}")
     rows, skipped = read_rows(cfg.data, cfg.image_root, cfg.skip_bad_rows)
     env = init_distributed(cfg.device)
     run = cfg.run_path
