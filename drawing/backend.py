@@ -105,6 +105,8 @@ class Offloaded:
 
     def __init__(self, backend: DrawingBackend, device):
         self.backend, self.device = backend.to("cpu"), torch.device(device)
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
         self.name, self.defaults, self.max_batch = backend.name, backend.defaults, backend.max_batch
 
     def draw(self, prompts, seeds, **settings) -> list[Image.Image]:

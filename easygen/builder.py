@@ -279,6 +279,8 @@ def load_pretrained(model_path: str | os.PathLike, model_base: str | os.PathLike
             raise BiDiffuserError("a new projector needs the BiDiffuser directory (--bidiffuser) for its input width")
         new_projector = (read_config(bidiffuser_dir).caption_decoder.n_embd, new_projector_hidden)
 
+    # a released system's backend first: with --drawer-offload it visits the device before the LLM fills it
+    released = load_drawer(draw_with, drawer, device, drawer_options)
     model, layout = _load_llm(base, projector, dtype, new_projector)
     if quantization is not None:
         if merge_lora:
@@ -294,7 +296,6 @@ def load_pretrained(model_path: str | os.PathLike, model_base: str | os.PathLike
     processor = EasyGenProcessor(tokenizer, num_image_tokens=model.config.num_image_tokens)
 
     bridge_dir = resolve_bridge_dir(bridge, draw_with, adapter, base)
-    released = load_drawer(draw_with, drawer, device, drawer_options)
     pipe = None
     if load_bidiffuser and bidiffuser_dir is not None:
         # the bridge reads this very LLM: its hidden states over the description are the drawing's condition
@@ -310,6 +311,8 @@ def load_pretrained(model_path: str | os.PathLike, model_base: str | os.PathLike
 
 def load_drawer(draw_with: str, drawer: str | os.PathLike | None, device, options: dict | None = None):
     """The released system's backend ``--draw-with`` names (None for BiDiffuser's own ways)."""
+    if draw_with not in DRAW_WITH:
+        raise BiDiffuserError(f"--draw-with must be one of {', '.join(DRAW_WITH)} (got {draw_with!r})")
     if draw_with in ("auto", "bridge", "clip"):
         if drawer is not None:
             raise BiDiffuserError(f"--drawer is the files of a released system: use it with --draw-with "
@@ -324,7 +327,8 @@ def load_drawer(draw_with: str, drawer: str | os.PathLike | None, device, option
     # steps, guidance, width, height: this server's defaults instead of the reference's
     settings = {k: options.pop(k) for k in ("steps", "guidance", "width", "height") if k in options}
     offload = options.pop("offload", False)
-    backend = load_backend(draw_with, drawer, device="cpu" if offload else target, **options)
+    # loaded on its device (so each part gets the dtype its reference uses there), before the LLM is
+    backend = load_backend(draw_with, drawer, device=target, **options)
     backend.defaults = backend.defaults.override(**settings)
     # offload: the weights wait on the CPU and visit the device only while drawing
     return Offloaded(backend, target) if offload else backend

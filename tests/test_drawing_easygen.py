@@ -35,7 +35,13 @@ def _lavi(root: Path) -> tuple[Path, list[str]]:
     return write_tiny_lavi(root / "lavi") / "t5_unet", []
 
 
-LAYOUTS = {"ella": _ella, "lavi-bridge": _lavi}
+def _paradiffusion(root: Path) -> tuple[Path, list[str]]:
+    from drawing.tiny_layouts_paradiffusion import write_tiny_paradiffusion
+    tokenizer = Path(__file__).parent / "fixtures" / "llama_tokenizer" / "tokenizer.model"
+    return write_tiny_paradiffusion(root / "paradiffusion", tokenizer), []
+
+
+LAYOUTS = {"ella": _ella, "lavi-bridge": _lavi, "paradiffusion": _paradiffusion}
 
 
 @pytest.fixture(scope="module")
