@@ -162,3 +162,34 @@ def test_an_offloaded_backend_draws_the_same_picture(drawing_model, drawer_dirs)
     a, b = plain.draw([DESCRIPTION], [9])[0], offloaded.draw([DESCRIPTION], [9])[0]
     assert np.array_equal(_pixels(a), _pixels(b))
     assert next(offloaded.backend.unet.parameters()).device.type == "cpu"
+
+
+@pytest.mark.slow
+def test_the_readme_drawing_block_runs_on_the_released_layouts(drawer_dirs, tmp_path):
+    """README's `readme:drawing` block, line by line, in a folder holding the three systems' tiny
+    files where the README says the downloads go; each line gets flags that make it quick (2 steps,
+    64 px), nothing else changes."""
+    import os
+    import shutil
+    import subprocess
+
+    from .test_readme import readme_block
+    for name, where in (("ella", "ella"), ("lavi-bridge", "lavi/t5_unet"), ("paradiffusion", "paradiffusion")):
+        source = drawer_dirs[name][0]
+        source = source.parent if name == "lavi-bridge" else source
+        target = tmp_path / "weights" / where.split("/")[0]
+        shutil.copytree(source, target)
+    quick = {"draw": "--steps 2 --width 64 --height 64 --quiet",
+             "chat": "--drawer-option steps=2 --drawer-option width=64 --drawer-option height=64 "
+                     f"--feature-cache {tmp_path / 'fc'}"}
+    env = {**os.environ, "PATH": str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", ""),
+           "OMP_NUM_THREADS": "1"}
+    lines = readme_block("readme:drawing")
+    assert [line.split()[1] for line in lines] == ["draw", "draw", "draw", "chat"]
+    for line in lines:
+        r = subprocess.run(f"{line} {quick[line.split()[1]]}", shell=True, cwd=tmp_path, env=env,
+                           capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, f"{line}\n{r.stderr[-2000:]}"
+    for folder in ("ella", "lavi", "para", "chat"):
+        pictures = list((tmp_path / "out" / folder).glob("*.png"))
+        assert len(pictures) == 1 and Image.open(pictures[0]).size == (64, 64), folder
