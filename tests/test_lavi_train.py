@@ -20,8 +20,8 @@ from bidiffuser.errors import BiDiffuserError
 from bidiffuser.train_checkpoint import complete_checkpoints
 from drawing import load_backend
 from drawing.lavi_bridge import COMBOS
-from drawing.lavi_lora import LLAMA_TARGETS, T5_TARGETS, UNET_TARGETS, TRANSFORMER_TARGETS, reference_order
-from drawing.lavi_train import LaviTrainConfig, build, train_lavi
+from drawing.lavi_lora import LLAMA_TARGETS, TRANSFORMER_TARGETS, reference_order
+from drawing.lavi_train import LaviTrainConfig, _optimizer, build, train_lavi
 from drawing.lavi_train_data import resize_center_crop
 from drawing.tiny_layouts_lavi import write_tiny_lavi
 
@@ -82,6 +82,30 @@ def test_resize_center_crop_is_torchvisions():
     wide = Image.fromarray(np.arange(30 * 50 * 3, dtype=np.uint8).reshape(30, 50, 3) % 251)
     want = wide.resize((int(16 * 50 / 30), 16), Image.BILINEAR).crop((5, 0, 21, 16))
     assert np.array_equal(np.asarray(resize_center_crop(wide, 16)), np.asarray(want))
+
+
+def test_the_scripts_recipe(bases, captions, tmp_path):
+    """t5_transformer.py's optimizer groups and lrs, cloneofsimo-lora's init and dropout, train mode."""
+    cfg = config(bases, captions, tmp_path / "x", combo="t5_transformer").resolved()
+    torch.manual_seed(0)
+    parts = build(cfg, torch.device("cpu"))
+    t = parts.trainee
+    opt = _optimizer(parts, cfg)
+    assert [g["lr"] for g in opt.param_groups] == [2e-5, 5e-6, 2e-5]  # vision LoRA, LM LoRA, adapter
+    assert all(g["betas"] == (0.9, 0.999) and g["eps"] == 1e-8 and g["weight_decay"] == 1e-2 for g in opt.param_groups)
+    assert sum(p.numel() for g in opt.param_groups for p in g["params"]) == sum(
+        p.numel() for p in t.parameters() if p.requires_grad)
+    from diffusers import PixArtTransformer2DModel
+    fresh = PixArtTransformer2DModel.from_pretrained(bases / "PixArt-XL-2-512x512" / "transformer")
+    assert [s.name for s in parts.vis_sites] == [s.name for s in reference_order(fresh, TRANSFORMER_TARGETS)]
+    modules = dict(t.vis.named_modules())
+    downs = torch.cat([modules[s.name].lora_A["default"].weight.flatten() for s in parts.vis_sites])
+    assert all(not modules[s.name].lora_B["default"].weight.any() for s in parts.vis_sites)
+    assert downs.std().item() == pytest.approx(1 / 32, rel=0.05)
+    assert all(modules[s.name].lora_B["default"]._forward_hooks for s in parts.vis_sites)  # output dropout
+    assert t.adapter.ff1.net[1].p == t.adapter.ff2.net[1].p == 0.1
+    assert t.vis.training and t.lm.training and t.adapter.training
+    assert (t.adapter.in_dim, t.adapter.int_dim, t.adapter.out_dim) == (32, 40, 48)  # (32 + 48) / 2
 
 
 def test_cli_trains_writes_both_layouts_and_the_backend_draws_it(bases, captions, tmp_path, capsys):
@@ -147,7 +171,8 @@ def test_resume_after_steps_k_equals_a_straight_run_bit_for_bit(bases, captions,
 
 
 def test_frozen_language_model_writes_a_zero_lora_text_of_full_length(bases, captions, tmp_path):
-    out = train_lavi(config(bases, captions, tmp_path / "frozen", combo="llama2_unet", text_lora=False, steps=1))
+    out = train_lavi(config(bases, captions, tmp_path / "frozen", combo="llama2_unet", text_lora=False, steps=2))
+    assert [r["lr"] for r in log(out)] == [1e-4, 1e-4]  # the scripts' lr, constant from the first step
     tensors = torch.load(out / "lora_text.pt", weights_only=True)
     from transformers import LlamaForCausalLM
     sites = reference_order(LlamaForCausalLM.from_pretrained(bases / "Llama-2-7b-hf"), LLAMA_TARGETS)

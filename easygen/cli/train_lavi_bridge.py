@@ -13,7 +13,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p = sub.add_parser("train-lavi-bridge", help="train LaVi-Bridge (adapter + LoRA) on its own bases",
                        description="Launch with torchrun --nproc_per_node=N (or plain python for one process). "
                                    "Rerunning the same command resumes from the last complete checkpoint. "
-                                   "Defaults are the recipe of LaVi-Bridge's train/*.py (docs/lavi-bridge-training.md).")
+                                   "Defaults are the recipe of LaVi-Bridge's train/*.py "
+                                   "(docs/lavi-bridge-training.md).")
     p.add_argument("--combo", required=True, choices=COMBOS, help="which released combo to train")
     p.add_argument("--data", required=True, metavar="TSV", help="captions TSV: image_path<TAB>caption per line")
     p.add_argument("--out", required=True, metavar="DIR",

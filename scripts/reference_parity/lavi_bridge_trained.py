@@ -131,7 +131,8 @@ def reference_images(ref: Path, tiny: Path, ckpt_dir: Path, combo: str, steps: i
                 if combo == "t5_transformer":
                     noise_pred = vis(latent_model_input, encoder_hidden_states=text_embeddings,
                                      encoder_attention_mask=attention_mask,
-                                     timestep=torch.Tensor([t.item()]).expand(latent_model_input.shape[0]).to(torch_device),
+                                     timestep=torch.Tensor([t.item()]).expand(latent_model_input.shape[0]
+                                                                              ).to(torch_device),
                                      added_cond_kwargs={"resolution": None, "aspect_ratio": None}).sample
                 else:
                     noise_pred = vis(latent_model_input, t, encoder_hidden_states=text_embeddings).sample
