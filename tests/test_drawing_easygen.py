@@ -193,3 +193,24 @@ def test_the_readme_drawing_block_runs_on_the_released_layouts(drawer_dirs, tmp_
     for folder in ("ella", "lavi", "para", "chat"):
         pictures = list((tmp_path / "out" / folder).glob("*.png"))
         assert len(pictures) == 1 and Image.open(pictures[0]).size == (64, 64), folder
+
+
+def test_eval_t2i_draws_a_benchmark_with_a_released_backend(drawing_model, drawer_dirs, tmp_path, capsys):
+    """`easygen eval t2i --draw-with ella`: ParaPrompts' layout, each picture the backend's own
+    drawing of the prompt with the benchmark seed, and the summary names the backend."""
+    para = Path(__file__).parent / "fixtures" / "t2i" / "paraprompts" / "ParaPrompts_400.csv"
+    out = tmp_path / "para"
+    rc = easygen_main(["eval", "t2i", "--model-path", str(drawing_model), "--benchmark", "paraprompts",
+                       "--prompts", str(para), "--out", str(out), "--limit", "2", "--seed", "4", "--quiet",
+                       "--device", "cpu", *_flags("ella", drawer_dirs)])
+    summary = capsys.readouterr().out
+    assert rc == 0 and "ella" in summary and "2 steps" in summary
+    pictures = sorted(out.glob("*.png"))
+    assert len(pictures) == 2
+    import csv
+    with open(para, newline="") as f:
+        first = next(csv.DictReader(f))
+    prompt = next(v for k, v in first.items() if "prompt" in k.lower())
+    drawer = _load(drawing_model, "ella", drawer_dirs).drawer
+    picture = next(p for p in pictures if p.stem == Path(first[next(k for k in first if "image" in k.lower())]).stem)
+    assert np.abs(_pixels(Image.open(picture)) - _pixels(drawer.draw([prompt], [4])[0])).max() <= 1

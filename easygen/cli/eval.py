@@ -317,6 +317,9 @@ def run_t2i(args: argparse.Namespace) -> int:
         if mine:
             loaded = _load_for_drawing(args, dist)
             tile = _tile(loaded.drawer.defaults)
+            # (the summary shows what a backend's own defaults came to; the header above keeps None)
+            used = loaded.drawer.defaults.override(args.steps, args.scale)
+            args.steps, args.scale = used.steps, used.guidance
             # the chat's own drawing (clip, bridge or a released system, as --draw-with resolved)
             draw = Assistant(loaded, GenerationSettings(image_steps=args.steps, image_scale=args.scale)).draw
             update, close = progress_bar("drawing", disable=args.quiet or not dist.main, unit="prompt")
