@@ -86,7 +86,7 @@ class LaviTrainConfig:
     skip_bad_rows: bool = False
 
     def resolved(self) -> "LaviTrainConfig":
-        cfg = dataclasses.replace(self, lr=self.lr if self.lr is not None else SCRIPT_LR.get(self.combo),
+        cfg = dataclasses.replace(self, lr=self.lr if self.lr is not None else SCRIPT_LR.get(self.combo, 1e-4),
                                   diffusion=str(Path(self.diffusion).resolve()),
                                   text_model=str(Path(self.text_model).resolve()))
         problems = []
