@@ -50,7 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--bridge", type=Path, help="a bridge directory: t2i draws from a language model's hidden "
                                                "states (prompts of any length) instead of CLIP's tokens")
     s.add_argument("--text-model", help="the bridge's language model (a transformers directory; default: the one "
-                                        "the bridge was trained with)")
+                                        "the bridge was trained with), loaded in --dtype")
     s.add_argument("--draw-with", choices=["bridge", "clip"], default=None,
                    help="with --bridge: draw through it (default) or through CLIP as without one")
     add_device_args(s)
@@ -255,8 +255,9 @@ def _sample(args) -> int:
         raise BiDiffuserError("--text-model and --draw-with go with --bridge")
     if args.bridge and args.mode != "t2i" and args.draw_with != "clip":
         raise BiDiffuserError(f"--bridge draws in --mode t2i (not {args.mode})")
-    pipe = BiDiffuser.from_pretrained(args.model, device=resolve_device(args.device), dtype=torch_dtype(args.dtype),
-                                      bridge=args.bridge, text_model=args.text_model)
+    dtype = torch_dtype(args.dtype)
+    pipe = BiDiffuser.from_pretrained(args.model, device=resolve_device(args.device), dtype=dtype,
+                                      bridge=args.bridge, text_model=args.text_model, text_model_dtype=dtype)
     if args.image:  # fail on a bad image before loading any network; n samples of each image
         images = [im for im in (load_image(p) for p in args.image) for _ in range(args.n_samples)]
     update, close = progress_bar(f"{args.mode} sampling", disable=args.quiet)

@@ -79,14 +79,15 @@ class BiDiffuser:
 
     def __init__(self, config: BiDiffuserConfig, device: str | torch.device = "cpu",
                  dtype: torch.dtype = torch.float32, precision: Precision | None = None,
-                 bridge: str | os.PathLike | BridgeFiles | None = None, text_model=None):
+                 bridge: str | os.PathLike | BridgeFiles | None = None, text_model=None,
+                 text_model_dtype: torch.dtype = torch.float32):
         """``precision`` gives each component its dtype (see bidiffuser.precision); without it,
         every component runs in ``dtype``.
 
         ``bridge`` (a bridge directory, see bidiffuser.bridge) lets ``text_to_image`` draw from a
         language model's hidden states; ``text_model`` is that model: a transformers directory, or a
         loaded ``(model, tokenizer)`` pair (EasyGen passes its own LLM). Without it, the bridge's
-        recorded text model is loaded. A bridge's LM LoRA is applied only while a prompt is read for
+        recorded text model is loaded, in ``text_model_dtype``. A bridge's LM LoRA is applied only while a prompt is read for
         drawing (``bridge.LoraHooks``): a handed-over model is otherwise left exactly as it was."""
         self.config = config
         self.device = torch.device(device)
@@ -97,14 +98,15 @@ class BiDiffuser:
         if self.bridge_files is not None:
             check_fits(self.bridge_files.config, config.uvit.text_dim, config.uvit.num_text_tokens, None,
                        self.bridge_files.root)
-        self._text_model_source = text_model
+        self._text_model_source, self._text_model_dtype = text_model, text_model_dtype
         self._bridged = False  # True while the U-ViT runs for a bridge-conditioned drawing (its LoRA on)
 
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike, device="cpu", dtype=torch.float32,
-                        precision: Precision | None = None, bridge=None, text_model=None) -> "BiDiffuser":
+                        precision: Precision | None = None, bridge=None, text_model=None,
+                        text_model_dtype: torch.dtype = torch.float32) -> "BiDiffuser":
         return cls(read_config(directory), device=device, dtype=dtype, precision=precision, bridge=bridge,
-                   text_model=text_model)
+                   text_model=text_model, text_model_dtype=text_model_dtype)
 
     @property
     def has_bridge(self) -> bool:
@@ -138,7 +140,8 @@ class BiDiffuser:
             source = files.root / files.text_model
         if source is None:
             raise BiDiffuserError(f"bridge {files.root} records no text model; pass one (--text-model)")
-        model, tokenizer = source if isinstance(source, tuple) else load_text_model(source, self.device)
+        model, tokenizer = (source if isinstance(source, tuple)
+                            else load_text_model(source, self.device, self._text_model_dtype))
         c = files.config
         text = TextModel(model, tokenizer, c.layer, c.max_length, pad_to=c.num_tokens if c.kind == "per_token" else None)
         check_fits(c, self.config.uvit.text_dim, self.config.uvit.num_text_tokens, text.hidden_size, files.root)

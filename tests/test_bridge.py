@@ -198,6 +198,23 @@ def test_bridge_sample_cli_and_its_errors(trained, tiny_dir, tiny_easygen_dir, t
     assert "needs --text-model" in capsys.readouterr().err
 
 
+def test_bridge_sample_dtype_reaches_the_text_model(trained, tiny_dir, tmp_path):
+    """`--dtype bfloat16` loads the bridge's language model in bfloat16 too (a 7B LLM: 13.5 GB, not 27)."""
+    from torch.nn.modules.module import register_module_forward_pre_hook
+
+    from bidiffuser.cli import main
+    _, b = trained
+    seen = set()
+    handle = register_module_forward_pre_hook(
+        lambda m, args: seen.add(m.lm_head.weight.dtype) if hasattr(m, "lm_head") else None)
+    try:
+        code = main(["sample", "--model", str(tiny_dir), "--mode", "t2i", "--bridge", str(b), "--prompt", "a red square",
+                     "--steps", "1", "--dtype", "bfloat16", "--out", str(tmp_path), "--quiet"])
+    finally:
+        handle.remove()
+    assert code == 0 and seen == {torch.bfloat16}
+
+
 def _cli(*args, env=None):
     return subprocess.run([sys.executable, "-m", "bidiffuser.cli", "train", *map(str, args)], capture_output=True,
                           text=True, timeout=300, env=env or {**os.environ, "OMP_NUM_THREADS": "1"})
@@ -206,11 +223,13 @@ def _cli(*args, env=None):
 def _args(tiny_dir, tiny_easygen_dir, captions, out, *extra):
     return ["--bridge-stage", "t2i", "--model", tiny_dir, "--data", captions, "--out", out, "--text-model",
             tiny_easygen_dir, "--steps", 4, "--batch-size", 2, "--save-every", 2, "--seed", 0, "--bridge-width", 32,
-            "--bridge-depth", 2, "--bridge-heads", 2, "--uvit-lora-rank", 2, "--log-every", 1, *extra]
+            "--bridge-depth", 2, "--bridge-heads", 2, "--uvit-lora-rank", 2, "--log-every", 1, "--ema-decay", 0.9,
+            *extra]
 
 
 def test_kill_and_resume_equals_uninterrupted(tiny_dir, tiny_easygen_dir, captions, tmp_path):
-    """LoRA dropout draws from the global RNG: restored from the checkpoint, the resumed run is exact."""
+    """LoRA dropout draws from the global RNG and the EMA is kept: restored from the checkpoint, the resumed run
+    is exact."""
     whole = _cli(*_args(tiny_dir, tiny_easygen_dir, captions, tmp_path / "whole"))
     assert whole.returncode == 0, whole.stderr[-2000:]
     killed = _cli(*_args(tiny_dir, tiny_easygen_dir, captions, tmp_path / "resumed"),

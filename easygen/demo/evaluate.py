@@ -21,7 +21,7 @@ from bidiffuser.checkpoint import write_json
 
 from ..errors import EasyGenError
 
-from . import world
+from . import prompts_held_out, world
 from .conversations import DRAWING_KINDS, KINDS, READING_KINDS, random_script
 from .dataset import write_eval_data
 from .recipe import FEATURE_SEED, DemoModel
@@ -122,7 +122,7 @@ def quick_evaluate(demo: DemoModel, out: str | Path, conversations: int = 30, dr
     draws = draw_requests(loaded, recipe, out / "drawings", draws=-(-drawings // combos), total=drawings,
                           seed=1000 * seed)
     talks = play_conversations(loaded, recipe, out / "conversations", conversations, seed)
-    long = draw_descriptions(loaded, recipe, out / "long", world.LONG_HELD_OUT[:1], seed=1000 * seed)
+    long = draw_descriptions(loaded, recipe, out / "long", prompts_held_out.LONG, per_combo=1, seed=1000 * seed)
     results = {"model": str(demo.root), "seed": seed, "conversation_count": conversations,
                "llm_engine": loaded.llm.name,
                "conversations": conversation_table(talks), "drawings": draws,
@@ -134,14 +134,19 @@ def quick_evaluate(demo: DemoModel, out: str | Path, conversations: int = 30, dr
 
 # The bridge against the CLIP path on long descriptions (colour and shape past CLIP's 16 tokens).
 LONG_TARGETS = {"colour": 90.0, "shape": 85.0}
+# Described drawings per path: (results key, templates, drawings per colour and shape). The held-out rows
+# use templates written after the recipe was fixed (prompts_held_out); the tuning rows, the templates its
+# bridge choices were measured on (world.LONG_HELD_OUT, world.PARAPHRASES_HELD_OUT), fewer per row.
+DESCRIBED = (("long", prompts_held_out.LONG, 2), ("paraphrase", prompts_held_out.PARAPHRASES, 2),
+             ("tuning_long", world.LONG_HELD_OUT, 1), ("tuning_paraphrase", world.PARAPHRASES_HELD_OUT, 1))
 
 
 def compare_paths(demo: DemoModel, recipe, out: Path, draws: int, conversations: int, seed: int,
                   default=None) -> dict:
     """Both drawing paths on the same seeds: ``draw_requests`` and the conversations' drawing turns,
-    plus held-out long descriptions and paraphrases drawn as they are (``draw_descriptions``). Only the
-    CLIP path when the demo has no bridge. ``default``: (loaded, drawings, turns) already measured with
-    the default path, reused for it."""
+    plus long descriptions and paraphrases drawn as they are (``draw_descriptions``; held-out and tuning
+    templates, see DESCRIBED). Only the CLIP path when the demo has no bridge. ``default``: (loaded,
+    drawings, turns) already measured with the default path, reused for it."""
     results = {}
     for path in ("clip", "bridge"):
         if default is not None and default[0].draw_with == path:
@@ -154,32 +159,44 @@ def compare_paths(demo: DemoModel, recipe, out: Path, draws: int, conversations:
             talks = play_conversations(loaded, recipe, out / path / "conversations", conversations, seed)
         drawn = [t for t in talks if t["kind"] in DRAWING_KINDS]
         results[path] = {"single": drawing_counts(singles) | {"turns": len(singles)},
-                         "conversation": drawing_counts(drawn) | {"turns": len(drawn)},
-                         "long": _described(loaded, recipe, out / path / "long", world.LONG_HELD_OUT),
-                         "paraphrase": _described(loaded, recipe, out / path / "paraphrase",
-                                                  world.PARAPHRASES_HELD_OUT)}
+                         "conversation": drawing_counts(drawn) | {"turns": len(drawn)}}
+        for key, templates, per_combo in DESCRIBED:
+            results[path][key] = _described(loaded, recipe, out / path / key, templates, per_combo)
     return results
 
 
-def _described(loaded, recipe, out_dir: Path, templates) -> dict:
-    records = draw_descriptions(loaded, recipe, out_dir, templates)
+def _described(loaded, recipe, out_dir: Path, templates, per_combo: int | None = None) -> dict:
+    records = draw_descriptions(loaded, recipe, out_dir, templates, per_combo)
     return drawing_counts(records) | {"turns": len(records), "examples": records[:3]}
 
 
-def draw_descriptions(loaded, recipe, out_dir: Path, templates, seed: int = DRAW_SEED) -> list[dict]:
-    """Every colour and shape in every template, drawn as an image reply draws its description (no LLM
-    turn: the description itself is the test), one seed per drawing; each read back."""
+def draw_descriptions(loaded, recipe, out_dir: Path, templates, per_combo: int | None = None,
+                      seed: int = DRAW_SEED) -> list[dict]:
+    """Every colour and shape drawn from its description as an image reply draws it (no LLM turn: the
+    description itself is the test), one seed per drawing; each read back. In every template, or
+    (``per_combo``) that many per colour and shape, the templates taken in turn."""
     from ..assistant import Assistant
 
-    asks = [(t.format(colour=c, shape=s), c, s) for t in templates for c in world.COLOURS for s in world.SHAPES]
     assistant = Assistant(loaded, _settings(recipe, seed), out_dir=out_dir)
     records = []
-    for k, (description, colour, shape) in enumerate(asks):
+    for k, (description, colour, shape) in enumerate(description_asks(templates, per_combo)):
         image = assistant.draw([description], [seed + k])[0]
         found = world.analyse_image(image)
         records.append({"description": description, "colour": found.colour, "shape": found.shape,
                         "picture": "drawn", "colour_ok": found.colour == colour, "shape_ok": found.shape == shape})
     return records
+
+
+def description_asks(templates, per_combo: int | None = None) -> list[tuple[str, str, str]]:
+    """(description, colour, shape) for ``draw_descriptions``: every template with every colour and shape,
+    or ``per_combo`` of them per colour and shape, the templates taken in turn."""
+    combos = [(c, s) for c in world.COLOURS for s in world.SHAPES]
+    if per_combo is None:
+        asks = [(t, c, s) for t in templates for c, s in combos]
+    else:
+        asks = [(templates[(k * per_combo + j) % len(templates)], c, s)
+                for k, (c, s) in enumerate(combos) for j in range(per_combo)]
+    return [(t.format(colour=c, shape=s), c, s) for t, c, s in asks]
 
 
 def path_lines(paths: dict) -> list[str]:
@@ -190,11 +207,16 @@ def path_lines(paths: dict) -> list[str]:
     lines = [f"Drawing paths side by side (same seeds): {' | '.join(names)}",
              f"  {'row':<52}" + "".join(f"{n:>18}" for n in names) + "   target"]
     rows = [("single drawings", "single"), ("conversation drawing turns", "conversation"),
-            ("long descriptions (held out; past 16 CLIP tokens)", "long"), ("held-out paraphrases", "paraphrase")]
+            ("held-out long descriptions", "long"), ("held-out paraphrases", "paraphrase"),
+            ("tuning long descriptions", "tuning_long"), ("tuning paraphrases", "tuning_paraphrase")]
     for label, key in rows:
+        if any(key not in paths[n] for n in names):
+            continue  # results written before the row existed
         for part in ("colour", "shape"):
             cells = [_pct(paths[n][key][f"{part}_ok"], paths[n][key]["turns"]) for n in names]
-            if key == "long" and "bridge" in paths:
+            if key.startswith("tuning"):
+                target = "(tuned on: not held out)"
+            elif key == "long" and "bridge" in paths:
                 b = paths["bridge"][key]
                 got = 100 * b[f"{part}_ok"] / max(b["turns"], 1)
                 target = f"bridge >= {LONG_TARGETS[part]:.0f}%  {'ok' if got >= LONG_TARGETS[part] else 'MISSED'}"
