@@ -3,7 +3,8 @@ LaVi-Bridge's own ``train/t5_unet.py``, from the same starting weights on the sa
 (not in CI) with the reference environment's python (diffusers 0.24.0, transformers 4.38.0):
 
     .venv/bin/python -m drawing.tiny_layouts_lavi /tmp/lavi_tiny
-    REF/bin/python scripts/reference_parity/lavi_bridge_train_step.py --reference-repo LaVi-Bridge --tiny-dir /tmp/lavi_tiny
+    REF/bin/python scripts/reference_parity/lavi_bridge_train_step.py --reference-repo LaVi-Bridge \
+        --tiny-dir /tmp/lavi_tiny
 
 Our side runs first in our environment (``--our-python``): it builds the trainee as a run does (seed 0),
 writes its starting LoRA lists and adapter, takes two steps on a fixed batch and writes the result.
