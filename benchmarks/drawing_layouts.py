@@ -29,19 +29,36 @@ _ST_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"
 
 
 # ------------------------------------------------------------------------------ streaming writer
-def _value(key: str, shape: tuple[int, ...], seed: int) -> torch.Tensor:
-    """One tensor, from its own seed (weights ~ N(0, 1/fan_in), norm scales ~ 1, biases small)."""
-    g = torch.Generator().manual_seed(seed * 1000003 + zlib.crc32(key.encode()))
-    t = torch.randn(shape, generator=g)
+POOL = 16_777_259  # a prime number of standard normal values, drawn once (not a divisor of any width)
+_pool: list[torch.Tensor] = []
+
+
+def _normals() -> torch.Tensor:
+    if not _pool:
+        _pool.append(torch.randn(POOL, generator=torch.Generator().manual_seed(0)))
+    return _pool[0]
+
+
+def _chunks(key: str, shape: tuple[int, ...], seed: int, dtype: torch.dtype):
+    """One tensor's values, in pieces of at most POOL values: the pool read from an offset set by the
+    key and the seed, scaled as an initialisation would (weights ~ N(0, 1/fan_in), norm scales ~ 1,
+    biases small). Drawing 7B fresh normals takes tens of minutes on two shared cores; copying from
+    a pool runs at memory speed, and random-looking values are all a dry run needs."""
+    pool, n = _normals(), math.prod(shape)
+    at = (seed * 1000003 + zlib.crc32(key.encode())) % POOL
     if len(shape) >= 2:
-        return t.div_(math.sqrt(math.prod(shape[1:])))
-    if key.endswith("weight"):
-        return t.mul_(0.1).add_(1)
-    return t.mul_(0.05)
+        scale, shift = 1 / math.sqrt(math.prod(shape[1:])), 0.0
+    else:
+        scale, shift = (0.1, 1.0) if key.endswith("weight") else (0.05, 0.0)
+    while n:
+        take = min(n, POOL - at)
+        yield (pool[at:at + take] * scale + shift).to(dtype)
+        n -= take
+        at = (at + take) % POOL
 
 
 def stream_safetensors(path: Path, shapes: dict[str, tuple[int, ...]], dtype: torch.dtype, seed: int) -> int:
-    """A safetensors file of random tensors, written tensor by tensor (header first, offsets known
+    """A safetensors file of random tensors, written piece by piece (header first, offsets known
     from the shapes); returns its data bytes."""
     names = sorted(shapes)
     size = torch.tensor([], dtype=dtype).element_size()
@@ -57,9 +74,8 @@ def stream_safetensors(path: Path, shapes: dict[str, tuple[int, ...]], dtype: to
     with open(tmp, "wb") as f:
         f.write(struct.pack("<Q", len(raw)) + raw)
         for k in names:
-            t = _value(k, tuple(shapes[k]), seed).to(dtype)
-            f.write(t.view(torch.uint8).numpy().tobytes() if dtype == torch.bfloat16 else t.numpy().tobytes())
-            del t
+            for piece in _chunks(k, tuple(shapes[k]), seed, dtype):
+                f.write(piece.view(torch.uint8).numpy().data)
     os.replace(tmp, path)
     return offset
 

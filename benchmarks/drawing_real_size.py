@@ -17,7 +17,8 @@ Each drawing runs ``drawing.load_backend`` then ``draw`` of one prompt at the re
 (ELLA and LaVi 512 x 512, ParaDiffusion 1024 x 640) with 2 steps, and records per phase (load, text
 encoding, denoising, VAE decode): seconds, peak resident memory (the kernel's high-water mark, reset
 at each phase as ``easygen.profiling`` does) and the bytes of weights resident. It reports, it never
-asserts. LLMs run in bfloat16 by default (a 7B model in fp32 does not fit a 24 GiB machine).
+asserts. The 7B Llamas run in bfloat16 (``text_dtype``; in fp32 one does not fit a 24 GiB machine),
+everything else in float32 (16-bit convolutions on a CPU without native bf16 are ~70x slower).
 """
 from __future__ import annotations
 
@@ -38,12 +39,13 @@ GIB = 1024 ** 3
 PROMPT = ("A red book and a yellow vase on a dark wood table; the vase holds a fresh array of multicolored "
           "wildflowers.")
 STEPS = 2
+PHASES = ["load", "text", "denoise", "decode"]
 # backend name, files under WORKDIR, load options (per-part dtypes where the backend has them)
 CASES = {
     "ella": ("ella", "ella", {}),
-    "lavi-llama2-unet": ("lavi-bridge", "lavi/llama2_unet", {"dtype": "bfloat16"}),
+    "lavi-llama2-unet": ("lavi-bridge", "lavi/llama2_unet", {"text_dtype": "bfloat16"}),
     "lavi-t5-transformer": ("lavi-bridge", "lavi/t5_transformer", {}),
-    "paradiffusion": ("paradiffusion", "paradiffusion", {"dtype": "bfloat16"}),
+    "paradiffusion": ("paradiffusion", "paradiffusion", {"text_dtype": "bfloat16"}),
 }
 ALL = [*CASES, "easygen-ella"]
 
@@ -110,23 +112,33 @@ def modules_of(backend) -> list:
     return out
 
 
-def instrument(backend, phases: Phases) -> None:
+def instrument(backend, phases: Phases, skip: list[str]) -> None:
     """Phase boundaries: the first call of the connector or the denoiser starts "denoise", the VAE's
-    decode starts "decode" (text encoding is what comes before)."""
+    decode starts "decode" (text encoding is what comes before); a phase in ``skip`` ends the run."""
+    def start(name: str) -> None:
+        if name in skip:
+            phases.stop()
+            raise Stop(name)
+        phases.start(name)
+
     for name in ("connector", "unet", "vis"):
         part = getattr(backend, name, None)
         if part is not None:
-            part.register_forward_pre_hook(lambda *_: phases.start("denoise"))
+            part.register_forward_pre_hook(lambda *_: start("denoise"))
     vae = backend.vae
     decode = vae.decode
 
     def timed_decode(*args, **kwargs):
-        phases.start("decode")
+        start("decode")
         return decode(*args, **kwargs)
     vae.decode = timed_decode
 
 
-def run_child(case: str, path: Path, size_name: str, options: dict, out: Path) -> None:
+class Stop(Exception):
+    """Raised at the start of the phase ``--until`` names: the run ends after the one before it."""
+
+
+def run_child(case: str, path: Path, size_name: str, options: dict, out: Path, until: str = "decode") -> None:
     import torch
 
     from drawing import load_backend
@@ -141,15 +153,21 @@ def run_child(case: str, path: Path, size_name: str, options: dict, out: Path) -
     backend = load_backend(backend_name, path, device="cpu", **options)
     phases.weights = lambda: module_bytes(*modules_of(backend))
     phases.stop()
-    instrument(backend, phases)
-    phases.start("text")
-    [image] = backend.draw([PROMPT], [0], steps=STEPS, width=width, height=height)
-    image.save(out.with_suffix(".png"))
-    phases.stop()
+    image = None
+    if until != "load":
+        instrument(backend, phases, PHASES[PHASES.index(until) + 1:])
+        phases.start("text")
+        try:
+            [image] = backend.draw([PROMPT], [0], steps=STEPS, width=width, height=height)
+            image.save(out.with_suffix(".png"))
+            phases.stop()
+        except Stop:
+            pass
     out.write_text(json.dumps({
         "case": case, "describe": backend.describe(), "baseline_rss_bytes": baseline, "phases": phases.rows,
         "process_peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-        "image": str(out.with_suffix(".png")), "image_size": list(image.size), "options": options}, indent=1))
+        "image": image and str(out.with_suffix(".png")), "image_size": image and list(image.size),
+        "options": options, "until": until}, indent=1))
 
 
 # ------------------------------------------------------------------------------ EasyGen + ELLA
@@ -225,7 +243,8 @@ def run_case(case: str, args) -> dict:
     else:
         options = {**CASES[case][2], **dict(o.split("=", 1) for o in args.option)}
         cmd = [sys.executable, str(Path(__file__).resolve()), "--child", case, "--path", str(path), "--size",
-               args.size, "--out", str(out), "--workdir", str(work), "--options", json.dumps(options)]
+               args.size, "--out", str(out), "--workdir", str(work), "--options", json.dumps(options),
+               "--until", args.until]
         start = time.perf_counter()
         proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
         if proc.returncode != 0:
@@ -248,7 +267,8 @@ def report(result: dict) -> None:
     if "describe" in result:
         print(result["describe"])
         print(f"after imports, before loading: {result['baseline_rss_bytes'] / GIB:.2f} GiB resident; "
-              f"picture {result['image']} {result['image_size']}")
+              + (f"picture {result['image']} {result['image_size']}" if result["image"]
+                 else f"stopped after {result['until']} (--until)"))
     else:
         print(f"reply: {result['reply']['text'][:100]!r}; picture {result['reply']['images']}\n"
               f"weights column: EasyGen's --profile count (the LLM) + ELLA's "
@@ -268,6 +288,8 @@ def main(argv=None) -> None:
     ap.add_argument("--easygen-llm", type=Path, metavar="DIR",
                     help="easygen-ella: an existing diffllama directory (benchmarks/real_size.py's) instead of "
                          "writing WORKDIR/easygen/diffllama")
+    ap.add_argument("--until", choices=PHASES, default="decode",
+                    help="end each drawing after this phase (default: the whole picture)")
     ap.add_argument("--json", type=Path, help="also write all results here")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--path", type=Path, help=argparse.SUPPRESS)
@@ -276,7 +298,7 @@ def main(argv=None) -> None:
     ap.add_argument("extra", nargs="*", help="easygen-ella: more `easygen chat` flags after --")
     args = ap.parse_args(argv)
     if args.child:
-        run_child(args.child, args.path, args.size, json.loads(args.options), args.out)
+        run_child(args.child, args.path, args.size, json.loads(args.options), args.out, args.until)
         return
     results = []
     for case in ALL if args.backend == "all" else [args.backend]:

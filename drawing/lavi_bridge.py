@@ -201,18 +201,19 @@ def _dtype(name, device: torch.device, default: torch.dtype) -> torch.dtype:
 
 def load(path: str | os.PathLike, device=None, dtype=None, combo: str | None = None,
          diffusion: str | os.PathLike | None = None, text_model: str | os.PathLike | None = None,
-         **options) -> LaViBridgeBackend:
+         text_dtype=None, **options) -> LaViBridgeBackend:
     """A LaVi-Bridge combo folder (``llama2_unet``, ``t5_unet`` or ``t5_transformer``) on its bases.
 
     ``dtype`` (default: the scripts' own, Llama in float16 on GPU and the rest in float32; all float32
-    on CPU) sets every part when given."""
+    on CPU) sets every part when given; ``text_dtype`` then sets the text model's alone (on CPU a 7B
+    Llama fits only in 16 bits, while 16-bit convolutions there are many times slower than float32)."""
     from diffusers import AutoencoderKL, PixArtTransformer2DModel, UNet2DConditionModel, UniPCMultistepScheduler
 
     from bidiffuser.cliutil import resolve_device
 
     if options:
         raise DrawingError(f"lavi-bridge: unknown option(s) {', '.join(sorted(options))} "
-                           "(it takes combo, diffusion, text_model)")
+                           "(it takes combo, diffusion, text_model, text_dtype)")
     root = Path(path)
     if not root.is_dir():
         raise DrawingError(f"lavi-bridge: no folder {root}")
@@ -226,7 +227,8 @@ def load(path: str | os.PathLike, device=None, dtype=None, combo: str | None = N
     except BiDiffuserError as e:
         raise DrawingError(str(e)) from None
     part_dtype = _dtype(dtype, dev, torch.float32)
-    text_dtype = _dtype(dtype, dev, torch.float16 if spec.text == "llama" else torch.float32)
+    text_dtype = _dtype(dtype if text_dtype is None else text_dtype, dev,
+                        torch.float16 if spec.text == "llama" else torch.float32)
     base = _find_base(diffusion, root, (spec.diffusion_dir,), "diffusion base", "diffusion")
     text_dir = _find_base(text_model, root, spec.text_dirs, "text model", "text_model")
 

@@ -143,8 +143,10 @@ def _dtypes(dtype: str | None, device: torch.device) -> tuple[torch.dtype, torch
 
 
 def load(path: str | os.PathLike, device=None, dtype: str | None = None, text_encoder=None, lora=None,
-         unet=None, vae=None, scheduler=None) -> ParaDiffusionBackend:
-    """ParaDiffusion from its released folder ``path`` (see the module docstring)."""
+         unet=None, vae=None, scheduler=None, text_dtype: str | None = None) -> ParaDiffusionBackend:
+    """ParaDiffusion from its released folder ``path`` (see the module docstring). ``dtype`` sets every
+    part; ``text_dtype`` then sets the Llama's alone (on CPU a 7B Llama fits only in 16 bits, while
+    16-bit convolutions there are many times slower than float32)."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
 
     from bidiffuser.cliutil import resolve_device
@@ -155,7 +157,8 @@ def load(path: str | os.PathLike, device=None, dtype: str | None = None, text_en
     except BiDiffuserError as e:
         raise DrawingError(str(e)) from None
     dirs = _folders(path, dict(text_encoder=text_encoder, lora=lora, unet=unet, vae=vae, scheduler=scheduler))
-    text_dtype, image_dtype = _dtypes(dtype, dev)
+    image_dtype = _dtypes(dtype, dev)[1]
+    text_dtype = _dtypes(dtype if text_dtype is None else text_dtype, dev)[0]
     tokenizer = PromptTokenizer(dirs["text_encoder"])
     encoder = load_text_encoder(dirs["text_encoder"], dirs["lora"], text_dtype)
     unet_model = load_diffusers_model(UNet2DConditionModel, dirs["unet"], "U-Net", image_dtype)
