@@ -317,30 +317,32 @@ def train_lavi(cfg: LaviTrainConfig) -> Path:
     bar = tqdm(total=total_steps, initial=step, desc=f"lavi-bridge {cfg.combo}", disable=not env.is_main,
                dynamic_ncols=True)
     log = LossLog(run / "log.jsonl" if env.is_main else None, cfg.batch_size * env.world_size, env)
-    while step < total_steps:
-        epoch, in_epoch = divmod(step, steps_per_epoch)
-        indices = sampler.epoch(epoch)[in_epoch]
-        gens = [sample_generator(cfg.seed, epoch, i) for i in indices]
-        latents, noise, timesteps = encode_images(parts.vae, [rows[i][0] for i in indices], cfg.resolution, gens,
-                                                  env.device, trainee._noise.config.num_train_timesteps)
-        loss = model([rows[i][1] for i in indices], latents, noise, timesteps)
-        if not torch.isfinite(loss):
-            raise BiDiffuserError(f"loss is {loss.item()} at step {step + 1}; lower --lr or check the data")
-        loss.backward()
-        if cfg.max_grad_norm > 0:
-            torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
-        bar.update(1)
-        log.add({"loss": loss.item()}, 1)
-        log.step(step, epoch, scheduler.get_last_lr()[0], bar, step % cfg.log_every == 0 or step == total_steps)
-        if step % cfg.save_every == 0 or step == total_steps:
-            save_checkpoint(run, step, model, optimizer, {"scheduler": scheduler.state_dict(), "run": signature},
-                            env, keep_last=cfg.keep_last)
-    bar.close()
-    log.close()
+    try:  # the bar closes before an error is printed
+        while step < total_steps:
+            epoch, in_epoch = divmod(step, steps_per_epoch)
+            indices = sampler.epoch(epoch)[in_epoch]
+            gens = [sample_generator(cfg.seed, epoch, i) for i in indices]
+            latents, noise, timesteps = encode_images(parts.vae, [rows[i][0] for i in indices], cfg.resolution, gens,
+                                                      env.device, trainee._noise.config.num_train_timesteps)
+            loss = model([rows[i][1] for i in indices], latents, noise, timesteps)
+            if not torch.isfinite(loss):
+                raise BiDiffuserError(f"loss is {loss.item()} at step {step + 1}; lower --lr or check the data")
+            loss.backward()
+            if cfg.max_grad_norm > 0:
+                torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            bar.update(1)
+            log.add({"loss": loss.item()}, 1)
+            log.step(step, epoch, scheduler.get_last_lr()[0], bar, step % cfg.log_every == 0 or step == total_steps)
+            if step % cfg.save_every == 0 or step == total_steps:
+                save_checkpoint(run, step, model, optimizer, {"scheduler": scheduler.state_dict(), "run": signature},
+                                env, keep_last=cfg.keep_last)
+    finally:
+        bar.close()
+        log.close()
     if env.is_main:
         write_layout(out, parts, cfg, step)
         print(f"wrote LaVi-Bridge {cfg.combo} layout {out} (step {step})")

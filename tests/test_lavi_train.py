@@ -186,6 +186,7 @@ def test_frozen_language_model_writes_a_zero_lora_text_of_full_length(bases, cap
     (["--data", "bad.tsv"], "bad.tsv:2: expected 'image_path<TAB>caption', got 1 tab-separated field(s)"),
     (["--data", "missing_image.tsv"], "missing_image.tsv:1: image not found"),
     (["--data", "nothing.tsv"], "captions TSV not found"),
+    (["--data", "corrupt.tsv"], "not an image file (or an unsupported format):"),
     (["--dropout", "1.5"], "dropout must lie in [0, 1)"),
     (["--resolution", "36", "--combo", "t5_transformer"], "resolution must be a positive multiple of 8 (PixArt: 16)"),
     (["--diffusion", "nowhere"], "--diffusion: no folder "),
@@ -197,6 +198,8 @@ def test_bad_input_is_one_line_and_exit_2(bases, captions, tmp_path, capsys, mon
     Image.new("RGB", (8, 8)).save(tmp_path / "a.png")
     (tmp_path / "bad.tsv").write_text("a.png\tfine\njust one field\n")
     (tmp_path / "missing_image.tsv").write_text("gone.png\ta caption\n")
+    (tmp_path / "b.png").write_bytes(b"not a png")
+    (tmp_path / "corrupt.tsv").write_text("b.png\ta caption\nb.png\tanother\n")
     flags = {"--combo": "t5_unet", "--data": str(captions), "--out": "new", **{
         f"--{k.replace('_', '-')}": v for k, v in base_args(bases, "t5_unet").items()}}
     for flag, value in zip(args[::2], args[1::2]):
