@@ -384,7 +384,8 @@ class LoraHooks:
                 raise BiDiffuserError(f"{source}: LoRA weights of {name} are {tuple(a.shape)} and {tuple(b.shape)}; "
                                       f"its layer ({in_f} -> {out_f}) at rank {settings.rank} needs "
                                       f"{(settings.rank, in_f)} and {(out_f, settings.rank)}")
-            self.weights[name] = (layer, a.float(), b.float())
+            device = next(layer.parameters(), a).device  # kept beside the layer: no copy per call
+            self.weights[name] = (layer, a.to(device, torch.float32), b.to(device, torch.float32))
         self._lock = threading.RLock()
         self._owner: int | None = None
 
