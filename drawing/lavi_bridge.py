@@ -24,6 +24,7 @@ from typing import Sequence
 
 import torch
 
+from bidiffuser.checkpoint import read_json
 from bidiffuser.errors import BiDiffuserError, first_line
 
 from .backend import DrawingError, DrawingSettings, Progress, check_prompts, initial_noise
@@ -217,6 +218,12 @@ def load(path: str | os.PathLike, device=None, dtype=None, combo: str | None = N
     root = Path(path)
     if not root.is_dir():
         raise DrawingError(f"lavi-bridge: no folder {root}")
+    trained = root / "lavi_train.json"  # written by `easygen train-lavi-bridge`: its combo and bases
+    if trained.is_file():
+        info = read_json(trained, "LaVi-Bridge training record")
+        combo = combo or info.get("combo")
+        diffusion = diffusion or info.get("diffusion")
+        text_model = text_model or info.get("text_model")
     name = combo or root.name
     if name not in COMBOS:
         raise DrawingError(f"lavi-bridge: {root} is not one of the released combos {', '.join(COMBOS)} "

@@ -246,9 +246,11 @@ def write_layout(out: Path, parts: Parts, cfg: LaviTrainConfig, step: int) -> Pa
         zeros = [torch.zeros(s) for site in parts.text_sites for s in site.expected_shapes(cfg.lora_rank)]
         save_positional(zeros, out / "lora_text.pt")
         (out / "lora_text.safetensors").unlink(missing_ok=True)
-    info = {"combo": cfg.combo, "diffusion": cfg.diffusion, "text_model": cfg.text_model, "steps": step,
+    # absolute base paths: the lavi-bridge backend reads them to load OUT without options
+    info = {"combo": cfg.combo, "diffusion": str(Path(cfg.diffusion).resolve()),
+            "text_model": str(Path(cfg.text_model).resolve()), "steps": step,
             "text_lora": cfg.text_lora, "lora_rank": cfg.lora_rank,
-            "load": f'drawing.load_backend("lavi-bridge", OUT, combo="{cfg.combo}", diffusion=..., text_model=...)',
+            "load": 'drawing.load_backend("lavi-bridge", OUT)  (combo and bases read from this file)',
             "config": dataclasses.asdict(cfg)}
     with atomic_path(out / "lavi_train.json") as tmp:
         Path(tmp).write_text(json.dumps(info, indent=1) + "\n")

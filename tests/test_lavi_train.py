@@ -148,6 +148,9 @@ def test_cli_trains_writes_both_layouts_and_the_backend_draws_it(bases, captions
     # the trained files change the drawing: the released tiny combo on the same bases draws otherwise
     other = load_backend("lavi-bridge", bases / "t5_unet").draw(["a red circle"], [0], steps=2, width=32, height=32)
     assert not np.array_equal(np.asarray(images[0]), np.asarray(other[0]))
+    # the training record names the combo and the bases: the output loads without options
+    again = load_backend("lavi-bridge", out).draw(["a red circle"], [0], steps=2, width=32, height=32)
+    assert np.array_equal(np.asarray(images[0]), np.asarray(again[0]))
 
 
 def test_resume_after_steps_k_equals_a_straight_run_bit_for_bit(bases, captions, tmp_path):
