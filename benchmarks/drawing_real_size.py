@@ -94,9 +94,20 @@ class Phases:
         from easygen.profiling import Phase, peak_rss_bytes
         if self.current:
             name, t0, per_phase = self.current
-            self.rows.append(Phase(name, time.perf_counter() - t0, peak_rss_bytes() if per_phase else None,
-                                   self.weights()).to_json())
+            row = Phase(name, time.perf_counter() - t0, peak_rss_bytes() if per_phase else None,
+                        self.weights()).to_json()
+            # how much of what is resident at the end is mapped weight files (clean pages the kernel
+            # can drop and read again) rather than the process's own memory
+            row["rss_file_bytes"] = _status_bytes("RssFile")
+            self.rows.append(row)
             self.current = None
+
+
+def _status_bytes(field: str) -> int | None:
+    for line in Path("/proc/self/status").read_text().splitlines() if Path("/proc/self/status").exists() else []:
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    return None
 
 
 def modules_of(backend) -> list:
@@ -213,19 +224,30 @@ def run_easygen(work: Path, size_name: str, llm: Path, out: Path, extra: list[st
 def table(result: dict) -> str:
     width = max(len(p["phase"]) for p in result["phases"])
     rows = [f"{'phase':<{width}} {'seconds':>8} {'peak RSS GiB':>13} {'weights GiB':>12} {'peak/weights':>13} "
-            f"{'above weights GiB':>18}"]
+            f"{'above weights GiB':>18} {'file-backed GiB':>16}"]
     extra = result.get("drawer_weights_bytes", 0)
     for p in result["phases"]:
         w = (p["weights_bytes"] or 0) + extra
         peak = p["peak_rss_bytes"]
         ratio = f"{peak / w:12.2f}x" if peak and w else f"{'':>13}"
-        above = f"{(peak - w) / GIB:18.2f}" if peak else ""
+        above = f"{(peak - w) / GIB:18.2f}" if peak else f"{'':>18}"
+        mapped = f"{p['rss_file_bytes'] / GIB:16.2f}" if p.get("rss_file_bytes") is not None else ""
         rows.append(f"{p['phase']:<{width}} {p['seconds']:8.1f} {peak / GIB if peak else float('nan'):13.2f} "
-                    f"{w / GIB:12.2f} {ratio} {above}")
+                    f"{w / GIB:12.2f} {ratio} {above} {mapped}")
     return "\n".join(rows)
 
 
+def case_folders(case: str, path: Path) -> list[Path]:
+    """The folders a backend reads: LaVi's combo folder and the two bases it runs on."""
+    if not case.startswith("lavi"):
+        return [path]
+    bases = {"lavi-llama2-unet": ("stable-diffusion-v1-4", "Llama-2-7b-hf"),
+             "lavi-t5-transformer": ("PixArt-XL-2-512x512", "t5-large")}[case]
+    return [path, *(path.parent / b for b in bases)]
+
+
 def dir_bytes(path: Path) -> int:
+    path = path.resolve()  # the Llama folder is a link
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
 
@@ -251,8 +273,7 @@ def run_case(case: str, args) -> dict:
             result = {"case": case, "error": proc.stderr[-3000:], "command": " ".join(cmd)}
         else:
             result = {**json.loads(out.read_text()), "wall_s": time.perf_counter() - start}
-        result["disk_bytes"] = dir_bytes(path) + (dir_bytes(path.parent / "Llama-2-7b-hf")
-                                                  if case != "ella" and (path.parent / "Llama-2-7b-hf").exists() else 0)
+        result["disk_bytes"] = sum(dir_bytes(d) for d in case_folders(case, path))
     result["written_s"] = written
     return result
 
