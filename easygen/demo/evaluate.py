@@ -127,7 +127,7 @@ def quick_evaluate(demo: DemoModel, out: str | Path, conversations: int = 30, dr
                "llm_engine": loaded.llm.name,
                "conversations": conversation_table(talks), "drawings": draws,
                "image_counts": drawing_counts(draws), "draw_with": loaded.draw_with,
-               "long": drawing_counts(long) | {"turns": len(long)}}
+               "long": drawing_counts(long) | {"turns": len(long), "templates": "held_out"}}
     write_json(out / "results.json", results | {"conversation_turns": talks})
     return results
 
@@ -189,13 +189,13 @@ def draw_descriptions(loaded, recipe, out_dir: Path, templates, per_combo: int |
 
 def description_asks(templates, per_combo: int | None = None) -> list[tuple[str, str, str]]:
     """(description, colour, shape) for ``draw_descriptions``: every template with every colour and shape,
-    or ``per_combo`` of them per colour and shape, the templates taken in turn."""
-    combos = [(c, s) for c in world.COLOURS for s in world.SHAPES]
+    or ``per_combo`` different templates per colour and shape, taken in turn so that every template meets
+    every shape and every colour (a plain rotation over 18 combos would pair 3 templates with 3 shapes)."""
     if per_combo is None:
-        asks = [(t, c, s) for t in templates for c, s in combos]
+        asks = [(t, c, s) for t in templates for c in world.COLOURS for s in world.SHAPES]
     else:
-        asks = [(templates[(k * per_combo + j) % len(templates)], c, s)
-                for k, (c, s) in enumerate(combos) for j in range(per_combo)]
+        asks = [(templates[(i + k + j) % len(templates)], c, s) for i, c in enumerate(world.COLOURS)
+                for k, s in enumerate(world.SHAPES) for j in range(per_combo)]
     return [(t.format(colour=c, shape=s), c, s) for t, c, s in asks]
 
 
