@@ -7,6 +7,7 @@ from typing import Sequence
 
 import torch
 
+from bidiffuser.model_dir import SamplingDefaults
 from bidiffuser.pipeline import BiDiffuser
 
 from .backend import DrawingError, DrawingSettings, Progress, check_prompts, generators
@@ -16,10 +17,15 @@ class BiDiffuserBackend:
     name = "bidiffuser"
     max_batch = 8
 
-    def __init__(self, pipe: BiDiffuser, draw_with: str | None = None, steps: int = 50, guidance: float = 7.0):
+    def __init__(self, pipe: BiDiffuser, draw_with: str | None = None, steps: int | None = None,
+                 guidance: float | None = None):
         self.pipe, self.draw_with = pipe, draw_with
         side = pipe.config.resolution
-        self.defaults = DrawingSettings(steps=steps, guidance=guidance, width=side, height=side)
+        # the model directory's own text-to-image defaults (bidiffuser.json), else UniDiffuser's 50 and 7
+        own = pipe.config.sampling_defaults or SamplingDefaults()
+        own_steps, own_scale = own.for_mode("t2i")
+        self.defaults = DrawingSettings(steps=steps or own_steps, guidance=own_scale if guidance is None else guidance,
+                                        width=side, height=side)
 
     @property
     def path(self) -> str:
@@ -49,7 +55,7 @@ class BiDiffuserBackend:
 
 
 def load(path: str | os.PathLike, device=None, dtype: str | None = None, bridge=None, draw_with: str | None = None,
-         steps: int = 50, guidance: float = 7.0, **pipeline_options) -> BiDiffuserBackend:
+         steps: int | None = None, guidance: float | None = None, **pipeline_options) -> BiDiffuserBackend:
     """A BiDiffuser model directory (optionally with a bridge directory) as a backend."""
     from bidiffuser.cliutil import resolve_device
     from bidiffuser.precision import Precision
