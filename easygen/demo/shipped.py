@@ -105,6 +105,9 @@ def ship(built: DemoModel, dest: Path = SHIPPED_DIR, dtype: str = "float16", log
     config = read_json(config_path, "BiDiffuser config")
     for name in CONVERTED:
         config["files"][name] = str(Path(config["files"][name]).with_suffix(".safetensors"))
+    # how the recipe samples, so `bidiffuser sample` and `easygen draw` on the shipped files draw as the chat does
+    config["sampling_defaults"] = {"steps": recipe.image_steps, "scale": recipe.image_scale,
+                                   "modes": {"i2t": {"steps": recipe.feature_steps, "scale": recipe.feature_scale}}}
     write_json(config_path, config)
     shutil.copy2(built.manifest, tmp / "demo.json")
     doc = {"format": "easygen-demo-shipped", "recipe_version": VERSION, "recipe": recipe.to_json(),
