@@ -80,8 +80,8 @@ class Phases:
     """Rows of (phase, seconds, peak RSS, weights) where each phase starts when the next part is first
     called; the high-water mark is reset at each start (``easygen.profiling``)."""
 
-    def __init__(self):
-        self.rows, self.current, self.weights = [], None, (lambda: None)
+    def __init__(self, on_row=lambda rows: None):
+        self.rows, self.current, self.weights, self.on_row = [], None, (lambda: None), on_row
 
     def start(self, name: str) -> None:
         from easygen.profiling import reset_peak_rss
@@ -101,6 +101,7 @@ class Phases:
             row["rss_file_bytes"] = _status_bytes("RssFile")
             self.rows.append(row)
             self.current = None
+            self.on_row(self.rows)
 
 
 def _status_bytes(field: str) -> int | None:
@@ -159,7 +160,8 @@ def run_child(case: str, path: Path, size_name: str, options: dict, out: Path, u
     width, height = resolution(case, size_name)
     torch.set_grad_enabled(False)
     baseline = rss_bytes()
-    phases = Phases()
+    # each finished phase is written at once: a run stopped later (memory, time) still reports it
+    phases = Phases(lambda rows: out.with_suffix(".partial.json").write_text(json.dumps(rows, indent=1)))
     phases.start("load")
     backend = load_backend(backend_name, path, device="cpu", **options)
     phases.weights = lambda: module_bytes(*modules_of(backend))
