@@ -241,6 +241,8 @@ def table(result: dict) -> str:
 
 def case_folders(case: str, path: Path) -> list[Path]:
     """The folders a backend reads: LaVi's combo folder and the two bases it runs on."""
+    if case == "paradiffusion":
+        return [path, path / "Llama-2-7b-hf"]  # a link: counted apart
     if not case.startswith("lavi"):
         return [path]
     bases = {"lavi-llama2-unet": ("stable-diffusion-v1-4", "Llama-2-7b-hf"),
