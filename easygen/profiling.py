@@ -125,4 +125,19 @@ def resident_weight_bytes(loaded) -> int:
                 modules.append(part)
             elif part is not None:
                 modules += [v for v in vars(part).values() if isinstance(v, torch.nn.Module)]
+    drawer = getattr(loaded.drawer, "backend", loaded.drawer)  # (an offloaded one: the backend inside)
+    if drawer is not None and getattr(drawer, "name", None) != "bidiffuser":  # a released system's backend
+        modules += _modules_of(drawer)
     return module_bytes(*modules)
+
+
+def _modules_of(obj) -> list[torch.nn.Module]:
+    """The torch modules an object holds as attributes (or in tuples of them, as ELLA's CLIP pair)."""
+    found = []
+    for value in vars(obj).values():
+        for v in value if isinstance(value, (tuple, list)) else (value,):
+            if isinstance(v, torch.nn.Module):
+                found.append(v)
+            elif hasattr(v, "model") and isinstance(v.model, torch.nn.Module):  # a text-encoder wrapper
+                found.append(v.model)
+    return found

@@ -214,3 +214,13 @@ def test_eval_t2i_draws_a_benchmark_with_a_released_backend(drawing_model, drawe
     drawer = _load(drawing_model, "ella", drawer_dirs).drawer
     picture = next(p for p in pictures if p.stem == Path(first[next(k for k in first if "image" in k.lower())]).stem)
     assert np.abs(_pixels(Image.open(picture)) - _pixels(drawer.draw([prompt], [4])[0])).max() <= 1
+
+
+def test_the_profile_counts_a_released_backends_weights(drawing_model, drawer_dirs):
+    """`--profile`'s resident weights include the backend's (ELLA: connector, T5, U-Net, VAE)."""
+    from easygen.profiling import module_bytes, resident_weight_bytes
+    loaded = _load(drawing_model, "ella", drawer_dirs)
+    d = loaded.drawer
+    with_drawer = resident_weight_bytes(loaded)
+    loaded.drawer = None
+    assert with_drawer - resident_weight_bytes(loaded) == module_bytes(d.connector, d.t5, d.unet, d.vae) > 0
