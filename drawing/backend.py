@@ -78,6 +78,22 @@ def initial_noise(shape: tuple[int, ...], seeds: Sequence[int | None], device, d
     return randn_tensor(tuple(shape), generator=generators(seeds), device=torch.device(device), dtype=dtype)
 
 
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
+          "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+
+
+def part_dtype(name, device: torch.device, on_cuda: torch.dtype, what: str = "dtype") -> torch.dtype:
+    """A part's dtype: ``name`` when given, else (None/"auto") ``on_cuda`` on CUDA, the part's dtype in
+    its reference code there, and float32 elsewhere (half precision is slow or missing on a CPU)."""
+    if isinstance(name, torch.dtype):
+        return name
+    if name in (None, "auto"):
+        return on_cuda if torch.device(device).type == "cuda" else torch.float32
+    if name not in DTYPES:
+        raise DrawingError(f"{what}: unknown dtype {name!r} (choose from auto, {', '.join(DTYPES)})")
+    return DTYPES[name]
+
+
 def check_prompts(prompts: Sequence[str], seeds: Sequence[int | None]) -> None:
     if isinstance(prompts, str):
         raise DrawingError("prompts must be a list of strings (got one string)")

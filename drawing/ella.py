@@ -26,7 +26,7 @@ from PIL import Image
 from bidiffuser.checkpoint import check_state_dict, read_state_dict, require_file
 from bidiffuser.errors import BiDiffuserError, first_line
 
-from .backend import DrawingError, DrawingSettings, Progress, check_prompts, initial_noise
+from .backend import DrawingError, DrawingSettings, Progress, check_prompts, initial_noise, part_dtype
 from .ella_connector import ELLAConnector
 
 ELLA_FILE = "ella-sd1.5-tsc-t5xl.safetensors"
@@ -46,21 +46,6 @@ SCHEDULER_PINS = dict(
     prediction_type="epsilon", rescale_betas_zero_snr=False, use_exponential_sigmas=False,
     use_beta_sigmas=False, use_flow_sigmas=False, use_dynamic_shifting=False,
 )
-
-_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
-           "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
-
-
-def _dtype(name, device: torch.device, what: str) -> torch.dtype:
-    """``None``/"auto": float16 on CUDA (as ELLA runs every part), float32 elsewhere (CPU half is slow)."""
-    if isinstance(name, torch.dtype):
-        return name
-    if name in (None, "auto"):
-        return torch.float16 if device.type == "cuda" else torch.float32
-    if name not in _DTYPES:
-        raise DrawingError(f"{what}: unknown dtype {name!r} (choose from auto, {', '.join(_DTYPES)})")
-    return _DTYPES[name]
-
 
 def _part(path: Path, given, default: str, what: str) -> Path:
     p = Path(given) if given is not None else path / default
@@ -236,7 +221,8 @@ def load(path: str | os.PathLike, device=None, dtype: str | None = None, *, ella
     ella_path = _part(root, ella, ELLA_FILE, "ella connector file")
     t5_path = _part(root, t5, T5_DIR, "t5 folder")
     sd_path = _part(root, sd, SD_DIR, "sd folder")
-    main_dtype, text_dtype = _dtype(dtype, dev, "dtype"), _dtype(t5_dtype, dev, "t5_dtype")
+    main_dtype = part_dtype(dtype, dev, torch.float16, "ELLA: dtype")
+    text_dtype = part_dtype(t5_dtype, dev, torch.float16, "ELLA: t5_dtype")
 
     unet = _pretrained(UNet2DConditionModel, sd_path / "unet", "SD1.5 U-Net", torch_dtype=main_dtype)
     vae = _pretrained(AutoencoderKL, sd_path / "vae", "SD1.5 VAE", torch_dtype=main_dtype)

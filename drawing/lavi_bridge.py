@@ -27,7 +27,7 @@ import torch
 from bidiffuser.checkpoint import read_json
 from bidiffuser.errors import BiDiffuserError, first_line
 
-from .backend import DrawingError, DrawingSettings, Progress, check_prompts, initial_noise
+from .backend import DrawingError, DrawingSettings, Progress, check_prompts, initial_noise, part_dtype
 from .lavi_adapter import load_adapter
 from .lavi_lora import (LLAMA_TARGETS, T5_TARGETS, TRANSFORMER_TARGETS, UNET_TARGETS, load_positional)
 from .lavi_text import LlamaText, T5Text
@@ -188,18 +188,6 @@ def _find_base(given, combo_dir: Path, names: Sequence[str], what: str, option: 
                        f"{combo_dir}")
 
 
-def _dtype(name, device: torch.device, default: torch.dtype) -> torch.dtype:
-    if name is None or name == "auto":
-        return default if device.type == "cuda" else torch.float32
-    table = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
-             "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
-    if isinstance(name, torch.dtype):
-        return name
-    if name not in table:
-        raise DrawingError(f"lavi-bridge: unknown dtype {name!r} (use float32, float16 or bfloat16)")
-    return table[name]
-
-
 def load(path: str | os.PathLike, device=None, dtype=None, combo: str | None = None,
          diffusion: str | os.PathLike | None = None, text_model: str | os.PathLike | None = None,
          text_dtype=None, **options) -> LaViBridgeBackend:
@@ -233,16 +221,17 @@ def load(path: str | os.PathLike, device=None, dtype=None, combo: str | None = N
         dev = resolve_device(None if device is None else str(device))
     except BiDiffuserError as e:
         raise DrawingError(str(e)) from None
-    part_dtype = _dtype(dtype, dev, torch.float32)
-    text_dtype = _dtype(dtype if text_dtype is None else text_dtype, dev,
-                        torch.float16 if spec.text == "llama" else torch.float32)
+    # the scripts' dtypes: on a GPU the Llama in float16 and everything else in float32
+    vis_dtype = part_dtype(dtype, dev, torch.float32, "lavi-bridge: dtype")
+    text_dtype = part_dtype(dtype if text_dtype is None else text_dtype, dev,
+                            torch.float16 if spec.text == "llama" else torch.float32, "lavi-bridge: text_dtype")
     base = _find_base(diffusion, root, (spec.diffusion_dir,), "diffusion base", "diffusion")
     text_dir = _find_base(text_model, root, spec.text_dirs, "text model", "text_model")
 
     vis_cls, vis_dir = ((UNet2DConditionModel, "unet") if spec.diffusion == "unet"
                         else (PixArtTransformer2DModel, "transformer"))
-    vis = _from_pretrained(vis_cls, base / vis_dir, f"{spec.diffusion} of {base.name}", torch_dtype=part_dtype)
-    vae = _from_pretrained(AutoencoderKL, base / "vae", f"VAE of {base.name}", torch_dtype=part_dtype)
+    vis = _from_pretrained(vis_cls, base / vis_dir, f"{spec.diffusion} of {base.name}", torch_dtype=vis_dtype)
+    vae = _from_pretrained(AutoencoderKL, base / "vae", f"VAE of {base.name}", torch_dtype=vis_dtype)
     scheduler = _from_pretrained(UniPCMultistepScheduler, base / "scheduler", f"scheduler of {base.name}",
                                  **UNIPC_PINS)
     text = (LlamaText if spec.text == "llama" else T5Text).load(text_dir, dev, text_dtype)
@@ -256,7 +245,7 @@ def load(path: str | os.PathLike, device=None, dtype=None, combo: str | None = N
     vis.to(dev).eval()
     vae.to(dev).eval()
     text.model.to(dev).eval()
-    return LaViBridgeBackend(name, spec, vis, vae, scheduler.config, text, adapter, dev, part_dtype,
+    return LaViBridgeBackend(name, spec, vis, vae, scheduler.config, text, adapter, dev, vis_dtype,
                              {"combo": root, "diffusion": base, "text": text_dir})
 
 

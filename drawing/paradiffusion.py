@@ -26,14 +26,13 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .backend import DrawingError, DrawingSettings, Progress, check_prompts, initial_noise
+from .backend import DrawingError, DrawingSettings, Progress, check_prompts, initial_noise, part_dtype
 from .paradiffusion_parts import (PromptTokenizer, load_diffusers_model, load_scheduler, load_text_encoder)
 
 FOLDERS = {"text_encoder": "Llama-2-7b-hf", "lora": "text_encoder_lora", "unet": "unet",
            "vae": "sdxl-vae-fp16-fix", "scheduler": "scheduler"}
 # demo.py's predict(): 100 DPM-Solver++ steps, guidance 7.5, 1024 x 640
 DEFAULTS = DrawingSettings(steps=100, guidance=7.5, width=1024, height=640)
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 class ParaDiffusionBackend:
@@ -132,16 +131,6 @@ def _folders(path: str | os.PathLike, overrides: dict) -> dict[str, Path | None]
     return out
 
 
-def _dtypes(dtype: str | None, device: torch.device) -> tuple[torch.dtype, torch.dtype]:
-    """(text encoder, U-Net/VAE): demo.py halves only the U-Net and the VAE, on the GPU."""
-    if dtype in (None, "auto"):
-        half = torch.float16 if device.type == "cuda" else torch.float32
-        return torch.float32, half
-    if dtype not in DTYPES:
-        raise DrawingError(f"dtype must be auto or one of {', '.join(DTYPES)} (got {dtype!r})")
-    return DTYPES[dtype], DTYPES[dtype]
-
-
 def load(path: str | os.PathLike, device=None, dtype: str | None = None, text_encoder=None, lora=None,
          unet=None, vae=None, scheduler=None, text_dtype: str | None = None) -> ParaDiffusionBackend:
     """ParaDiffusion from its released folder ``path`` (see the module docstring). ``dtype`` sets every
@@ -157,8 +146,10 @@ def load(path: str | os.PathLike, device=None, dtype: str | None = None, text_en
     except BiDiffuserError as e:
         raise DrawingError(str(e)) from None
     dirs = _folders(path, dict(text_encoder=text_encoder, lora=lora, unet=unet, vae=vae, scheduler=scheduler))
-    image_dtype = _dtypes(dtype, dev)[1]
-    text_dtype = _dtypes(dtype if text_dtype is None else text_dtype, dev)[0]
+    # demo.py halves only the U-Net and the VAE, on the GPU; the Llama stays float32
+    image_dtype = part_dtype(dtype, dev, torch.float16, "ParaDiffusion: dtype")
+    text_dtype = part_dtype(dtype if text_dtype is None else text_dtype, dev, torch.float32,
+                            "ParaDiffusion: text_dtype")
     tokenizer = PromptTokenizer(dirs["text_encoder"])
     encoder = load_text_encoder(dirs["text_encoder"], dirs["lora"], text_dtype)
     unet_model = load_diffusers_model(UNet2DConditionModel, dirs["unet"], "U-Net", image_dtype)

@@ -95,7 +95,7 @@ def reference(ref: Path, tiny: Path, work: Path) -> dict:
     tokenizer = AutoTokenizer.from_pretrained(tiny / "t5-large")
     text_encoder = T5EncoderModel.from_pretrained(tiny / "t5-large")
     adapter = TextAdapter(32, 32, 32)                            # PATCH: (1024, 896, 768) at the real sizes
-    adapter.load_state_dict(torch.load(work / "init_adapter.pt"))  # PATCH: our starting weights
+    adapter.load_state_dict(torch.load(work / "init_adapter.pt", weights_only=True))  # PATCH: our starting weights
     vis.requires_grad_(False)
     text_encoder.requires_grad_(False)
     vis_lora_params, _ = inject_trainable_lora_extended(vis, r=32, target_replace_module=VIS_REPLACE_MODULES,
@@ -115,7 +115,7 @@ def reference(ref: Path, tiny: Path, work: Path) -> dict:
     vis.train()
     text_encoder.eval()                                          # PATCH: train() (T5's dropout; off on both sides)
     adapter.train()
-    batch = torch.load(work / "batch.pt")
+    batch = torch.load(work / "batch.pt", weights_only=True)
     losses = []
     for _ in range(STEPS):
         latents, noise, timesteps = batch["latents"], batch["noise"], batch["timesteps"]  # PATCH: handed in
@@ -155,7 +155,7 @@ def main() -> int:
         work = Path(tmp)
         subprocess.run([args.our_python, __file__, "--tiny-dir", str(tiny), "--ours-into", str(work)], cwd=REPO,
                        check=True)
-        mine = torch.load(work / "ours.pt")
+        mine = torch.load(work / "ours.pt", weights_only=True)
         theirs = reference(Path(args.reference_repo).resolve(), tiny, work)
     report = {"losses": {"ours": mine["losses"], "reference": theirs["losses"]}, "reference_lr": theirs["lr"]}
     for part in ("vis", "text", "adapter"):
