@@ -14,6 +14,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
 
 from bidiffuser.errors import BiDiffuserError
+from bidiffuser.pipeline import make_generator
 
 Progress = Callable[[int, int], None]
 
@@ -58,18 +59,10 @@ class DrawingBackend(Protocol):
         ...
 
 
-def generators(seeds: Sequence[int | None], device: torch.device | str = "cpu") -> list[torch.Generator]:
-    """One generator per image, as diffusers pipelines take them (``generator=[...]``): a seed gives
-    the noise ``torch.manual_seed(seed); torch.randn(...)`` would give on CPU."""
-    out = []
-    for seed in seeds:
-        g = torch.Generator("cpu")
-        if seed is None:
-            g.seed()
-        else:
-            g.manual_seed(int(seed))
-        out.append(g)
-    return out
+def generators(seeds: Sequence[int | None]) -> list[torch.Generator]:
+    """One CPU generator per image, as diffusers pipelines take them (``generator=[...]``): a seed gives
+    the noise ``torch.manual_seed(seed); torch.randn(...)`` would give on CPU; None a fresh random one."""
+    return [make_generator(None if seed is None else int(seed)) for seed in seeds]
 
 
 def initial_noise(shape: tuple[int, ...], seeds: Sequence[int | None], device, dtype) -> torch.Tensor:

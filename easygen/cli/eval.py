@@ -299,7 +299,7 @@ def run_t2i(args: argparse.Namespace) -> int:
               "bidiffuser": read_config(bidiffuser_dir).fingerprint(),
               "draw_with": args.draw_with if released else "clip" if bridge_dir is None else "bridge",
               "bridge": None if bridge_dir is None else bridge_fingerprint(bridge_dir),
-              "drawer": tree_fingerprint(args.drawer) if released and args.drawer else None,
+              "drawer": runner.tree_fingerprint(args.drawer) if released and args.drawer else None,
               "drawer_options": drawer_options(args) or None,
               "steps": args.steps, "scale": args.scale,
               "seed": args.seed, "n_samples": layout.n_samples, "dtype": args.dtype,
@@ -376,20 +376,6 @@ def _or_default(value, what: str) -> str:
     if value is None:
         return f"the backend's default {what}"
     return f"{value:g}" + (" steps" if what == "steps" else "")
-
-
-def tree_fingerprint(path) -> str:
-    """sha256 over every file under ``path`` (relative names and ``fingerprint_file``), for a
-    released system's folders of subfolders."""
-    import hashlib
-    import json
-    from pathlib import Path
-
-    from bidiffuser.checkpoint import fingerprint_file
-    root = Path(path)
-    files = sorted(f for f in root.rglob("*") if f.is_file() and not f.name.startswith(".")) if root.is_dir() else [root]
-    entries = [(str(f.relative_to(root)) if root.is_dir() else f.name, fingerprint_file(f)) for f in files]
-    return hashlib.sha256(json.dumps(entries).encode()).hexdigest()
 
 
 def t2i_summary(args, layout, out, total: int, n: int, drawn: int, tile: int, world: int, elapsed: float) -> str:

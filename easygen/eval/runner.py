@@ -237,6 +237,17 @@ def model_fingerprint(*paths: str | None) -> str:
     return hashlib.sha256(json.dumps(entries).encode()).hexdigest()
 
 
+def tree_fingerprint(path: str | os.PathLike) -> str:
+    """sha256 over every file under ``path`` (relative names and ``fingerprint_file``): a released
+    drawing system's folders of subfolders, where ``model_fingerprint`` reads only the top."""
+    root = Path(path)
+    if not root.exists():
+        raise EasyGenError(f"not found: {root}")
+    files = sorted(f for f in root.rglob("*") if f.is_file() and not f.name.startswith(".")) if root.is_dir() else [root]
+    entries = [(str(f.relative_to(root)) if root.is_dir() else f.name, fingerprint_file(f)) for f in files]
+    return hashlib.sha256(json.dumps(entries).encode()).hexdigest()
+
+
 # ---------------------------------------------------------------------------------------- generation
 class ImageQA:
     """Images + one user message -> the model's reply, batched: BiDiffuser features, the EasyGen
