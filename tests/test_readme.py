@@ -9,12 +9,26 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 
 
+# Where the documentation's examples live: the README and the reference pages beside it.
+DOC_PAGES = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
+
+
+def marker_place(marker: str) -> tuple[Path, list[str], int]:
+    """The page holding ``<!-- marker -->``, its lines and the marker's line index; a marker must be in
+    exactly one place, or a test would run one copy while readers follow the other."""
+    line = f"<!-- {marker} -->"
+    places = [(page, lines, i) for page in DOC_PAGES for lines in [page.read_text().splitlines()]
+              for i, text in enumerate(lines) if text == line]
+    assert len(places) == 1, (f"{line} must be in exactly one of README.md, docs/*.md; found in "
+                              f"{[str(page.relative_to(REPO)) for page, _, _ in places] or 'none'}")
+    return places[0]
+
+
 def readme_block(marker: str) -> list[str]:
     """The lines of the fenced block (```bash, ```python, ```text) after ``<!-- marker -->`` in
-    README.md, without blank and comment-only lines."""
-    lines = (REPO / "README.md").read_text().splitlines()
-    start = lines.index(f"<!-- {marker} -->")
-    assert lines[start + 1] in ("```bash", "```python", "```text")
+    README.md or a docs/*.md page, without blank and comment-only lines."""
+    page, lines, start = marker_place(marker)
+    assert lines[start + 1] in ("```bash", "```python", "```text"), f"{page.name}: no fenced block after {marker}"
     end = lines.index("```", start + 2)
     return [line for line in lines[start + 2:end] if line.strip() and not line.startswith("#")]
 
@@ -35,7 +49,8 @@ def test_tiny_recipe_runs_end_to_end(tmp_path):
 
 
 def test_ci_install_and_test_commands_are_in_the_readme():
-    """.ci/run executes these two blocks; they must exist and run pytest."""
+    """.ci/run executes these two blocks, and reads only README.md; they must be there and run pytest."""
+    assert marker_place("ci:install")[0].name == marker_place("ci:test")[0].name == "README.md"
     assert any("pip install" in line for line in readme_block("ci:install"))
     assert any("pytest" in line for line in readme_block("ci:test"))
 
