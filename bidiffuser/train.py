@@ -489,9 +489,8 @@ def train(cfg: TrainConfig) -> Path:
     step = 0
     previous = complete_checkpoints(run)
     if previous:
-        saved = json.loads((previous[-1] / "trainer_state.json").read_text())
-        _check_resume(previous[-1], saved.get("run", {}), signature)
-        state = load_checkpoint(previous[-1], model, optimizer, env, ema.state() if ema else None)
+        state = load_checkpoint(previous[-1], model, optimizer, env, ema.state() if ema else None,
+                                check=lambda saved: _check_resume(previous[-1], saved.get("run", {}), signature))
         step = state["step"]
         scheduler.load_state_dict(state["scheduler"])
         if env.is_main:

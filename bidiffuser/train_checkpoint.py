@@ -5,9 +5,11 @@ the last K, plus everything else an exact resume needs (step, scheduler, RNG of 
 Layout of ``OUT/checkpoints/step-00000040/``:
     .metadata, __*_*.distcp   model + optimizer shards (DCP)
     rng-rank{R}.safetensors    each rank's torch (and CUDA) generator state
+    easygen-signature.json     rank 0's HMAC of every other file (see checkpoint_signature)
     trainer_state.json         step, epoch, scheduler, python RNG; written last = "complete"
 A checkpoint is first written as ``.tmp-step-...`` and renamed when every rank has finished, so a
-kill never leaves a directory that looks complete.
+kill never leaves a directory that looks complete. Loading verifies the signature first: DCP's
+``.metadata`` is a pickle, and resume must not run one that someone else wrote.
 """
 from __future__ import annotations
 
@@ -26,6 +28,7 @@ from safetensors.torch import load_file
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_state_dict, set_state_dict)
 
 from .checkpoint import atomic_path, save_safetensors
+from .checkpoint_signature import sign_checkpoint, verify_checkpoint
 from .distributed import DistEnv, barrier
 from .errors import BiDiffuserError
 
@@ -82,9 +85,7 @@ def save_checkpoint(root: str | Path, step: int, model, optimizer, state: dict, 
     barrier()
     final = _step_dir(root, step)
     if env.is_main:
-        full_state = dict(state, step=step, world_size=env.world_size, python_rng=_python_rng())
-        with atomic_path(tmp / STATE_FILE) as p:
-            p.write_text(json.dumps(full_state, indent=1))
+        finish_checkpoint(tmp, dict(state, step=step, world_size=env.world_size, python_rng=_python_rng()))
         shutil.rmtree(final, ignore_errors=True)
         tmp.rename(final)
         for old in complete_checkpoints(root)[:-keep_last] if keep_last > 0 else []:
@@ -93,13 +94,47 @@ def save_checkpoint(root: str | Path, step: int, model, optimizer, state: dict, 
     return final
 
 
+def finish_checkpoint(directory: Path, state: dict) -> None:
+    """Rank 0, once every rank's files are in ``directory``: sign them together with the trainer
+    state, then write that state (last: a kill in between leaves no complete checkpoint)."""
+    data = json.dumps(state, indent=1).encode()
+    sign_checkpoint(directory, pending={STATE_FILE: data})
+    with atomic_path(directory / STATE_FILE) as p:
+        p.write_bytes(data)
+
+
+def open_checkpoint(path: str | Path, env: DistEnv | None = None) -> dict:
+    """Collective when ``env`` is given: verify the checkpoint's signature before anything in it is
+    read (rank 0 hashes the files; every rank gets its verdict), say so, return the trainer state."""
+    path = Path(path)
+    problem = None
+    if env is None or env.is_main:
+        try:
+            verify_checkpoint(path)
+        except BiDiffuserError as e:
+            problem = str(e)
+    if env is not None and dist.is_initialized():
+        verdict = [problem]
+        dist.broadcast_object_list(verdict, src=0)
+        problem = verdict[0]
+    if problem:
+        raise BiDiffuserError(problem)
+    if env is None or env.is_main:
+        print(f"loading signed checkpoint from {path}")
+    return json.loads((path / STATE_FILE).read_text())
+
+
 def load_checkpoint(path: str | Path, model, optimizer, env: DistEnv,
-                    extra_state: dict[str, torch.Tensor] | None = None) -> dict:
+                    extra_state: dict[str, torch.Tensor] | None = None, check=None) -> dict:
     """Collective: restore weights, optimizer and this rank's RNG; returns the trainer state.
 
-    ``extra_state``: the tensors given to ``save_checkpoint``, same names and shapes, filled in place."""
+    ``extra_state``: the tensors given to ``save_checkpoint``, same names and shapes, filled in place.
+    ``check(state)``: runs once the signature is verified, before any weight is read (e.g. to refuse
+    a checkpoint of a run with other settings)."""
     path = Path(path)
-    state = json.loads((path / STATE_FILE).read_text())
+    state = open_checkpoint(path, env)
+    if check is not None:
+        check(state)
     if state.get("world_size") != env.world_size:
         # DCP reshards weights fine, but the data order per rank would differ from the original run.
         raise BiDiffuserError(f"{path} was written by {state.get('world_size')} ranks; resume with the same number "
@@ -138,6 +173,7 @@ def restore_rng(directory: str | Path, rank: int) -> None:
 def load_weights_only(path: str | Path, model) -> None:
     """Read a checkpoint's trainable weights into an unsharded model in ONE process (for export)."""
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
+    open_checkpoint(path)
     sd = get_model_state_dict(model, options=_OPTIONS)
     with _single_process_is_intended():
         dcp.load({"model": sd}, checkpoint_id=str(path), no_dist=True)

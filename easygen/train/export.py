@@ -3,7 +3,8 @@
 The model is rebuilt exactly as training built it (from the run's ``train_config.json``), the
 checkpoint's trainable weights are read into it in one process, and the result is written as an
 EasyGen directory (safetensors). LoRA runs export merged (default) or as a PEFT adapter directory
-carrying ``projector.safetensors``, loadable with ``--model-base``.
+carrying ``projector.safetensors``, loadable with ``--model-base``. Only a checkpoint signed with
+this installation's key is read (its files are pickles; see ``bidiffuser.checkpoint_signature``).
 """
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from pathlib import Path
 import torch
 
 from bidiffuser.checkpoint import atomic_dir, read_json
-from bidiffuser.train_checkpoint import STATE_FILE, complete_checkpoints, load_weights_only
+from bidiffuser.train_checkpoint import STATE_FILE, complete_checkpoints, load_weights_only, open_checkpoint
 
 from ..builder import PROJECTOR_FILE, save_pretrained, save_projector
 from ..errors import EasyGenError
@@ -32,6 +33,7 @@ def find_checkpoint(path: str | Path) -> tuple[Path, Path]:
 
 def _load_deepspeed_weights(ckpt: Path, model) -> None:
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    open_checkpoint(ckpt)  # its files are pickles: only a signed checkpoint
     sd = get_fp32_state_dict_from_zero_checkpoint(str(ckpt.parent), tag=ckpt.name)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     missing = trainable - set(sd)

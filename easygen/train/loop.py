@@ -3,7 +3,8 @@
 Stage ``pretrain`` trains the projector only (every LLM weight frozen). Stage ``instruct`` trains
 the LLM and projector, fully or with LoRA, wrapped by DDP, FSDP2 (``fully_shard`` per decoder layer,
 then the root: each rank holds only its shard) or DeepSpeed ZeRO. Checkpoints are sharded DCP
-directories (DeepSpeed: its own format), and resuming from one continues the exact same run.
+directories (DeepSpeed: its own format), signed by rank 0 with this installation's key, and
+resuming from one (signature verified first) continues the exact same run.
 """
 from __future__ import annotations
 
@@ -31,8 +32,8 @@ from bidiffuser.distributed import (
     barrier,
     init_distributed,
 )
-from bidiffuser.train_checkpoint import (STATE_FILE, complete_checkpoints, load_checkpoint, restore_rng,
-                                        save_checkpoint, save_rng)
+from bidiffuser.train_checkpoint import (complete_checkpoints, finish_checkpoint, load_checkpoint, open_checkpoint,
+                                        restore_rng, save_checkpoint, save_rng)
 
 from ..builder import load_pretrained
 from ..constants import IGNORE_INDEX
@@ -217,6 +218,7 @@ def train(cfg: TrainConfig, examples: list[dict], eval_examples: list[dict] | No
     previous = complete_checkpoints(ckpt_root) if cfg.resume else []
     if previous:
         if engine is not None:
+            open_checkpoint(previous[-1], env)  # DeepSpeed's files are pickles: only a signed checkpoint
             _, client = engine.load_checkpoint(str(ckpt_root), tag=previous[-1].name)
             step = client["step"]
             restore_rng(previous[-1], env.rank)  # DeepSpeed keeps no RNG state; LoRA dropout needs it
@@ -300,8 +302,8 @@ def _save(root: Path, step: int, model, optimizer, scheduler, engine, env: DistE
     engine.save_checkpoint(str(root), tag=tag, client_state={"step": step})
     save_rng(root / tag, env.rank)
     barrier()
-    if env.is_main:  # the marker goes last, so a killed save is never taken for a complete one
-        (root / tag / STATE_FILE).write_text(json.dumps({"step": step, "world_size": env.world_size}))
+    if env.is_main:  # signed, then the marker: a killed save is never taken for a complete one
+        finish_checkpoint(root / tag, {"step": step, "world_size": env.world_size})
         for old in complete_checkpoints(root)[:-cfg.keep_last]:
             shutil.rmtree(old, ignore_errors=True)
     barrier()
