@@ -149,3 +149,24 @@ def test_every_shown_command_parses():
                                        (["demo", "eval", "--quik"], True)])
 def test_parse_check_refuses_unknown_or_abbreviated_flags(argv, bad):
     assert (parse_error(_cli_parsers(), "easygen", argv) is not None) == bad
+
+
+def test_every_marker_is_in_one_place_and_run_by_a_test():
+    """A marked block is an example some test runs as written; a marker no test names marks nothing."""
+    markers = [m for page in DOC_PAGES for m in re.findall(r"^<!-- ((?:readme|ci):[\w-]+) -->$",
+                                                           page.read_text(), re.M)]
+    assert len(markers) >= 13 and len(set(markers)) == len(markers), markers
+    tests = "".join(p.read_text() for p in (REPO / "tests").glob("test_*.py") if p.name != "test_docs.py")
+    assert [m for m in markers if f'"{m}"' not in tests] == []
+
+
+def test_readme_block_names_a_missing_or_repeated_marker(tmp_path, monkeypatch):
+    from . import test_readme
+    page = tmp_path / "page.md"
+    page.write_text("<!-- readme:twice -->\n```bash\necho 1\n```\n<!-- readme:twice -->\n```bash\necho 2\n```\n")
+    monkeypatch.setattr(test_readme, "REPO", tmp_path)
+    monkeypatch.setattr(test_readme, "DOC_PAGES", [page])
+    with pytest.raises(AssertionError, match=r"exactly one .*\['page.md', 'page.md'\]"):
+        test_readme.readme_block("readme:twice")
+    with pytest.raises(AssertionError, match="found in none"):
+        test_readme.readme_block("readme:nowhere")
