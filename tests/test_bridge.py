@@ -1,8 +1,9 @@
 """The LLM bridge (bidiffuser.bridge, bidiffuser.train_bridge): both kinds map LM states of any length
-to the U-ViT's text slot, the directory format (named tensors), sampling through it, the CLIP path
-bit-identical to the code before the bridge existed, both training stages, kill-and-resume equal to an
+to the U-ViT's text slot, the directory format (named tensors), sampling through it (the CLIP path
+as before the bridge existed: tests/test_bidiffuser_modes.py), both training stages and their "true uncond" rows, kill-and-resume equal to an
 uninterrupted run, and 2 torchrun processes (FSDP2) equal to one."""
 import json
+import math
 import os
 import subprocess
 import sys
@@ -17,12 +18,11 @@ from bidiffuser.bridge import (Bridge, BridgeConfig, LoraSettings, add_lora, lor
 from bidiffuser.errors import BiDiffuserError
 from bidiffuser.model_dir import read_config
 from bidiffuser.pipeline import BiDiffuser
-from bidiffuser.train_bridge import BridgeTrainConfig, train_bridge
+from bidiffuser.sampler import NoiseSchedule
+from bidiffuser.train import sample_generator
+from bidiffuser.train_bridge import BridgeTrainConfig, t2i_loss, train_bridge
 from bidiffuser.uvit import UViT
 
-REPO = Path(__file__).resolve().parents[1]
-# The last commit before the bridge: the CLIP path must sample exactly as it did there.
-BEFORE_BRIDGE = "de62c8942e87228f449a029af8808f7e4646ad9b"
 pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled:UserWarning")
 SMALL = dict(width=32, depth=2, heads=2)
 LONG = ("In the middle of a plain white background, taking about half of the picture, there is one shape, "
@@ -100,42 +100,6 @@ def test_directory_round_trip_with_named_lora_tensors(tiny_dir, tmp_path):
         read_bridge(tmp_path / "c")
 
 
-def _sample_script(out: Path, model: Path) -> str:
-    return f"""
-import torch
-from PIL import Image
-from bidiffuser.pipeline import BiDiffuser
-pipe = BiDiffuser.from_pretrained({str(model)!r})
-outs = {{"t2i": pipe.text_to_image(["a red square", "a blue circle"], n_samples=2, steps=3, seed=1).image_latents,
-        "t2i_guided": pipe.text_to_image("a red square", steps=3, scale=3.0, seed=2).image_latents,
-        "t2i2t": pipe.text_variation("a red square", steps=2, seed=3).text_latents,
-        "joint": pipe.joint(steps=2, seed=4).image_latents,
-        "i2t": pipe.image_to_text_latents([Image.new("RGB", (40, 30), (200, 30, 30))], steps=2, seed=5)}}
-torch.save(outs, {str(out)!r})
-"""
-
-
-def test_without_a_bridge_sampling_is_bit_identical_to_before_the_bridge(tiny_dir, tmp_path):
-    """The pre-bridge bidiffuser package, taken from git, and today's sample the same tiny model: equal bits."""
-    old = tmp_path / "before"
-    old.mkdir()
-    archive = subprocess.run(["git", "-C", str(REPO), "archive", BEFORE_BRIDGE, "bidiffuser"], capture_output=True)
-    if archive.returncode != 0:
-        pytest.skip(f"this checkout has no commit {BEFORE_BRIDGE[:8]} (a shallow clone?) to compare with")
-    subprocess.run(["tar", "-x", "-C", str(old)], input=archive.stdout, check=True)
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    results = {}
-    for name, path in (("before", old), ("now", REPO)):
-        script = _sample_script(tmp_path / f"{name}.pt", tiny_dir)
-        proc = subprocess.run([sys.executable, "-c", script], env={**env, "PYTHONPATH": str(path)}, cwd=tmp_path,
-                              capture_output=True, text=True, timeout=300)
-        assert proc.returncode == 0, proc.stderr[-2000:]
-        results[name] = torch.load(tmp_path / f"{name}.pt", weights_only=True)
-    assert results["before"].keys() == results["now"].keys()
-    for key in results["before"]:
-        assert torch.equal(results["before"][key], results["now"][key]), key
-
-
 @pytest.fixture(scope="module")
 def trained(tiny_dir, tiny_easygen_dir, captions, tmp_path_factory):
     """Stage A then stage B (LoRA on the U-ViT and on the LM) on the tiny models."""
@@ -161,8 +125,61 @@ def test_distillation_learns_the_clip_latents_and_t2i_adds_named_lora(trained, t
     assert files.uvit_lora.rank == 2 and files.lm_lora.rank == 2
     assert all(".lora_" in k and ".default" not in k for k in files.uvit_lora_weights())
     assert files.text_model == str(Path(tiny_easygen_dir).resolve())
-    # the t2i rows' losses: image and CLIP noise terms
-    assert {"img", "clip", "loss"} <= set(_log(b / "checkpoints")[0])
+    # the t2i rows' losses: image and CLIP noise terms, every one a number
+    log_b = _log(b / "checkpoints")
+    assert {"img", "clip", "loss"} <= set(log_b[0])
+    for record in _log(a / "checkpoints") + log_b:
+        assert all(math.isfinite(record[k]) for k in ("loss", "distill", "img", "clip") if k in record), record
+    # the LoRAs trained: peft starts every lora_B at zero, so a B that is still all zeros never moved
+    for name, weights in (("uvit", files.uvit_lora_weights()), ("lm", files.lm_lora_weights())):
+        still = [k for k, v in weights.items() if "lora_B" in k and not v.any()]
+        assert not still and any("lora_B" in k for k in weights), f"{name} LoRA B never trained: {still}"
+    # and the bridge itself trained on from stage A's
+    start = read_bridge(a).weights()
+    assert any(not torch.equal(start[k], v) for k, v in files.weights().items())
+
+
+def test_true_uncond_rows_are_noise_at_t_n_at_the_configured_rate(tiny_dir):
+    """Stage t2i's "true uncond" rows (UniDiffuser's guidance): with probability uncond_prob a row's text
+    slot is Gaussian noise at t_text = N instead of the bridge's condition, drawn from the row's own
+    generator; the other rows get the bridge's condition at t_text = 0. What the U-ViT receives is read."""
+    u = read_config(tiny_dir).uvit
+    torch.manual_seed(0)
+    uvit = UViT(u)
+    bridge = Bridge(BridgeConfig(lm_dim=24, text_dim=u.text_dim, num_tokens=u.num_text_tokens, timestep_aware=False,
+                                 max_length=32, **SMALL))
+    seen = {}
+    uvit.register_forward_pre_hook(lambda m, args: seen.update(text=args[2], t_text=args[4]))
+    schedule, rows, rate = NoiseSchedule.stable_diffusion(), 400, 0.25
+    states, mask = torch.randn(rows, 5, 24), torch.ones(rows, 5, dtype=torch.long)
+    z, clip = torch.randn(rows, u.in_chans, u.img_size, u.img_size), torch.randn(rows, 1, u.clip_img_dim)
+
+    def run(indices, uncond_prob):
+        gens = [sample_generator(0, 0, i) for i in indices]
+        with torch.no_grad():
+            loss, terms = t2i_loss(uvit, bridge, schedule, states[indices], mask[indices], z[indices], clip[indices],
+                                   gens, uncond_prob)
+        assert math.isfinite(loss.item()) and all(math.isfinite(v) for v in terms.values())
+        return seen["text"], seen["t_text"]
+
+    with torch.no_grad():
+        condition = bridge(states, mask)
+    text, t_text = run(list(range(rows)), rate)
+    drop = t_text == schedule.N
+    assert ((t_text == 0) | drop).all()
+    # the rate on this fixed seed: within 3 standard deviations of a binomial(400, 0.25) (+-0.065)
+    assert abs(drop.float().mean().item() - rate) < 3 * (rate * (1 - rate) / rows) ** 0.5, drop.float().mean()
+    assert torch.equal(text[~drop], condition[~drop])
+    noise = text[drop]
+    assert (noise != condition[drop]).flatten(1).any(1).all()
+    assert abs(noise.mean().item()) < 0.02 and abs(noise.std().item() - 1) < 0.02  # N(0, 1), not zeros or a copy
+    # each row's draw is its own: the same rows in another batch get the same condition and timestep
+    some = [7, 3, 120, 399, 250]
+    again, t_again = run(some, rate)
+    assert torch.equal(again, text[some]) and torch.equal(t_again, t_text[some])
+    # uncond_prob 0: every row keeps the bridge's condition
+    text, t_text = run(list(range(40)), 0.0)
+    assert torch.equal(text, condition[:40]) and not t_text.any()
 
 
 def test_sampling_through_a_bridge_any_length_and_clip_unchanged(trained, tiny_dir):
