@@ -3,6 +3,7 @@ README's tiny recipe (BiDiffuser init and sampling, features, both training stag
 both evaluations, and the demo build. A progress display that breaks at a terminal (a crash once
 the bar closes, a bar left on the screen) fails here, where piped runs would never show it."""
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -13,6 +14,16 @@ from .terminal import Terminal, plain
 from .test_readme import REPO, readme_block
 
 pytestmark = pytest.mark.slow
+# tqdm's bar on the screen: "features:  50%|█████     | 2/4 [00:01<00:01, 2.0img/s]"; a finished one ends its line
+BAR = re.compile(r"\d+%\|")
+FINISHED_BAR = re.compile(r"100%\|[^|]*\|\s*(\d+)/\1 \[[^\]]*\]$")
+
+
+def leftover_bars(screen: str) -> list[str]:
+    """The screen's lines that show a bar other than a finished one alone on its line: a bar short of
+    its end, or one that was never closed, so the next output ran on after it. A finished bar may stay
+    (training keeps its last one as the run's summary)."""
+    return [line for line in screen.splitlines() if BAR.search(line) and not FINISHED_BAR.search(line)]
 
 
 def on_terminal(command: str, cwd: Path) -> str:
@@ -26,6 +37,9 @@ def on_terminal(command: str, cwd: Path) -> str:
     finally:
         term.close()
     assert code == 0 and "Traceback" not in plain(term.raw.decode(errors="replace")), f"{command}\n{screen}"
+    assert not leftover_bars(screen), f"{command} left a progress bar on the screen:\n{screen}"
+    # the last line was finished: a bar redrawn with \r and never ended would hold the shell's prompt
+    assert term.screen.cursor.x == 0, f"{command} left its last line open:\n{screen}"
     return screen
 
 
