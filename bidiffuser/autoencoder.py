@@ -14,13 +14,16 @@ import functools
 import json
 import os
 import re
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Mapping
+from typing import TYPE_CHECKING, Mapping
 
 import torch
-from diffusers import AutoencoderKL
 from diffusers.utils.torch_utils import randn_tensor
+
+if TYPE_CHECKING:
+    from diffusers import AutoencoderKL
 
 from .checkpoint import StateDict, check_state_dict, read_state_dict
 from .config_base import DictConfig
@@ -82,10 +85,30 @@ class AutoencoderConfig(DictConfig):
 
 
 
+def _autoencoder_kl() -> type:
+    """``diffusers.AutoencoderKL``, imported without the peft and bitsandbytes integrations that
+    diffusers' model code loads at import when those packages are installed (about 3 s of a chat's
+    start: bitsandbytes brings torch's compiler). They serve diffusers' own LoRA loading and
+    bitsandbytes quantization, which BiDiffuser never uses; EasyGen's --load-8bit/--load-4bit goes
+    through easygen.quantize and its LoRA through peft directly, each importing what it needs. A
+    package some other code has imported already keeps its diffusers integration."""
+    from diffusers.utils import import_utils  # diffusers reads these flags when its modules import
+
+    skipped = {flag: getattr(import_utils, flag) for package, flag in (("peft", "_peft_available"),
+                                                                      ("bitsandbytes", "_bitsandbytes_available"))
+               if package not in sys.modules and hasattr(import_utils, flag)}
+    vars(import_utils).update(dict.fromkeys(skipped, False))
+    try:
+        from diffusers import AutoencoderKL
+    finally:
+        vars(import_utils).update(skipped)
+    return AutoencoderKL
+
+
 def build_autoencoder(config: AutoencoderConfig) -> AutoencoderKL:
     """A randomly initialised ``diffusers.AutoencoderKL`` with the architecture of ``config``."""
     n = len(config.ch_mult)
-    return AutoencoderKL(
+    return _autoencoder_kl()(
         in_channels=config.in_channels,
         out_channels=config.out_ch,
         down_block_types=["DownEncoderBlock2D"] * n,
