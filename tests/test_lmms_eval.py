@@ -77,10 +77,10 @@ def local_task(folder: Path, name: str, real_yaml: str, split: str, rows: list, 
     (folder / f"{name}.yaml").write_text(yaml.safe_dump(config))
 
 
-def evaluate(model, folder: Path, tasks: list[str], model_args: str = "", batch_size: int = 8) -> dict:
+def evaluate(model, folder: Path, tasks: list[str], model_args: str = "", batch_size: int = 8, **options) -> dict:
     manager = TaskManager("WARNING", include_path=str(folder), include_defaults=False, model_name="easygen")
     return simple_evaluate(model=model, model_args=model_args, tasks=tasks, batch_size=batch_size,
-                           task_manager=manager, log_samples=True, verbosity="WARNING", bootstrap_iters=0)
+                           task_manager=manager, log_samples=True, verbosity="WARNING", bootstrap_iters=0, **options)
 
 
 def responses(results: dict, task: str) -> list:
@@ -293,42 +293,111 @@ def test_coco_caption_through_easygen_matches_easygen_eval_caption(tmp_path, ci_
     assert 100 * coco["coco_Bleu_4,none"] == pytest.approx(ours["metrics"]["BLEU-4"], abs=1e-9)
 
 
-def test_multiple_choice_scores_through_loglikelihood(tmp_path, model_args):
-    """WorldVQA's multiple-choice task (its own choice and target functions, lmms-eval's acc): each
-    choice's score is the summed negative log-likelihood of the reply given the image and question,
-    which lmms-eval 0.7.3 ranks with argmin (its models return a loss)."""
+MC_FEATURES = Features({"question": Value("string"), "option": List(Value("string")), "answer": Value("string"),
+                        "image": Image()})
+
+
+def worldvqa_mc_task(folder: Path, root: Path, options: list[list[str]], answers: list[int]) -> None:
+    """WorldVQA's multiple-choice task (its own choice and target functions, lmms-eval's acc) on
+    ``{root}/{i}.png``, one document per options list."""
+    rows = [{"question": "What color is the shape?", "option": opts, "answer": opts[a],
+             "image": {"bytes": (root / f"{i}.png").read_bytes(), "path": f"{i}.png"}}
+            for i, (opts, a) in enumerate(zip(options, answers))]
+    local_task(folder, "local_worldvqa_mc_ppl", "worldvqa/worldvqa_mcppl.yaml", "test", rows, MC_FEATURES)
+
+
+def llava_scores(qa, prompt: str, image, choices: list[str]) -> tuple[list[float], list[bool]]:
+    """lmms-eval's llava ``loglikelihood``, one unpadded forward per choice: the model's own loss with
+    the context labelled -100 (the mean NLL of the choice and its "</s>"), and whether every one of
+    those tokens is the argmax of the logits before it."""
     import torch
 
+    feats, head, losses, greedy = qa.features([image]), qa.processor.tokenize_prompt(prompt), [], []
+    for choice in choices:
+        ids = qa.processor.tokenize_prompt(f"{prompt} {choice}</s>")
+        assert ids[:len(head)] == head and len(ids) - len(head) >= 2
+        with torch.no_grad():
+            out = qa.model(input_ids=torch.tensor([ids]), labels=torch.tensor([[-100] * len(head) + ids[len(head):]]),
+                           image_features=feats)
+        losses.append(out.loss.item())
+        greedy.append(all(int(out.logits[0, t - 1].argmax()) == ids[t] for t in range(len(head), len(ids))))
+    return losses, greedy
+
+
+def greedy_reply(qa, prompt: str, image, limit: int = 16) -> str:
+    """The reply greedy decoding gives, token by token from the model's logits, up to its "</s>"."""
+    import torch
+
+    ids, eos, feats = qa.processor.tokenize_prompt(prompt), qa.processor.tokenizer.eos_token_id, qa.features([image])
+    reply = []
+    while len(reply) < limit and eos not in reply:
+        with torch.no_grad():
+            reply.append(int(qa.model(input_ids=torch.tensor([ids + reply]), image_features=feats).logits[0, -1].argmax()))
+    assert reply[-1] == eos, "the greedy reply did not end within the limit"
+    return qa.processor.decode(reply[:-1]).strip()
+
+
+def test_multiple_choice_scores_through_loglikelihood(tmp_path, model_args):
+    """WorldVQA's multiple-choice task: each choice's score is lmms-eval's llava (loss, is_greedy), the
+    loss being the mean negative log-likelihood of the reply's tokens given the image and question
+    (not their sum), is_greedy true exactly for the reply greedy decoding gives (choice A, built from
+    the model's own logits) and false for that reply continued (choice B); lmms-eval ranks by argmin."""
     from easygen.eval.lmms_model import EasyGen
 
-    root, rows, options = tmp_path / "data", [], ["A. red", "B. green", "C. blue", "D. circle"]
+    root = tmp_path / "data"
     for i, scene in enumerate(scenes(3, 8)):
         png(scene, root / f"{i}.png")
-        rows.append({"question": "What color is the shape?", "option": options, "answer": options[i],
-                     "image": {"bytes": (root / f"{i}.png").read_bytes(), "path": f"{i}.png"}})
-    local_task(tmp_path, "local_worldvqa_mc_ppl", "worldvqa/worldvqa_mcppl.yaml", "test", rows, Features(
-        {"question": Value("string"), "option": List(Value("string")), "answer": Value("string"), "image": Image()}))
     lm = EasyGen.create_from_arg_string(model_args, {"batch_size": 3})
+    qa = lm.qa
+    prompt = qa.processor.build_prompt([{"role": "user", "content": "What color is the shape?", "num_images": 1}])
+    choices = []
+    for i in range(3):
+        greedy = greedy_reply(qa, prompt, str(root / f"{i}.png"))
+        assert greedy and "." not in greedy  # WorldVQA's choices are the text after "X."
+        choices.append([greedy, f"{greedy} shape", "blue", "circle"])
+    worldvqa_mc_task(tmp_path, root, [[f"{k}. {c}" for k, c in zip("ABCD", cs)] for cs in choices], [0, 1, 2])
 
     r = evaluate(lm, tmp_path, ["local_worldvqa_mc_ppl"])
 
-    qa, samples = lm.qa, sorted(r["samples"]["local_worldvqa_mc_ppl"], key=lambda s: s["doc_id"])
-    right = 0
+    samples, right = sorted(r["samples"]["local_worldvqa_mc_ppl"], key=lambda s: s["doc_id"]), 0
     for i, s in enumerate(samples):
-        image = str(root / f"{i}.png")
-        prompt = qa.processor.build_prompt([{"role": "user", "content": "What color is the shape?", "num_images": 1}])
-        feats = qa.features([image])
-        nll = []
-        for choice in ("red", "green", "blue", "circle"):  # one unpadded forward per choice: an independent sum
-            head = qa.processor.tokenize_prompt(prompt)
-            ids = qa.processor.tokenize_prompt(f"{prompt} {choice}")
-            with torch.no_grad():
-                logp = qa.model(input_ids=torch.tensor([ids]), image_features=feats).logits[0].log_softmax(-1)
-            nll.append(-sum(float(logp[t - 1, ids[t]]) for t in range(len(head), len(ids))))
-        assert [resp[0][0] for resp in s["resps"]] == pytest.approx(nll, abs=1e-3) and min(nll) > 0
-        assert all(isinstance(resp[0][1], bool) for resp in s["resps"])
-        right += min(range(4), key=nll.__getitem__) == i
+        losses, greedy = llava_scores(qa, prompt, str(root / f"{i}.png"), choices[i])
+        assert greedy[:2] == [True, False]  # the construction: A is greedy decoding's reply, B is not
+        assert [resp[0][0] for resp in s["resps"]] == pytest.approx(losses, rel=1e-4) and min(losses) > 0
+        assert [resp[0][1] for resp in s["resps"]] == greedy
+        right += min(range(4), key=losses.__getitem__) == i
     assert r["results"]["local_worldvqa_mc_ppl"]["acc,none"] == pytest.approx(right / 3)
+
+
+def test_use_cache_serves_the_second_run_with_the_same_scores(tmp_path, model_args, monkeypatch):
+    """lmms-eval's --use_cache on a generation task (VQAv2) and a multiple-choice one (WorldVQA): the
+    second run is served by its response cache alone (the model is never asked), with the same
+    responses and scores."""
+    from easygen.eval.lmms_model import EasyGen
+
+    root = tmp_path / "data"
+    items, truth = shape_questions(root, 2, 5)
+    local_task(tmp_path, "local_vqav2_val", "vqav2/vqav2_val.yaml", "validation",
+               vqav2_rows(items, root, truth.get), vqav2_features())
+    for i in range(2):
+        (root / f"{i}.png").write_bytes((root / f"{i:05d}.png").read_bytes())
+    worldvqa_mc_task(tmp_path, root, [["A. red", "B. green", "C. purple"]] * 2, [0, 2])
+    tasks, cache = ["local_vqav2_val", "local_worldvqa_mc_ppl"], str(tmp_path / "lmms-cache")
+
+    first = evaluate("easygen", tmp_path, tasks, model_args, use_cache=cache)
+
+    def asked(self, requests):
+        raise AssertionError("the model was asked: not served from the cache")
+    monkeypatch.setattr(EasyGen, "generate_until", asked)
+    monkeypatch.setattr(EasyGen, "loglikelihood", asked)
+    second = evaluate("easygen", tmp_path, tasks, model_args, use_cache=cache)
+
+    for task in tasks:
+        assert second["results"][task] == first["results"][task]
+        assert [s["resps"] for s in second["samples"][task]] == [s["resps"] for s in first["samples"][task]]
+    assert all(isinstance(loss, float) and isinstance(greedy, bool)
+               for s in second["samples"]["local_worldvqa_mc_ppl"] for [(loss, greedy)] in s["resps"])
+    assert all(answer for [[answer]] in (s["resps"] for s in first["samples"]["local_vqav2_val"]))
 
 
 def chat_doc_to_text(doc, lmms_eval_specific_kwargs=None, previous_output=None, round_idx=None,

@@ -6,7 +6,8 @@ Everything goes through the code ``easygen eval`` and ``easygen chat`` run: the 
 
 * ``generate_until``: ``runner.ImageQA``, batched (``batch_size`` requests with the same generation
   settings per ``generate`` call), the reply cut at the task's ``until`` strings;
-* ``loglikelihood``: ``ImageQA.score`` on the same prompts (multiple choice);
+* ``loglikelihood``: the reply's (loss, is_greedy) on the same prompts, as lmms-eval's llava scores
+  a choice (multiple choice ranks the choices by the lowest loss);
 * ``generate_until_multi_round`` and, with ``images_out=DIR``, every generation: the chat
   ``Assistant``, so a reply's ``<Img>...</Img>`` is drawn; such replies are the JSON string
   ``{"text": ..., "images": [png paths]}``, as lmms-eval's own image-generating models return them.
@@ -23,16 +24,16 @@ import tempfile
 import weakref
 from pathlib import Path
 
-from lmms_eval.api.instance import GenerationResult
 from lmms_eval.api.model import lmms
 from PIL import Image
 from tqdm import tqdm
 
 from bidiffuser.images import MAX_PIXELS, load_image
 
+from ..constants import IGNORE_INDEX
 from ..errors import EasyGenError
 from ..features import image_bytes
-from . import lmms_args
+from . import lmms_args, lmms_compat
 from .lmms_prompt import user_text
 from .runner import Dist, load_image_qa
 
@@ -40,12 +41,7 @@ LLAVA_IMAGE = "<image>"  # LLaVA's image mark, which some lmms-eval contexts car
 MAX_ROUNDS = 64          # a multi-round task that never says it is done is a bug, not a long chat
 HF_KEYS = ("max_new_tokens", "min_new_tokens", "num_beams")
 
-
-def _scored(nll: float, greedy: bool) -> GenerationResult:
-    """The (nll, is_greedy) pair as the evaluator must receive it: lmms-eval 0.7.3 turns any response
-    that is neither a str nor a GenerationResult into its str() (``unwrap_generation_output``), which
-    breaks the pairs multiple choice unpacks; a GenerationResult hands its payload on unchanged."""
-    return GenerationResult(text=(nll, greedy))
+lmms_compat.install()  # (loss, is_greedy) pairs reach multiple choice, fresh or cached
 
 
 class EasyGen(lmms):
@@ -154,29 +150,59 @@ class EasyGen(lmms):
         bar.close()
         return out
 
-    def loglikelihood(self, requests) -> list[GenerationResult]:
-        """Per request, (the continuation's summed negative log-likelihood given the image and the
-        context, whether greedy decoding gives it): lmms-eval 0.7.3 ranks choices by argmin, its own
-        models returning a loss. The continuation is scored as the assistant's reply."""
-        out: list[GenerationResult | None] = [None] * len(requests)
+    def loglikelihood(self, requests) -> list[tuple[float, bool]]:
+        """Per request, lmms-eval's llava convention: (the loss, i.e. the mean negative log-likelihood of
+        the continuation's tokens given the image and the context, the template's closing "</s>"
+        included; whether greedy decoding gives exactly those tokens). The continuation is scored as
+        the assistant's reply, labelled as training labels it."""
+        out: list[tuple[float, bool] | None] = [None] * len(requests)
         items = list(enumerate(requests))
         bar = tqdm(total=len(requests), disable=self.rank != 0, desc="EasyGen scoring")
         for start in range(0, len(items), self.batch_size):
             batch = items[start:start + self.batch_size]
-            texts, images, replies, where = [], [], [], []
+            rows, images = [], []
             for _, req in batch:
                 context, continuation, doc_to_visual, doc_id, task, split = req.args
-                doc = self._doc(task, split, doc_id)
-                w = f"{task} doc {doc_id}"
-                texts.append(self._text(context))
-                images.append(self._visuals(doc_to_visual(doc) if doc_to_visual else [], w))
-                replies.append(continuation if isinstance(continuation, str) else continuation(doc))
-                where.append(w)
-            for (i, _), (logprob, greedy) in zip(batch, self.qa.score(texts, images, replies, where)):
-                out[i] = _scored(-logprob, greedy)
+                doc, where = self._doc(task, split, doc_id), f"{task} doc {doc_id}"
+                visuals = self._visuals(doc_to_visual(doc) if doc_to_visual else [], where)
+                reply = continuation if isinstance(continuation, str) else continuation(doc)
+                rows.append(self._labelled(self._text(context), visuals, reply, where))
+                images.extend(visuals)
+            for (i, _), scored in zip(batch, self._losses(rows, images)):
+                out[i] = scored
             bar.update(len(batch))
         bar.close()
         return out
+
+    def _labelled(self, text: str, visuals: list, reply: str, where: str) -> dict:
+        """Ids and labels of the user turn and ``reply`` (labels on the reply and its "</s>")."""
+        row = self.qa.processor.tokenize_conversation([{"role": "user", "content": text, "num_images": len(visuals)},
+                                                       {"role": "assistant", "content": reply.strip()}])
+        if all(label == IGNORE_INDEX for label in row["labels"]):
+            raise EasyGenError(f"{where}: the continuation {reply!r} is empty")
+        if len(row["input_ids"]) > self.context:
+            raise EasyGenError(f"{where}: prompt and continuation ({len(row['input_ids'])} tokens) exceed the "
+                               f"model's context of {self.context}")
+        return row
+
+    def _losses(self, rows: list[dict], images: list) -> list[tuple[float, bool]]:
+        """(mean NLL over the labelled tokens, whether each is the argmax) for each row, one forward."""
+        import torch
+
+        batch = self.qa.processor.pad_batch([r["input_ids"] for r in rows], side="right",
+                                            labels=[r["labels"] for r in rows])
+        device = self.qa.model.device
+        feats = self.qa.features(images).to(device) if images else None
+        with torch.inference_mode():
+            logits = self.qa.model(input_ids=batch["input_ids"].to(device), image_features=feats,
+                                   attention_mask=batch["attention_mask"].to(device)).logits.float()
+        logp = logits[:, :-1].log_softmax(-1)  # position t predicts token t + 1
+        target = batch["labels"][:, 1:].to(device)
+        scored = target != IGNORE_INDEX
+        token_logp = logp.gather(-1, target.clamp(min=0)[..., None])[..., 0].masked_fill(~scored, 0)
+        loss = -token_logp.sum(1) / scored.sum(1)
+        greedy = ((logp.argmax(-1) == target) | ~scored).all(1)
+        return [(float(n), bool(g)) for n, g in zip(loss, greedy)]
 
     def generate_until_multi_round(self, requests) -> list[list[str]]:
         """Each request is one conversation with the chat ``Assistant``: round 0 is the context and the
