@@ -199,6 +199,6 @@ def test_two_gloo_ranks_sign_once_on_rank_0_and_both_refuse(tmp_path):
     assert (tmp_path / "key-rank0").is_file() and not (tmp_path / "key-rank1").exists()
     signed = json.loads((complete_checkpoints(tmp_path / "ckpts")[-1] / SIGNATURE_FILE).read_text())["files"]
     assert {"__0_0.distcp", "__1_0.distcp", "rng-rank0.safetensors", "rng-rank1.safetensors"} <= signed.keys()
-    assert [(rank, resumed) for rank, resumed, _ in got] == [(0, True), (1, True)]
-    assert all("changed: .metadata" in refusal for _, _, refusal in got)
+    assert [(rank, resumed) for rank, resumed, _ in got] == [(0, True), (1, True)], got
+    assert all("changed: .metadata" in refusal for _, _, refusal in got), got
     assert not (tmp_path / "ran").exists()
