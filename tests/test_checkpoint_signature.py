@@ -202,3 +202,14 @@ def test_two_gloo_ranks_sign_once_on_rank_0_and_both_refuse(tmp_path):
     assert [(rank, resumed) for rank, resumed, _ in got] == [(0, True), (1, True)], got
     assert all("changed: .metadata" in refusal for _, _, refusal in got), got
     assert not (tmp_path / "ran").exists()
+
+
+def test_bidiffuser_train_will_not_resume_a_changed_checkpoint(tiny_dir, captions, tmp_path, key):
+    from bidiffuser.train import TrainConfig, train
+    cfg = TrainConfig(model=str(tiny_dir), data=str(captions), out=str(tmp_path / "out"), steps=1, batch_size=2,
+                      save_every=1, keep_last=1, seed=0)
+    train(cfg)
+    plant(complete_checkpoints(tmp_path / "out" / "checkpoints")[-1] / ".metadata", tmp_path / "ran")
+    with pytest.raises(BiDiffuserError, match=r"changed: \.metadata\. Resume and export only read"):
+        train(cfg)
+    assert not (tmp_path / "ran").exists()
