@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import sys
 import threading
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
@@ -326,15 +327,37 @@ def lora_target_pattern(targets) -> str:
     return rf"^(?!patch_embed\.).*\b({'|'.join(map(re.escape, targets))})$"
 
 
+@contextmanager
+def _bitsandbytes_hidden():
+    """Run peft code as if bitsandbytes were absent, unless something has imported it already:
+    peft imports it on import (for a helper BiDiffuser never calls) and when it adds LoRA layers (to
+    recognise bitsandbytes layers), and it brings torch's compiler: ~2 s of a chat's first picture.
+    While bitsandbytes is not imported no layer can be one of its layers, so nothing peft does here
+    changes; peft's memo that bitsandbytes is absent is dropped afterwards, for a later 8-bit model."""
+    if "bitsandbytes" in sys.modules:
+        yield
+        return
+    sys.modules["bitsandbytes"] = None  # meanwhile `import bitsandbytes` raises ImportError
+    try:
+        yield
+    finally:
+        del sys.modules["bitsandbytes"]
+        if "peft.import_utils" in sys.modules:
+            from peft import import_utils
+            for name in ("is_bnb_available", "is_bnb_4bit_available"):
+                getattr(getattr(import_utils, name, None), "cache_clear", lambda: None)()
+
+
 def add_lora(module: nn.Module, settings: LoraSettings) -> nn.Module:
     """peft LoRA layers on ``settings.targets`` (module names' last part), in place; the base
     weights are frozen, only the A/B matrices train."""
-    from peft import LoraConfig, inject_adapter_in_model
+    with _bitsandbytes_hidden():
+        from peft import LoraConfig, inject_adapter_in_model
 
-    cfg = LoraConfig(r=settings.rank, lora_alpha=settings.alpha, lora_dropout=settings.dropout,
-                     target_modules=lora_target_pattern(settings.targets))
-    module.requires_grad_(False)
-    inject_adapter_in_model(cfg, module)
+        cfg = LoraConfig(r=settings.rank, lora_alpha=settings.alpha, lora_dropout=settings.dropout,
+                         target_modules=lora_target_pattern(settings.targets))
+        module.requires_grad_(False)
+        inject_adapter_in_model(cfg, module)
     for name, p in module.named_parameters():
         p.requires_grad_("lora_" in name)
     return module
@@ -426,7 +449,8 @@ def _linear_shape(layer: nn.Module) -> tuple[int, int]:
 
 def set_lora_enabled(module: nn.Module, enabled: bool) -> None:
     """Switch every LoRA layer in ``module`` on or off (off: the base model exactly)."""
-    from peft.tuners.tuners_utils import BaseTunerLayer
+    with _bitsandbytes_hidden():
+        from peft.tuners.tuners_utils import BaseTunerLayer
 
     for m in module.modules():
         if isinstance(m, BaseTunerLayer):
