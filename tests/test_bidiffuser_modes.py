@@ -8,6 +8,10 @@ Each output tensor is kept as its shape, 16 values spread over it, its sum and i
 Regenerate only for a change that is meant to alter sampling, and say so in its commit:
 
     python tests/test_bidiffuser_modes.py --regenerate
+
+(They were drawn so, run outside the repository with ``PYTHONPATH`` at an export of de62c89's
+``bidiffuser/`` and ``--model`` at a directory today's ``bidiffuser init --preset tiny`` wrote; today's
+package then gave the same values to the last bit.)
 """
 from __future__ import annotations
 
@@ -91,6 +95,8 @@ def expected() -> dict:
 def test_the_tiny_model_is_the_one_the_values_were_drawn_from(tiny_dir, expected):
     assert weight_hashes(tiny_dir) == expected["weights_sha256"], "init_tiny changed: see this module's docstring"
     assert sorted(expected["modes"]) == sorted(MODES)
+    from bidiffuser.modes import MODES as PIPELINE_MODES
+    assert set(PIPELINE_MODES) <= set(MODES)  # every mode the pipeline has is checked here
 
 
 @pytest.mark.parametrize("name", list(MODES))
@@ -124,7 +130,7 @@ def regenerate(model: Path | None, drawn_by: str) -> None:
                "weights_sha256": weight_hashes(model), "modes": {name: run_mode(pipe, name) for name in MODES}}
     text = json.dumps(doc, indent=1, ensure_ascii=False)
     # one line per list of numbers, so a diff of the file shows which values moved
-    text = re.sub(r"\[\s*([-0-9.e,\s]+?)\s*\]", lambda m: "[" + ", ".join(v.strip() for v in m[1].split(",")) + "]", text)
+    text = re.sub(r"\[\s*([-0-9.e,\s]+?)\s*\]", lambda m: "[" + ", ".join(m[1].replace(",", " ").split()) + "]", text)
     FIXTURE.write_text(text + "\n")
     print(f"wrote {FIXTURE}")
 

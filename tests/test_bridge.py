@@ -1,7 +1,7 @@
 """The LLM bridge (bidiffuser.bridge, bidiffuser.train_bridge): both kinds map LM states of any length
-to the U-ViT's text slot, the directory format (named tensors), sampling through it (the CLIP path
-as before the bridge existed: tests/test_bidiffuser_modes.py), both training stages and their "true uncond" rows, kill-and-resume equal to an
-uninterrupted run, and 2 torchrun processes (FSDP2) equal to one."""
+to the U-ViT's text slot, the directory format (named tensors), sampling through it (the CLIP path as
+before the bridge existed: tests/test_bidiffuser_modes.py), both training stages and their "true
+uncond" rows, kill-and-resume equal to an uninterrupted run, and 2 torchrun processes (FSDP2) equal to one."""
 import json
 import math
 import os

@@ -14,7 +14,7 @@ from .terminal import Terminal, plain
 from .test_readme import REPO, readme_block
 
 pytestmark = pytest.mark.slow
-# tqdm's bar on the screen: "features:  50%|█████     | 2/4 [00:01<00:01, 2.0img/s]"; a finished one ends its line
+# tqdm's bar on the screen: "features:  50%|█████     | 2/4 [00:01<00:01, 2.0img/s]"
 BAR = re.compile(r"\d+%\|")
 FINISHED_BAR = re.compile(r"100%\|[^|]*\|\s*(\d+)/\1 \[[^\]]*\]$")
 
