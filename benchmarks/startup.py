@@ -4,8 +4,8 @@
             appears: the wait before a person can type;
   one-shot  the wall time of `easygen chat --image-file blue_circle.png --prompt "What is in the
             picture?"` (the picture from `easygen demo picture blue circle`), answer printed;
-  imports   a fresh python importing what the chat imports before it reads weights: the `easygen`
-            command line, the builder, the assistant, the BiDiffuser pipeline and the VAE class.
+  imports   a fresh python importing the chat's modules (the `easygen` command line, the builder,
+            the assistant, the BiDiffuser pipeline) and the VAE class that the first picture needs.
 
 Each figure is the median of --runs runs (after one untimed run that warms the file cache), taken
 with `common.median_seconds`: runs during which other processes kept more than --max-other-load
@@ -32,8 +32,8 @@ from common import RETRIES, TIMING, machine_info, median_seconds, report  # noqa
 from tests.terminal import Terminal, easygen  # noqa: E402
 
 PROMPT = "What is in the picture?"
-# The chat's imports up to loading weights, as `easygen chat` makes them (the VAE class is imported
-# where the VAE is built, so build one on the meta device: no weights, no memory).
+# The chat's imports, as `easygen chat` makes them; the VAE class is imported where a VAE is built,
+# so build one on the meta device (no weights, no memory).
 CHAT_IMPORTS = """
 from easygen.cli import build_parser
 build_parser()
