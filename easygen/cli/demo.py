@@ -28,7 +28,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                         "else the shipped model)")
     e.add_argument("--images", type=positive_int, default=120, metavar="N", help="held-out images (default 120)")
     e.add_argument("--draws", type=positive_int, default=None, metavar="N",
-                   help="image replies per colour and shape (default 4: 72 drawings; --quick: N in all, default 24)")
+                   help="image replies per colour and shape on each drawing path (default 17: 306 drawings; "
+                        "--quick: N in all, default 24)")
+    e.add_argument("--draw-seed", type=int, default=None, metavar="N",
+                   help="repeat the drawing seeds of an earlier run (default: a fresh random sample of seeds, each "
+                        "picture its own, from a range no training or tuning run used; the table prints it)")
     e.add_argument("--conversations", type=positive_int, default=None, metavar="N",
                    help="held-out scripted conversations of 2 to 6 turns, scored per kind of turn (default 120; "
                         "--quick: 30)")
@@ -59,6 +63,16 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="storage dtype of the floating-point weights (default float16)")
     s.add_argument("--dest", type=Path, default=None, metavar="DIR",
                    help="where to write it (default: the package's easygen/demo/model)")
+    s.add_argument("--no-eval", action="store_true",
+                   help="skip the evals (a manifest of files and build record only, e.g. for a ci-recipe build)")
+    v = tasks.add_parser("verify", help="rebuild a shipped demo's recipe and compare every file with its manifest's "
+                                        "sha256 (the full recipe takes as long as a build)")
+    v.add_argument("--manifest", type=Path, default=None, metavar="FILE",
+                   help="a shipped demo's MANIFEST.json (default: the package's shipped model)")
+    v.add_argument("--model", type=Path, default=None, metavar="DIR",
+                   help="compare this existing build instead of rebuilding")
+    v.add_argument("--out", type=Path, default=None, metavar="DIR",
+                   help="where to rebuild (default: a temporary folder, removed afterwards)")
     return p
 
 
@@ -66,6 +80,7 @@ def run(args) -> int:
     import sys
     from contextlib import redirect_stdout
 
+    from ..demo.build_record import command_line
     from ..demo.recipe import BUILD_MINUTES, DemoModel, build, default_dir
 
     if args.demo_task == "picture":
@@ -76,7 +91,7 @@ def run(args) -> int:
             print(f"building the shapes demo model in {root} (about {BUILD_MINUTES} minutes on 2 CPU cores)",
                   file=sys.stderr, flush=True)
         with redirect_stdout(sys.stderr):  # the training commands' status lines are progress here
-            demo = build(root, args.recipe, log=lambda s: print(s, flush=True))
+            demo = build(root, args.recipe, log=lambda s: print(s, flush=True), command=command_line(args._argv))
         print(f"EasyGen directory: {demo.easygen}\nBiDiffuser directory: {demo.bidiffuser}")
         return 0
 
@@ -84,10 +99,13 @@ def run(args) -> int:
     from ..demo.evaluate import evaluate, format_results
     from ..demo.shipped import SHIPPED_DIR, default_demo, ship
     from ..errors import EasyGenError
+    if args.demo_task == "verify":
+        return _verify(args)
     if args.demo_task == "ship":
         with redirect_stdout(sys.stderr):
             doc = ship(DemoModel(args.model), args.dest or SHIPPED_DIR, dtype=args.dtype,
-                       log=lambda s: print(s, flush=True))
+                       log=lambda s: print(s, flush=True), command=command_line(args._argv),
+                       run_eval=not args.no_eval)
         print(f"shipped demo model: {args.dest or SHIPPED_DIR} ({len(doc['sha256'])} files)")
         return 0
     demo = DemoModel(args.model) if args.model else default_demo()
@@ -106,7 +124,7 @@ def run(args) -> int:
         try:
             results = quick_evaluate(demo, out / "quick", conversations=args.conversations or 30,
                                      drawings=args.draws or 24, seed=QUICK_SEED if args.seed is None else args.seed,
-                                     use_llm=use_llm if on_vllm else None)
+                                     use_llm=use_llm if on_vllm else None, draw_seed=args.draw_seed)
         finally:
             for engine in engines:
                 engine.close()
@@ -115,8 +133,9 @@ def run(args) -> int:
     if on_vllm:
         raise EasyGenError("--llm-engine vllm goes with --quick (the full eval's caption and VQA passes run "
                            "`easygen eval`, in process)")
-    results = evaluate(demo, out, n_images=args.images, draws=args.draws or 4,
-                       seed=2024 if args.seed is None else args.seed, conversations=args.conversations or 120)
+    results = evaluate(demo, out, n_images=args.images, draws=args.draws or 17,
+                       seed=2024 if args.seed is None else args.seed, conversations=args.conversations or 120,
+                       draw_seed=args.draw_seed)
     print(format_results(results))
     return 0
 
@@ -135,4 +154,37 @@ def _picture(args) -> int:
                            f"{world.MIN_SIDE} to {world.MAX_SIDE} px")
     world.draw(scene).resize((args.size, args.size), Image.BICUBIC).save(args.path)
     print(args.path)
+    return 0
+
+
+def _verify(args) -> int:
+    """Rebuild (or take --model) and compare the shipped form file by file; exit 1 when any file differs."""
+    import sys
+    import tempfile
+    from contextlib import redirect_stdout
+
+    from ..demo.build_record import differences, environment
+    from ..demo.recipe import DemoModel, Recipe, build
+    from ..demo.shipped import MANIFEST, SHIPPED_DIR, verify_build
+    from bidiffuser.checkpoint import read_json
+
+    path = args.manifest or SHIPPED_DIR / MANIFEST
+    doc = read_json(path, "shipped demo manifest")
+    recorded = doc.get("build") or {}
+    for line in differences(recorded, environment()):  # each can change bytes; said before the long rebuild
+        print(f"note: {line}", file=sys.stderr)
+    with tempfile.TemporaryDirectory(prefix="easygen-verify-") as scratch:
+        if args.model is None:
+            root = args.out or Path(scratch) / "build"
+            print(f"rebuilding recipe '{doc['recipe']['name']}' in {root}", file=sys.stderr, flush=True)
+            with redirect_stdout(sys.stderr):
+                built = build(root, Recipe(**doc["recipe"]), log=lambda s: print(s, flush=True))
+        else:
+            built = DemoModel(args.model)
+        problems = verify_build(doc, built, Path(scratch) / "shipped-form")
+    total = len(doc["sha256"])
+    if problems:
+        print(f"{len(problems)} of {total} files differ from {path}:\n" + "\n".join(f"  {p}" for p in problems))
+        return 1
+    print(f"all {total} files identical to {path} (sha256)")
     return 0

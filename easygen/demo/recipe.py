@@ -364,8 +364,10 @@ STAGES: list[tuple[str, str, Callable[[Path, Recipe, Log], None]]] = [
 ]
 
 
-def build(root: str | Path | None = None, recipe: Recipe | str = "full", log: Log = print) -> DemoModel:
-    """Build (or finish building) the demo model in ``root``; returns it. A built model is left as it is."""
+def build(root: str | Path | None = None, recipe: Recipe | str = "full", log: Log = print,
+          command: str | None = None) -> DemoModel:
+    """Build (or finish building) the demo model in ``root``; returns it. A built model is left as it is.
+    ``command``: the command line as typed, recorded in ``demo.json`` (see build_record)."""
     recipe = RECIPES[recipe] if isinstance(recipe, str) else recipe
     demo = DemoModel(Path(root) if root else default_dir())
     if demo.is_built():
@@ -377,7 +379,7 @@ def build(root: str | Path | None = None, recipe: Recipe | str = "full", log: Lo
     done_dir = demo.root / "stages"
     done_dir.mkdir(parents=True, exist_ok=True)
     with _exclusive(done_dir / ".lock", demo.root):
-        return _build(demo, recipe, done_dir, log)
+        return _build(demo, recipe, done_dir, log, command)
 
 
 @contextlib.contextmanager
@@ -391,7 +393,9 @@ def _exclusive(lock_path: Path, root: Path):
         yield
 
 
-def _build(demo: DemoModel, recipe: Recipe, done_dir: Path, log: Log) -> DemoModel:
+def _build(demo: DemoModel, recipe: Recipe, done_dir: Path, log: Log, command: str | None) -> DemoModel:
+    from .build_record import environment
+
     if demo.is_built():  # finished by the process that held the lock before us
         return demo
     settings = done_dir / "recipe.json"
@@ -400,20 +404,26 @@ def _build(demo: DemoModel, recipe: Recipe, done_dir: Path, log: Log) -> DemoMod
                            f"(--out, or EASYGEN_DEMO_DIR for chat)")
     write_json(settings, recipe.to_json())
 
-    started, timings = time.time(), {}
+    started, timings, earlier = time.time(), {}, []
+    here = environment()
     for k, (name, what, run) in enumerate(STAGES, 1):
         marker = done_dir / f"{name}.json"
         if marker.is_file():
             timings[name] = read_json(marker, "stage record")["seconds"]
+            earlier.append(name)
             log(f"[{k}/{len(STAGES)}] {name}: done before, skipped")
             continue
         log(f"[{k}/{len(STAGES)}] {name}: {what}")
         t0 = time.time()
         run(demo.root, recipe, log)
         timings[name] = round(time.time() - t0, 1)
-        write_json(marker, {"seconds": timings[name]})
+        write_json(marker, {"seconds": timings[name], "git_commit": here["git_commit"]})
         log(f"[{k}/{len(STAGES)}] {name}: {timings[name]:.0f} s")
-    write_json(demo.manifest, {"format": FORMAT, "version": VERSION, "recipe": recipe.to_json(), "seconds": timings,
-                               "easygen": "easygen", "bidiffuser": "bidiffuser"})
+    # What happened, for `easygen demo ship` to copy into the shipped manifest: stages an earlier process
+    # ran are named, so a resumed build never passes for one run.
+    record = {"command": command, "stages_run_earlier": earlier, "seconds": timings,
+              "total_seconds": round(sum(timings.values()), 1),
+              "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **here}
+    write_json(demo.manifest, {"format": FORMAT, "version": VERSION, "recipe": recipe.to_json(), "build": record, "easygen": "easygen", "bidiffuser": "bidiffuser"})
     log(f"demo model built in {time.time() - started:.0f} s: {demo.easygen}")
     return demo

@@ -59,25 +59,62 @@ def file_hashes(root: Path) -> dict[str, str]:
 
 def verify(root: Path = SHIPPED_DIR) -> list[str]:
     """What does not match the manifest (missing, extra or changed files); empty when all match."""
-    want, have = manifest(root)["sha256"], file_hashes(root)
+    return compare_hashes(manifest(root)["sha256"], file_hashes(root))
+
+
+def compare_hashes(want: dict[str, str], have: dict[str, str]) -> list[str]:
     problems = [f"missing: {p}" for p in sorted(set(want) - set(have))]
     problems += [f"not in the manifest: {p}" for p in sorted(set(have) - set(want))]
-    problems += [f"changed: {p}" for p in sorted(set(want) & set(have)) if want[p] != have[p]]
-    return problems
+    return problems + [f"changed: {p}" for p in sorted(set(want) & set(have)) if want[p] != have[p]]
 
 
-def ship(built: DemoModel, dest: Path = SHIPPED_DIR, dtype: str = "float16", log=print) -> dict:
+def ship(built: DemoModel, dest: Path = SHIPPED_DIR, dtype: str = "float16", log=print, command: str | None = None,
+         run_eval: bool = True) -> dict:
     """Copy the inference files of ``built`` into ``dest`` (float weights as ``dtype``), evaluate the
-    copy with ``easygen demo eval`` and write ``MANIFEST.json``; returns the manifest."""
+    copy with ``easygen demo eval`` (unless ``run_eval`` is False) and write ``MANIFEST.json`` from what
+    happened: the build's own record (its command, seconds per stage, commit, versions, threads), this
+    ``command`` and the sha256 of every file; returns the manifest."""
+    if not built.is_built():
+        raise EasyGenError(f"no built demo model in {built.root}: run `easygen demo build` first")
+    record = read_json(built.manifest, "demo manifest").get("build")
+    if not record:
+        raise EasyGenError(f"{built.manifest} has no build record (built by an older EasyGen): rebuild it with "
+                           f"`easygen demo build`")
+    tmp = dest.with_name(dest.name + ".partial")
+    write_inference_files(built, tmp, dtype)
+    doc = {"format": "easygen-demo-shipped", "recipe_version": VERSION, "recipe": built.recipe().to_json(),
+           "weights_dtype": dtype, "built_from": str(built.root), "build": record,
+           "commands": [c for c in (record.get("command"), command) if c]}
+    if run_eval:  # both evals measured on exactly the files shipped
+        from .evaluate import QUICK_DRAW_SEED, evaluate, format_quick, format_results, quick_evaluate
+        out = built.root / "eval-shipped"
+        log(f"evaluating the copy in {tmp} (results in {out})")
+        results = evaluate(DemoModel(tmp), out)
+        doc["eval"] = {"command": "easygen demo eval", "table": format_results(results).splitlines(),
+                       "results": _summary(results)}
+        quick = quick_evaluate(DemoModel(tmp), out / "quick", draw_seed=QUICK_DRAW_SEED)  # the CI test's sample
+        doc["quick"] = {"command": "easygen demo eval --quick", "table": format_quick(quick).splitlines(),
+                        "results": _summary(quick) | {"drawings": [{k: d[k] for k in ("colour_ok", "shape_ok")}
+                                                                   | {"picture": d["picture"] is not None}
+                                                                   for d in quick["drawings"]]}}
+        log("\n".join(doc["eval"]["table"] + doc["quick"]["table"]))
+    doc["sha256"] = file_hashes(tmp)
+    write_json(tmp / MANIFEST, doc)
+    if dest.exists():
+        shutil.rmtree(dest)
+    tmp.rename(dest)
+    return doc
+
+
+def write_inference_files(built: DemoModel, out: Path, dtype: str) -> None:
+    """The shipped form of a build in ``out``: what inference reads, float weights as ``dtype`` in
+    safetensors, paths relative, no timings, so that two builds with equal weights give equal bytes."""
     import torch
 
     from bidiffuser.checkpoint import read_state_dict, save_safetensors
 
-    if not built.is_built():
-        raise EasyGenError(f"no built demo model in {built.root}: run `easygen demo build` first")
     recipe = built.recipe()
-    tmp = dest.with_name(dest.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.rmtree(out, ignore_errors=True)
     cast = getattr(torch, dtype)
     for sub in ("easygen", "bidiffuser", "bridge"):
         src = built.root / sub
@@ -85,7 +122,7 @@ def ship(built: DemoModel, dest: Path = SHIPPED_DIR, dtype: str = "float16", log
             continue  # a demo built before the bridge existed
         for path in _files(src):
             rel = path.relative_to(src)
-            target = tmp / sub / rel
+            target = out / sub / rel
             target.parent.mkdir(parents=True, exist_ok=True)
             if path.is_symlink():  # easygen/bidiffuser -> ../bidiffuser, easygen/bridge -> ../bridge
                 target.symlink_to(path.readlink(), target_is_directory=True)
@@ -95,13 +132,13 @@ def ship(built: DemoModel, dest: Path = SHIPPED_DIR, dtype: str = "float16", log
                 save_safetensors(sd, target.with_suffix(".safetensors"))
             else:
                 shutil.copy2(path, target)
-    bridge_config = tmp / "bridge" / "config.json"
+    bridge_config = out / "bridge" / "config.json"
     if bridge_config.is_file():  # its text model is the shipped LLM, wherever the package is installed
         doc = read_json(bridge_config, "bridge config")
         doc["text_model"] = "../easygen"
         doc["info"] = {k: v for k, v in doc.get("info", {}).items() if k in ("stage", "steps", "preset")}
         write_json(bridge_config, doc)
-    config_path = tmp / "bidiffuser" / "bidiffuser.json"
+    config_path = out / "bidiffuser" / "bidiffuser.json"
     config = read_json(config_path, "BiDiffuser config")
     for name in CONVERTED:
         config["files"][name] = str(Path(config["files"][name]).with_suffix(".safetensors"))
@@ -109,31 +146,14 @@ def ship(built: DemoModel, dest: Path = SHIPPED_DIR, dtype: str = "float16", log
     config["sampling_defaults"] = {"steps": recipe.image_steps, "scale": recipe.image_scale,
                                    "modes": {"i2t": {"steps": recipe.feature_steps, "scale": recipe.feature_scale}}}
     write_json(config_path, config)
-    shutil.copy2(built.manifest, tmp / "demo.json")
-    doc = {"format": "easygen-demo-shipped", "recipe_version": VERSION, "recipe": recipe.to_json(),
-           "weights_dtype": dtype, "built_from": str(built.root),
-           "commands": [f"easygen demo build --out {built.root}",
-                        f"easygen demo ship --model {built.root} --dtype {dtype}"],
-           "build_seconds": read_json(built.manifest, "demo manifest").get("seconds", {})}
-    # Both evals measured on exactly the files shipped.
-    from .evaluate import evaluate, format_quick, format_results, quick_evaluate
-    out = built.root / "eval-shipped"
-    log(f"evaluating the copy in {tmp} (results in {out})")
-    results = evaluate(DemoModel(tmp), out)
-    doc["eval"] = {"command": "easygen demo eval", "table": format_results(results).splitlines(),
-                   "results": _summary(results)}
-    quick = quick_evaluate(DemoModel(tmp), out / "quick")
-    doc["quick"] = {"command": "easygen demo eval --quick", "table": format_quick(quick).splitlines(),
-                    "results": _summary(quick) | {"drawings": [{k: d[k] for k in ("colour_ok", "shape_ok")}
-                                                               | {"picture": d["picture"] is not None}
-                                                               for d in quick["drawings"]]}}
-    log("\n".join(doc["eval"]["table"] + doc["quick"]["table"]))
-    doc["sha256"] = file_hashes(tmp)
-    write_json(tmp / MANIFEST, doc)
-    if dest.exists():
-        shutil.rmtree(dest)
-    tmp.rename(dest)
-    return doc
+    demo_doc = read_json(built.manifest, "demo manifest")
+    write_json(out / "demo.json", {k: v for k, v in demo_doc.items() if k != "build"})  # the record: in MANIFEST
+
+
+def verify_build(doc: dict, built: DemoModel, work: Path) -> list[str]:
+    """A build's shipped form against a manifest's sha256: what differs (empty when every file is identical)."""
+    write_inference_files(built, work, doc["weights_dtype"])
+    return compare_hashes(doc["sha256"], file_hashes(work))
 
 
 def _files(src: Path) -> list[Path]:
@@ -150,7 +170,7 @@ def _files(src: Path) -> list[Path]:
 
 def _summary(results: dict) -> dict:
     """The figures of an eval worth keeping (not every turn's record)."""
-    keep = ("held_out_images", "seed", "caption_accuracy", "cider", "vqa_accuracy", "image_colour_accuracy",
+    keep = ("held_out_images", "seed", "draw_seed", "caption_accuracy", "cider", "vqa_accuracy", "image_colour_accuracy",
             "image_shape_accuracy", "image_picture_rate", "image_counts", "readback_check", "conversations",
             "conversation_count", "paths", "long", "draw_with")
     return {k: results[k] for k in keep if k in results}
