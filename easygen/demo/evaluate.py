@@ -27,7 +27,8 @@ from .dataset import write_eval_data
 from .recipe import FEATURE_SEED, DemoModel
 
 TARGETS = {"caption_accuracy": 95.0, "vqa_accuracy": 95.0, "image_picture_rate": 98.0,
-           "image_colour_accuracy": 95.0, "image_shape_accuracy": 85.0}
+           "image_colour_accuracy": 97.0, "image_shape_accuracy": 95.0}
+COMBO_TARGET = 90.0  # every colour x shape: both right in this share of its single drawings, on each path
 # An image-grounded draw takes its colour from a picture the model read (two steps that can fail).
 GROUNDED_COLOUR_TARGET = 90.0
 # Conversation targets: every reading kind >= READING_TARGET; every drawing kind the image_* targets.
@@ -52,10 +53,12 @@ def _predictions(results: dict) -> list[dict]:
     return [r for r in map(json.loads, lines[1:]) if "id" in r]  # line 1 is the header
 
 
-def evaluate(demo: DemoModel, out: str | Path, n_images: int = 120, draws: int = 4, seed: int = 2024,
-             conversations: int = 120) -> dict:
-    """Run the evaluations; write OUT/results.json and return the results."""
+def evaluate(demo: DemoModel, out: str | Path, n_images: int = 120, draws: int = 17, seed: int = 2024,
+             conversations: int = 120, draw_seed: int | None = None) -> dict:
+    """Run the evaluations; write OUT/results.json and return the results. Every picture is drawn with a
+    seed of its own, sampled from HELD_OUT_SEEDS by ``draw_seed`` (None: a fresh random sample, recorded)."""
     out = Path(out)
+    draw_seed = fresh_sample() if draw_seed is None else draw_seed
     for name in ("caption", "vqa"):  # a fresh run: the files of an earlier model would be refused
         (out / f"{name}.predictions.jsonl").unlink(missing_ok=True)
     readback = check_readback(seed, 1000)
@@ -79,12 +82,14 @@ def evaluate(demo: DemoModel, out: str | Path, n_images: int = 120, draws: int =
                     "--predictions", str(out / "vqa.predictions.jsonl"))
 
     loaded = _load(demo)
-    drawings = draw_requests(loaded, recipe, out / "drawings", draws)
-    talks = play_conversations(loaded, recipe, out / "conversations", conversations, seed + 1)
-    paths = compare_paths(demo, recipe, out / "paths", draws, conversations, seed + 1,
+    seeds = DrawSeeds(draw_seed)
+    drawings = draw_requests(loaded, recipe, out / "drawings", draws, seeds=seeds.take("single", 18 * draws))
+    talks = play_conversations(loaded, recipe, out / "conversations", conversations, seed + 1,
+                               draw_seeds=seeds.take("conversation", conversations))
+    paths = compare_paths(demo, recipe, out / "paths", draws, conversations, seed + 1, seeds,
                           default=(loaded, drawings, talks))
     results = {
-        "model": str(demo.root), "held_out_images": n_images, "seed": seed,
+        "model": str(demo.root), "held_out_images": n_images, "seed": seed, "draw_seed": draw_seed,
         "caption_accuracy": 100 * right / len(truth),
         "cider": caption["metrics"]["CIDEr"], "caption_metrics": caption["metrics"],
         "vqa_accuracy": vqa["metrics"]["accuracy"],
@@ -104,26 +109,50 @@ def evaluate(demo: DemoModel, out: str | Path, n_images: int = 120, draws: int =
     return results
 
 
-DRAW_SEED = 5000  # single drawings' seeds: DRAW_SEED, DRAW_SEED + 1, ... (conversations use 0, 1, ...)
+# Drawing seeds are sampled from this range, which training (seed 0), the recipe's tuning runs (seeds
+# below 10 000) and the README's examples never used; a fresh sample each run unless --draw-seed repeats one.
+HELD_OUT_SEEDS = range(1_000_000, 2**31 - 1)
 QUICK_SEED = 7  # CI's reduced check: held out from training (0) and from the full eval (2024, 2025)
+QUICK_DRAW_SEED = 7  # the test's pinned sample: its floors must not depend on which seeds came up
+
+
+def fresh_sample() -> int:
+    import secrets
+    return secrets.randbelow(2**31)
+
+
+class DrawSeeds:
+    """The drawing seeds of one eval run: ``take(what, n)`` gives ``n`` distinct seeds from HELD_OUT_SEEDS,
+    the same for the same (sample, what), so both drawing paths meet the same noise and a run can be repeated."""
+
+    def __init__(self, sample: int):
+        self.sample = sample
+
+    def take(self, what: str, n: int) -> list[int]:
+        import random
+        return random.Random(f"{self.sample}/{what}").sample(HELD_OUT_SEEDS, n)
 
 
 def quick_evaluate(demo: DemoModel, out: str | Path, conversations: int = 30, drawings: int = 24,
-                   seed: int = QUICK_SEED, use_llm=None) -> dict:
+                   seed: int = QUICK_SEED, use_llm=None, draw_seed: int | None = None) -> dict:
     """The reduced eval CI runs on the shipped model (well under a minute): ``drawings`` single draw
-    requests (seeds from 1000 * ``seed``) and ``conversations`` held-out scripts (``seed``), no
-    caption/VQA passes; counts, not times. ``use_llm(loaded)``: put the LLM on another engine
-    (``easygen.vllm_server.use_vllm``); the caller closes it."""
+    requests and ``conversations`` held-out scripts (``seed``), no caption/VQA passes; counts, not
+    times; drawing seeds sampled by ``draw_seed`` as in ``evaluate``. ``use_llm(loaded)``: put the LLM
+    on another engine (``easygen.vllm_server.use_vllm``); the caller closes it."""
     out = Path(out)
+    draw_seed = fresh_sample() if draw_seed is None else draw_seed
+    seeds = DrawSeeds(draw_seed)
     loaded, recipe = _load(demo), demo.recipe()
     if use_llm is not None:
         use_llm(loaded)
     combos = len(world.COLOURS) * len(world.SHAPES)
     draws = draw_requests(loaded, recipe, out / "drawings", draws=-(-drawings // combos), total=drawings,
-                          seed=1000 * seed)
-    talks = play_conversations(loaded, recipe, out / "conversations", conversations, seed)
-    long = draw_descriptions(loaded, recipe, out / "long", prompts_held_out.LONG, per_combo=1, seed=1000 * seed)
-    results = {"model": str(demo.root), "seed": seed, "conversation_count": conversations,
+                          seeds=seeds.take("single", drawings))
+    talks = play_conversations(loaded, recipe, out / "conversations", conversations, seed,
+                               draw_seeds=seeds.take("conversation", conversations))
+    long = draw_descriptions(loaded, recipe, out / "long", prompts_held_out.LONG, per_combo=1,
+                             seeds=seeds.take("long", combos))
+    results = {"model": str(demo.root), "seed": seed, "draw_seed": draw_seed, "conversation_count": conversations,
                "llm_engine": loaded.llm.name,
                "conversations": conversation_table(talks), "drawings": draws,
                "image_counts": drawing_counts(draws), "draw_with": loaded.draw_with,
@@ -142,7 +171,7 @@ DESCRIBED = (("long", prompts_held_out.LONG, 2), ("paraphrase", prompts_held_out
 
 
 def compare_paths(demo: DemoModel, recipe, out: Path, draws: int, conversations: int, seed: int,
-                  default=None) -> dict:
+                  seeds: DrawSeeds, default=None) -> dict:
     """Both drawing paths on the same seeds: ``draw_requests`` and the conversations' drawing turns,
     plus long descriptions and paraphrases drawn as they are (``draw_descriptions``; held-out and tuning
     templates, see DESCRIBED). Only the CLIP path when the demo has no bridge. ``default``: (loaded,
@@ -155,32 +184,38 @@ def compare_paths(demo: DemoModel, recipe, out: Path, draws: int, conversations:
             loaded = _load(demo, "clip" if path == "clip" else "auto")
             if loaded.draw_with != path:
                 continue  # no bridge in this demo
-            singles = draw_requests(loaded, recipe, out / path / "drawings", draws)
-            talks = play_conversations(loaded, recipe, out / path / "conversations", conversations, seed)
+            singles = draw_requests(loaded, recipe, out / path / "drawings", draws,
+                                    seeds=seeds.take("single", 18 * draws))
+            talks = play_conversations(loaded, recipe, out / path / "conversations", conversations, seed,
+                                       draw_seeds=seeds.take("conversation", conversations))
         drawn = [t for t in talks if t["kind"] in DRAWING_KINDS]
         results[path] = {"single": drawing_counts(singles) | {"turns": len(singles)},
-                         "conversation": drawing_counts(drawn) | {"turns": len(drawn)}}
+                         "combos": combo_counts(singles),
+                         "conversation": drawing_counts(drawn) | {"turns": len(drawn)},
+                         "conversation_kinds": conversation_table(talks)}
         for key, templates, per_combo in DESCRIBED:
-            results[path][key] = _described(loaded, recipe, out / path / key, templates, per_combo)
+            asks = len(description_asks(templates, per_combo))
+            results[path][key] = _described(loaded, recipe, out / path / key, templates, per_combo,
+                                            seeds.take(key, asks))
     return results
 
 
-def _described(loaded, recipe, out_dir: Path, templates, per_combo: int | None = None) -> dict:
-    records = draw_descriptions(loaded, recipe, out_dir, templates, per_combo)
+def _described(loaded, recipe, out_dir: Path, templates, per_combo: int | None, seeds: list[int]) -> dict:
+    records = draw_descriptions(loaded, recipe, out_dir, templates, per_combo, seeds)
     return drawing_counts(records) | {"turns": len(records), "examples": records[:3]}
 
 
-def draw_descriptions(loaded, recipe, out_dir: Path, templates, per_combo: int | None = None,
-                      seed: int = DRAW_SEED) -> list[dict]:
+def draw_descriptions(loaded, recipe, out_dir: Path, templates, per_combo: int | None,
+                      seeds: list[int]) -> list[dict]:
     """Every colour and shape drawn from its description as an image reply draws it (no LLM turn: the
     description itself is the test), one seed per drawing; each read back. In every template, or
     (``per_combo``) that many per colour and shape, the templates taken in turn."""
     from ..assistant import Assistant
 
-    assistant = Assistant(loaded, _settings(recipe, seed), out_dir=out_dir)
+    assistant = Assistant(loaded, _settings(recipe, seeds[0]), out_dir=out_dir)
     records = []
     for k, (description, colour, shape) in enumerate(description_asks(templates, per_combo)):
-        image = assistant.draw([description], [seed + k])[0]
+        image = assistant.draw([description], [seeds[k]])[0]
         found = world.analyse_image(image)
         records.append({"description": description, "colour": found.colour, "shape": found.shape,
                         "picture": "drawn", "colour_ok": found.colour == colour, "shape_ok": found.shape == shape})
@@ -204,7 +239,8 @@ def path_lines(paths: dict) -> list[str]:
     if not paths:
         return []
     names = list(paths)
-    lines = [f"Drawing paths side by side (same seeds): {' | '.join(names)}",
+    lines = [f"Drawing paths side by side (same seeds, sampled from {HELD_OUT_SEEDS.start:,} to "
+             f"{HELD_OUT_SEEDS.stop:,}): {' | '.join(names)}",
              f"  {'row':<52}" + "".join(f"{n:>18}" for n in names) + "   target"]
     rows = [("single drawings", "single"), ("conversation drawing turns", "conversation"),
             ("held-out long descriptions", "long"), ("held-out paraphrases", "paraphrase"),
@@ -214,7 +250,11 @@ def path_lines(paths: dict) -> list[str]:
             continue  # results written before the row existed
         for part in ("colour", "shape"):
             cells = [_pct(paths[n][key][f"{part}_ok"], paths[n][key]["turns"]) for n in names]
-            if key.startswith("tuning"):
+            if key == "single":
+                goal = TARGETS[f"image_{'colour' if part == 'colour' else 'shape'}_accuracy"]
+                got = [100 * paths[n][key][f"{part}_ok"] / max(paths[n][key]["turns"], 1) for n in names]
+                target = f"each >= {goal:.0f}%  {'ok' if min(got) >= goal else 'MISSED'}"
+            elif key.startswith("tuning"):
                 target = "(tuned on: not held out)"
             elif key == "long" and "bridge" in paths:
                 b = paths["bridge"][key]
@@ -226,6 +266,39 @@ def path_lines(paths: dict) -> list[str]:
             else:
                 target = ""
             lines.append(f"  {label + ': ' + part:<52}" + "".join(f"{c:>18}" for c in cells) + f"   {target}")
+    return lines
+
+
+def combo_counts(drawings: list[dict]) -> dict:
+    """Per requested colour and shape ("red square"): drawings, right colour, right shape, both right."""
+    table = {f"{c} {s}": {"turns": 0, "colour_ok": 0, "shape_ok": 0, "both_ok": 0}
+             for c in world.COLOURS for s in world.SHAPES}
+    for d in drawings:
+        row = table[" ".join(d["target"])]
+        row["turns"] += 1
+        row["colour_ok"] += d["colour_ok"]
+        row["shape_ok"] += d["shape_ok"]
+        row["both_ok"] += d["colour_ok"] and d["shape_ok"]
+    return {k: v for k, v in table.items() if v["turns"]}
+
+
+def combo_lines(paths: dict) -> list[str]:
+    """Each path's single drawings as a colour x shape grid of 'both right / drawings', misses named."""
+    lines = []
+    for name, path in paths.items():
+        combos = path.get("combos")
+        if not combos:
+            continue
+        lines.append(f"Single drawings through {name}, per colour x shape (colour and shape both right; "
+                     f"target >= {COMBO_TARGET:.0f}% each):")
+        lines.append(f"  {'':<8}" + "".join(f"{s:>16}" for s in world.SHAPES))
+        for c in world.COLOURS:
+            cells = [_pct(combos[f"{c} {s}"]["both_ok"], combos[f"{c} {s}"]["turns"]) if f"{c} {s}" in combos
+                     else "-" for s in world.SHAPES]
+            lines.append(f"  {c:<8}" + "".join(f"{cell:>16}" for cell in cells))
+        missed = [f"{k} ({v['both_ok']}/{v['turns']}: colour {v['colour_ok']}, shape {v['shape_ok']})"
+                  for k, v in combos.items() if 100 * v["both_ok"] < COMBO_TARGET * v["turns"]]
+        lines.append(f"  under {COMBO_TARGET:.0f}%: " + ("; ".join(missed) if missed else "none"))
     return lines
 
 
@@ -251,26 +324,29 @@ def check_readback(seed: int, n: int) -> dict:
 
 
 def draw_requests(loaded, recipe, out_dir: Path, draws: int, total: int | None = None,
-                  seed: int = DRAW_SEED) -> list[dict]:
+                  seeds: list[int] = ()) -> list[dict]:
     """Ask the chat assistant for ``draws`` pictures of every colour and shape (each in a new
-    conversation, the request's wording varied); read each picture back. ``total``: only that many,
-    every colour and shape once before any twice."""
+    conversation, the request's wording varied, drawing ``i`` with ``seeds[i]``); read each picture
+    back. ``total``: only that many, every colour and shape once before any twice."""
     from ..assistant import Assistant
 
     asks = [(colour, shape, k) for colour in world.COLOURS for shape in world.SHAPES for k in range(draws)]
     if total is not None:
         chosen = set(sorted(asks, key=lambda a: a[2])[:total])  # by k first: every colour and shape once
         asks = [a for a in asks if a in chosen]
+    if len(seeds) < len(asks):
+        raise ValueError(f"{len(asks)} drawings need as many seeds, got {len(seeds)}")
     records = []
     for colour, shape, k in asks:
         # A seed of its own per drawing: with one seed per k, all 18 requests of a k would share one
-        # starting noise, and 72 drawings would measure 4 noise draws.
-        assistant = Assistant(loaded, _settings(recipe, seed + len(records)),
+        # starting noise, and the drawings would measure a few noise draws.
+        assistant = Assistant(loaded, _settings(recipe, seeds[len(records)]),
                               out_dir=out_dir / f"{colour}-{shape}-{k}")
         request = world.DRAW_REQUESTS[len(records) % len(world.DRAW_REQUESTS)].format(colour=colour, shape=shape)
         reply = assistant.send(request)
         found = world.analyse_image(_open(reply.image_paths[0])) if reply.image_paths else None
-        records.append({"request": request, "reply": reply.text,
+        records.append({"request": request, "reply": reply.text, "seed": seeds[len(records)],
+                        "target": [colour, shape],
                         "picture": str(reply.image_paths[0]) if reply.image_paths else None,
                         "colour": found.colour if found else None, "shape": found.shape if found else None,
                         "fill_ratio": round(found.fill_ratio, 3) if found else None,
@@ -291,7 +367,7 @@ def _settings(recipe, seed: int):
                               image_scale=recipe.image_scale)
 
 
-def play_conversations(loaded, recipe, out_dir: Path, n: int, seed: int) -> list[dict]:
+def play_conversations(loaded, recipe, out_dir: Path, n: int, seed: int, draw_seeds: list[int]) -> list[dict]:
     """Play ``n`` held-out scripted conversations through the chat ``Assistant``; one record per turn.
 
     A reading turn is right when the answer names the asked part (colour, shape, or both for a
@@ -312,7 +388,8 @@ def play_conversations(loaded, recipe, out_dir: Path, n: int, seed: int) -> list
     for k in range(n):
         folder = out_dir / f"{k:03d}"
         folder.mkdir(parents=True, exist_ok=True)
-        assistant = Assistant(loaded, _settings(recipe, k), out_dir=folder, features=features, feature_memo=memo)
+        assistant = Assistant(loaded, _settings(recipe, draw_seeds[k]), out_dir=folder, features=features,
+                              feature_memo=memo)
         script = random_script(rng)
         truths: list[tuple[str | None, str | None]] = []  # per picture in the conversation
         for t, turn in enumerate(script):
@@ -389,7 +466,18 @@ def format_results(r: dict) -> str:
     lines += [f"  {name:<44} {value:>15}   target >= {target:.0f}%  {'ok' if got >= target else 'MISSED'}"
               for name, value, target, got in rows]
     lines.append(f"  {'CIDEr (easygen eval caption)':<44} {r['cider']:>15.1f}")
-    return "\n".join(lines + conversation_lines(r) + path_lines(r.get("paths", {})))
+    lines += conversation_lines(r)
+    for name, path in r.get("paths", {}).items():  # the other path's conversations (the default's are above)
+        if "conversation_kinds" in path and path["conversation_kinds"] != r["conversations"]:
+            lines += [f"Conversations with pictures drawn through {name}:"] + conversation_lines(
+                {"conversations": path["conversation_kinds"], "conversation_count": r["conversation_count"]})[1:]
+    paths = r.get("paths", {})
+    return "\n".join(lines + path_lines(paths) + combo_lines(paths) + [_seed_line(r)])
+
+
+def _seed_line(r: dict) -> str:
+    return (f"Drawing seeds: a fresh sample from {HELD_OUT_SEEDS.start:,} to {HELD_OUT_SEEDS.stop:,} "
+            f"(repeat this run with --draw-seed {r['draw_seed']})") if "draw_seed" in r else ""
 
 
 def format_quick(r: dict) -> str:
@@ -402,7 +490,7 @@ def format_quick(r: dict) -> str:
         long = r["long"]
         lines.append(f"Long descriptions (held out, drawn through {r['draw_with']}): colour "
                      f"{_pct(long['colour_ok'], long['turns'])}, shape {_pct(long['shape_ok'], long['turns'])}")
-    return "\n".join(lines + conversation_lines(r))
+    return "\n".join(lines + conversation_lines(r) + [_seed_line(r)])
 
 
 def conversation_lines(r: dict) -> list[str]:
