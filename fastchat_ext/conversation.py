@@ -1,4 +1,5 @@
-"""The "easygen" FastChat conversation template and the helper that writes image slots.
+"""The "easygen" FastChat conversation template, the helper that writes image slots, and how a
+picture the model drew is read back from a message's text.
 
 EasyGen talks in Vicuna v1.1 style with an empty system message::
 
@@ -8,6 +9,8 @@ Every prompt in the project is produced by FastChat's ``Conversation.get_prompt(
 template, so training, generation and evaluation agree on the exact characters.
 """
 from __future__ import annotations
+
+import re
 
 from fastchat.conversation import (
     Conversation,
@@ -23,6 +26,8 @@ IMAGE_PLACEHOLDER = "<ImageHere>"               # where an image's features go i
 IMG_OPEN, IMG_CLOSE = "<Img>", "</Img>"         # around an image, in prompts and in answers that draw
 IMAGE_SLOT = f"{IMG_OPEN}{IMAGE_PLACEHOLDER}{IMG_CLOSE}"  # how a user turn holds an image (as EasyGen writes it)
 LLAVA_IMAGE_TOKEN = "<image>"  # how LLaVA-style conversation data marks an image
+# How a drawn picture leaves in an answer (``easygen serve``, ``easygen worker``): ``![description](url)``.
+MARKDOWN_IMAGE = re.compile(r"!\[([^\]\n]*)\]\(([^)\s]*)\)")
 
 
 def _template() -> Conversation:
@@ -69,6 +74,21 @@ def user_message(text: str, num_images: int = 0) -> str:
         return text
     slots = IMAGE_SLOT * num_images
     return f"{slots} {text}" if slots and text else slots + text
+
+
+def read_back_pictures(answer: str) -> tuple[str, list[str]]:
+    """An assistant message sent back by a client, as the model wrote it, and the pictures it drew:
+    each markdown image is ``<Img>description</Img>`` again, and the ``data:`` URLs among them are
+    the pictures, to show the model in the next user turn. Links and other URLs stay text only
+    (nothing is ever fetched for them)."""
+    drawn = []
+
+    def tag(m: re.Match) -> str:
+        if m.group(2).startswith("data:"):
+            drawn.append(m.group(2))
+        return f"{IMG_OPEN}{m.group(1)}{IMG_CLOSE}"
+
+    return MARKDOWN_IMAGE.sub(tag, answer), drawn
 
 
 register_template()

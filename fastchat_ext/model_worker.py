@@ -16,9 +16,10 @@ The protocol, as FastChat's workers speak it:
 The prompt arrives built by the API server with our template, each image a ``$$<image>$$`` mark
 before its user turn's text and its URL in ``params["images"]``. The worker turns it back into
 turns (``parse_prompt``; a picture the model drew earlier, which went out as a markdown image, is
-its ``<Img>description</Img>`` again) and hands them to an injected ``Engine``: this package knows
-the FastChat side only, and the engine (EasyGen's chat service, given by ``easygen worker``) does
-the rest. A client that goes away cancels its request.
+its ``<Img>description</Img>`` again, and its data URL is handed on, so the model sees the picture
+in the next turn as ``easygen serve`` shows it) and hands them to an injected ``Engine``: this
+package knows the FastChat side only, and the engine (EasyGen's chat service, given by ``easygen
+worker``) does the rest. A client that goes away cancels its request.
 """
 from __future__ import annotations
 
@@ -37,7 +38,7 @@ from fastchat.constants import ErrorCode
 from fastchat.conversation import IMAGE_PLACEHOLDER_STR
 from fastchat.serve.base_model_worker import BaseModelWorker
 
-from .conversation import IMG_CLOSE, IMG_OPEN, TEMPLATE_NAME, new_conversation
+from .conversation import TEMPLATE_NAME, new_conversation, read_back_pictures
 
 log = logging.getLogger("fastchat_ext.model_worker")
 
@@ -48,8 +49,6 @@ log = logging.getLogger("fastchat_ext.model_worker")
 # "done" text: the API server streams the difference between successive cumulative texts.
 Emit = Callable[[str, object], None]
 
-# How this worker returns a picture (``![description](url)``); read back as the model's tag.
-MARKDOWN_IMAGE = re.compile(r"!\[([^\]\n]*)\]\(([^)\s]*)\)")
 _BASE64 = re.compile(r"[A-Za-z0-9+/=\s]+")
 
 
@@ -59,8 +58,9 @@ class Engine(Protocol):
     def submit(self, turns: list[dict], image_urls: list[str], params: dict, emit: Emit) -> Callable[[], None]:
         """Start answering; returns a function that cancels. ``turns``: [{"role": "user" |
         "assistant", "content": str, "num_images": int}], ending with the user's; earlier pictures
-        in assistant turns are ``<Img>description</Img>``; the user turns' images are
-        ``image_urls`` in order (data: or http(s) URLs, as the client sent them). ``params``:
+        in assistant turns are ``<Img>description</Img>`` and their data URLs (what this worker
+        sent, back from the client, unchecked) are the turn's ``"drawn"`` list; the user turns'
+        images are ``image_urls`` in order (data: or http(s) URLs, as the client sent them). ``params``:
         FastChat's generation parameters (temperature, top_p, max_new_tokens, stop, ...) and
         "system", the system message. Bad input is reported through ``emit("error", ...)``; a full
         queue may raise ``Busy``."""
@@ -80,15 +80,10 @@ class PromptError(ValueError):
     pass
 
 
-def restore_image_tags(text: str) -> str:
-    """An assistant turn as the model wrote it: each markdown image is ``<Img>description</Img>``."""
-    return MARKDOWN_IMAGE.sub(lambda m: f"{IMG_OPEN}{m.group(1)}{IMG_CLOSE}", text)
-
-
 def parse_prompt(prompt: str) -> tuple[str, list[dict]]:
     """(system message, turns) of a prompt that FastChat built with the "easygen" template and that
     ends with the assistant's empty turn ("... ASSISTANT:"). Markdown images in assistant turns
-    become ``<Img>description</Img>`` again.
+    become ``<Img>description</Img>`` again, their data URLs the turn's ``"drawn"`` pictures.
 
     The template has no escaping, so the exchanges are split where "USER: " follows "</s>" (or an
     empty answer's bare "ASSISTANT:"), and the last user turn is everything up to the final
@@ -122,7 +117,8 @@ def parse_prompt(prompt: str) -> tuple[str, list[dict]]:
                 raise PromptError(f"a user turn is not followed by the assistant's: {chunk[:60]!r}")
             add_user(content)
         if answer is not None:
-            turns.append({"role": "assistant", "content": restore_image_tags(answer.strip()), "num_images": 0})
+            content, drawn = read_back_pictures(answer.strip())
+            turns.append({"role": "assistant", "content": content, "num_images": 0, "drawn": drawn})
     return system, turns
 
 
@@ -170,8 +166,15 @@ class EasyGenWorker(BaseModelWorker):
 
     def count_token(self, params: dict) -> dict:
         prompt = params.get("prompt", "")
-        try:  # (a picture drawn earlier counts as its description, not as its data URL)
-            prompt = build_prompt(*parse_prompt(prompt))
+        try:  # a picture drawn earlier counts as its description plus, in the next user turn, its image
+            system, turns = parse_prompt(prompt)
+            drawn = 0
+            for t in turns:
+                if t["role"] == "user":
+                    t["num_images"], drawn = t["num_images"] + drawn, 0
+                else:
+                    drawn = len(t["drawn"])
+            prompt = build_prompt(system, turns)
         except PromptError:
             pass
         return {"count": self.engine.count_tokens(prompt), "error_code": 0}

@@ -159,17 +159,18 @@ def test_prompts_are_read_back_into_turns():
                                  "USER: $$<image>$$$$<image>$$And these? ASSISTANT:")
     assert system == ""
     assert turns == [{"role": "user", "content": "What is this?", "num_images": 1},
-                     {"role": "assistant", "content": "A red circle.", "num_images": 0},
+                     {"role": "assistant", "content": "A red circle.", "num_images": 0, "drawn": []},
                      {"role": "user", "content": "And these?", "num_images": 2}]
     assert parse_prompt("Be brief. USER: hi ASSISTANT:")[0] == "Be brief."
     with pytest.raises(PromptError):
         parse_prompt("### Human: hi ### Assistant:")
     # an empty assistant message (FastChat writes "ASSISTANT:" alone); a drawn picture, back as its tag
     assert parse_prompt(" USER: hi ASSISTANT:USER: again ASSISTANT:")[1][1] == \
-        {"role": "assistant", "content": "", "num_images": 0}
-    drawn = parse_prompt(" USER: Draw. ASSISTANT: Here: ![a red circle](data:image/png;base64,iVBO+/=)</s>"
-                         "USER: Thanks. ASSISTANT:")[1][1]["content"]
-    assert drawn == "Here: <Img>a red circle</Img>"
+        {"role": "assistant", "content": "", "num_images": 0, "drawn": []}
+    drawn = parse_prompt(" USER: Draw. ASSISTANT: Here: ![a red circle](data:image/png;base64,iVBO+/=) and "
+                         "![a link](https://example.com/a.png)</s>USER: Thanks. ASSISTANT:")[1][1]
+    assert drawn["content"] == "Here: <Img>a red circle</Img> and <Img>a link</Img>"
+    assert drawn["drawn"] == ["data:image/png;base64,iVBO+/="]  # the picture it drew; a link is never fetched
     prompt = (" USER: $$<image>$$What is this? ASSISTANT: A red circle.</s>"
               "USER: $$<image>$$$$<image>$$And these? ASSISTANT:")
     assert build_prompt(*parse_prompt(prompt)) == prompt

@@ -1,6 +1,7 @@
 """EasyGen's chat service as the engine of FastChat's model worker (``fastchat_ext.model_worker``):
-FastChat's turns and image URLs become a ``ChatJob`` (images checked by the same ``ImageInbox``,
-answers rendered by the same code as the OpenAI routes), and events go back in the worker's terms."""
+FastChat's turns and image URLs become a ``ChatJob`` (images, and pictures the model drew that come
+back as data URLs, checked by the same ``ImageInbox``; answers rendered by the same code as the
+OpenAI routes), and events go back in the worker's terms."""
 from __future__ import annotations
 
 from fastchat.constants import ErrorCode
@@ -39,19 +40,20 @@ class ServiceEngine:
         try:
             if image_urls and self.service.features is None:
                 raise APIError(400, "this worker has no BiDiffuser model: it cannot read images")
-            if len(image_urls) > self.inbox.limits.max_images:
+            if len(image_urls) + sum(len(t.get("drawn", ())) for t in turns) > self.inbox.limits.max_images:
                 raise APIError(400, f"too many images: at most {self.inbox.limits.max_images} per request")
             paths = [self.inbox.save(u, f"images[{k}]") for k, u in enumerate(image_urls)]
             messages, k = [], 0
-            for t in turns:
+            for i, t in enumerate(turns):
                 content = t["content"]  # (the worker already turned markdown pictures back into tags)
                 if t["role"] == "user" and IMAGE_PLACEHOLDER in content:
                     raise APIError(400, f"a message contains {IMAGE_PLACEHOLDER}, which marks image slots")
+                if t["role"] == "assistant":  # the pictures it drew, shown in the next turn as easygen serve does
+                    drawn = [self.inbox.save(u, f"the picture in assistant turn {i // 2 + 1}") for u in t["drawn"]]
+                    messages.append({"role": "assistant", "content": content, "images": [], "generated": drawn})
+                    continue
                 messages.append({"role": t["role"], "content": content, "images": paths[k:k + t["num_images"]]})
                 k += t["num_images"]
-            for m in messages:
-                if m["role"] == "assistant":
-                    m["generated"] = []
             stop = params.get("stop")
             settings = with_overrides(self.service.settings, temperature=params.get("temperature"),
                                       top_p=params.get("top_p"), max_new_tokens=params.get("max_new_tokens"),

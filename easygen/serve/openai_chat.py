@@ -15,14 +15,13 @@ by this server.
 from __future__ import annotations
 
 import base64
-import re
 import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from fastchat_ext.conversation import IMAGE_PLACEHOLDER, IMG_CLOSE, IMG_OPEN, LLAVA_IMAGE_TOKEN
+from fastchat_ext.conversation import IMAGE_PLACEHOLDER, LLAVA_IMAGE_TOKEN, read_back_pictures
 
 from ..assistant import Reply
 from ..image_reply import replace_image_tags
@@ -37,7 +36,6 @@ NEUTRAL = {"logprobs": (False, None), "presence_penalty": (0, None), "frequency_
            "parallel_tool_calls": (None, True, False), "top_logprobs": (None, 0), "logit_bias": (None, {}),
            "response_format": (None, {"type": "text"}), "store": (None, False), "metadata": (None, {})}
 MAX_STOP = 4
-MARKDOWN_IMAGE = re.compile(r"!\[([^\]\n]*)\]\(([^)\s]*)\)")
 
 
 @dataclass
@@ -130,14 +128,7 @@ def _messages(messages, inbox: ImageInbox) -> tuple[str, list[dict], dict]:
             text, urls = _user_content(m.get("content"), where)
             sources = [(f"{where}.content[{k}]", url) for k, url in urls]
         else:
-            drawn = []
-
-            def tag(g: re.Match) -> str:
-                if g.group(2).startswith("data:"):
-                    drawn.append(g.group(2))
-                return f"{IMG_OPEN}{g.group(1)}{IMG_CLOSE}"
-
-            text = MARKDOWN_IMAGE.sub(tag, _text_only(m.get("content"), where, allow_none=True))
+            text, drawn = read_back_pictures(_text_only(m.get("content"), where, allow_none=True))
             sources = [(f"{where}.content", url) for url in drawn]
         images_seen += len(sources)
         if images_seen > inbox.limits.max_images:
