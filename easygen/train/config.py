@@ -112,7 +112,7 @@ def _parse_value(text: str):
 
 
 # Named recipes (``easygen train --preset NAME``): ours, and the original EasyGen's as its training
-# scripts and code run them. The README compares them; any setting can still be overridden.
+# scripts and code run them. docs/training.md compares them; any setting can still be overridden.
 PRESETS: dict[str, dict] = {
     "stage1": dict(stage="pretrain", lr=2e-3, warmup_ratio=0.03),
     "lora": dict(stage="instruct", lora=True, lora_r=8, lora_alpha=16, lr=2e-4,
