@@ -251,8 +251,7 @@ def tree_fingerprint(path: str | os.PathLike) -> str:
 # ---------------------------------------------------------------------------------------- generation
 class ImageQA:
     """Images + one user message -> the model's reply, batched: BiDiffuser features, the EasyGen
-    prompt, left-padded batched ``generate``. ``score`` gives the log-likelihood of a given reply
-    on the same prompts (multiple-choice benchmarks)."""
+    prompt, left-padded batched ``generate``."""
 
     def __init__(self, loaded, features, generate_kwargs: dict):
         self.loaded = loaded  # for callers that also hold a conversation (lmms-eval's multi-round)
@@ -303,41 +302,6 @@ class ImageQA:
             # One line, single spaces: a reply is a caption or a short answer.
             replies.append(" ".join(text[:cut].split()))
         return replies
-
-    def score(self, texts: Sequence[str], images: Sequence, replies: Sequence[str],
-              where: Sequence[str] | None = None) -> list[tuple[float, bool]]:
-        """(sum of the log-probabilities of each reply's tokens, whether greedy decoding gives exactly
-        them) for the assistant's reply ``replies[i]`` to ``texts[i]`` about ``images[i]``."""
-        import torch
-
-        where = where or [""] * len(texts)
-        per_sample = self._image_lists(images)
-        rows, starts = [], []
-        for text, reply, w, ims in zip(texts, replies, where, per_sample):
-            head = self.prompt_ids(text, w, len(ims), 0)
-            # The reply as the template writes an answer: after "ASSISTANT:" and one space.
-            prompt = self.processor.build_prompt([{"role": "user", "content": text, "num_images": len(ims)}])
-            full = self.processor.tokenize_prompt(f"{prompt} {reply.lstrip()}")
-            start = next((i for i, (a, b) in enumerate(zip(head, full)) if a != b), min(len(head), len(full)))
-            if start >= len(full):
-                raise EasyGenError(f"{w or 'reply'}: the reply {reply!r} adds no tokens to the prompt")
-            if self.context and len(full) > self.context:
-                raise EasyGenError(f"{w or 'prompt'}: prompt and reply ({len(full)} tokens) exceed the model's "
-                                   f"context of {self.context}")
-            rows.append(full)
-            starts.append(start)
-        batch = self.processor.pad_batch(rows, side="right")
-        feats = self._features(per_sample)
-        device = self.model.device
-        with torch.inference_mode():
-            logits = self.model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
-                                image_features=None if feats is None else feats.to(device)).logits.float()
-        out = []
-        for k, (ids, start) in enumerate(zip(rows, starts)):
-            target = torch.tensor(ids[start:], device=logits.device)
-            step = logits[k, start - 1:len(ids) - 1].log_softmax(-1)  # position t predicts token t + 1
-            out.append((float(step.gather(1, target[:, None]).sum()), bool((step.argmax(-1) == target).all())))
-        return out
 
 
 def load_image_qa(model_path: str, model_base: str | None, lora: str | None, projector: str | None,
