@@ -1,9 +1,10 @@
 """Every door shows the model the picture it drew: on the shipped demo model, "Draw a red square."
-(and two more colours), then "What color did you make it?", through `easygen chat` on a
+(and a yellow triangle), then "What color did you make it?", through `easygen chat` on a
 pseudo-terminal, `easygen serve` (official openai client), its web page (headless chromium) and the
 FastChat stack (stock controller + `easygen worker` + FastChat's API server, openai client). The
 drawn picture's pixels are read with the demo's own analyser, and the answer must name the colour
-the picture has. Without the picture the model guesses from the text (1 of these 3 right)."""
+the picture has. Without the picture the model guesses from the text: "green" and "blue" for these two
+(with a blue circle as well it guessed 1 of 3 right; two drawings keep each door's test short)."""
 from __future__ import annotations
 
 import base64
@@ -22,7 +23,7 @@ from .serving import easygen_serve, free_port, running
 from .terminal import Terminal, easygen, plain
 
 pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore:torch.distributed is disabled:UserWarning")]
-DRAWINGS = ["red square", "blue circle", "yellow triangle"]
+DRAWINGS = ["red square", "yellow triangle"]
 ASK = "What color did you make it?"
 MODEL = SHIPPED_DIR / "easygen"
 
