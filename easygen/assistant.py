@@ -119,10 +119,13 @@ class Assistant:
         return self.model.config.max_position_embeddings - self.max_new_tokens
 
     @staticmethod
-    def _shown_images(messages: list[dict]) -> list[list[str]]:
+    def _shown_images(messages: list[dict], show_drawn: bool = True) -> list[list[str]]:
         """The images each message shows the model. A picture the assistant drew is shown at the
         start of the next user turn, before that turn's uploads, so the user can ask about it like
-        about an upload; when trimming drops the exchange that drew it, it goes with it."""
+        about an upload; when trimming drops the exchange that drew it, it goes with it.
+        ``show_drawn`` False: a model without an image reader (no BiDiffuser) is not shown them."""
+        if not show_drawn:
+            return [list(m["images"]) if m["role"] == "user" else [] for m in messages]
         shown, drawn = [], []
         for m in messages:
             if m["role"] == "user":
@@ -136,7 +139,7 @@ class Assistant:
     def _prompt_ids(self, messages: list[dict]) -> list[int]:
         msgs = [{"role": m["role"], "content": m["content"], "num_images": len(images)} if m["role"] == "user"
                 else {"role": m["role"], "content": m["content"]}
-                for m, images in zip(messages, self._shown_images(messages))]
+                for m, images in zip(messages, self._shown_images(messages, self.features is not None))]
         return self.processor.tokenize_prompt(self.processor.build_prompt(msgs, system=self.system_message))
 
     def _fit_context(self, messages: list[dict]) -> tuple[list[dict], list[int], list[str]]:
@@ -156,7 +159,7 @@ class Assistant:
         return messages, ids, notices
 
     def _image_features(self, messages: list[dict]) -> torch.Tensor | None:
-        paths = [p for images in self._shown_images(messages) for p in images]
+        paths = [p for images in self._shown_images(messages, self.features is not None) for p in images]
         if not paths:
             return None
         missing = [p for p in dict.fromkeys(paths) if p not in self._feature_memo]

@@ -92,6 +92,23 @@ def test_the_assistant_draws_with_the_backend_and_shows_the_picture_next(name, d
     assert turn.ids.count(IMAGE_TOKEN_ID) == loaded.model.config.num_image_tokens  # the drawn picture, shown
 
 
+def test_without_a_bidiffuser_the_drawn_picture_is_not_shown_and_the_next_turn_works(drawing_model, drawer_dirs,
+                                                                                      tmp_path):
+    """A text-only EasyGen (no BiDiffuser, so no image reader) that draws with a released backend: the
+    next turn goes on without the picture instead of failing to read it."""
+    from easygen.builder import save_pretrained
+    from easygen.constants import IMAGE_TOKEN_ID
+    full = load_pretrained(drawing_model, device="cpu")
+    text_only = save_pretrained(full.model, full.tokenizer, tmp_path / "text-only")
+    path, _ = drawer_dirs["ella"]
+    loaded = load_pretrained(text_only, device="cpu", draw_with="ella", drawer=path,
+                             drawer_options={"width": SIDE, "height": SIDE, "steps": 2})
+    a = Assistant(loaded, GenerationSettings(temperature=0, max_new_tokens=16, seed=5), out_dir=tmp_path / "pics")
+    assert a.features is None and len(a.send(ASK).image_paths) == 1
+    assert a.prepare("what color did you make it?").ids.count(IMAGE_TOKEN_ID) == 0
+    a.send("what color did you make it?")
+
+
 @pytest.mark.parametrize("name", list(LAYOUTS))
 def test_easygen_chat_prompt_draws_with_the_backend(name, drawing_model, drawer_dirs, tmp_path, capsys):
     rc = easygen_main(["chat", "--model-path", str(drawing_model), "--prompt", ASK, "--temperature", "0",
