@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from safetensors import safe_open
 
-from easygen.demo.recipe import VERSION, Recipe
+from easygen.demo.recipe import STAGES, VERSION, Recipe
 from easygen.demo.shipped import SHIPPED_DIR, default_demo, manifest, shipped_demo, verify
 
 REBUILD = ("rebuild and re-ship it: easygen demo build --out DIR && easygen demo ship --model DIR "
@@ -27,6 +27,17 @@ def test_the_shipped_model_was_built_by_todays_recipe():
     assert doc["recipe"] == Recipe().to_json(), "the demo recipe changed since the shipped model was built: " + REBUILD
     assert json.loads((SHIPPED_DIR / "demo.json").read_text())["recipe"] == doc["recipe"]
     assert doc["eval"]["results"]["conversations"] and doc["eval"]["table"]  # measured on these files
+
+
+def test_the_manifest_records_one_uninterrupted_build_as_it_happened():
+    doc = manifest()
+    build = doc["build"]
+    assert build["stages_run_earlier"] == [], "the shipped model must be one uninterrupted build: " + REBUILD
+    assert build["command"].startswith("easygen demo build") and doc["commands"][0] == build["command"]
+    assert doc["commands"][1].startswith("easygen demo ship") and len(doc["commands"]) == 2
+    assert build["git_commit"] and build["git_dirty"] is False  # a commit anyone can check out
+    assert set(build["seconds"]) == {name for name, _, _ in STAGES}
+    assert doc["eval"]["results"]["draw_seed"] is not None  # drawn on a fresh sample of seeds, recorded
 
 
 def test_weights_are_safetensors_only_in_float16():
