@@ -75,6 +75,8 @@ def run(args) -> int:
     if args.profile:
         from ..profiling import Profiler
         profiler = Profiler()
+    elif args.prompt is None and not args.json and io.interactive:
+        return _chat_while_loading(args, io)
     try:
         with quiet_libraries():
             session = _load_session(args, io, profiler)
@@ -107,15 +109,69 @@ def _load_session(args, io, profiler=None) -> "ChatSession":
     return ChatSession(assistant, io, json_mode=args.json, force_image=args.force_image)
 
 
+def _chat_while_loading(args, io) -> int:
+    """At a terminal the prompt shows at once and the model loads while the person types (importing
+    torch and transformers alone takes seconds); the first message that needs it waits for it."""
+    loading = LoadingAssistant(args, io)
+    io.banner(f"EasyGen chat · {args.model_path}\nType a message; /help for commands; Ctrl-D to quit.")
+    session = ChatSession(loading, io, force_image=args.force_image)
+    try:
+        for path in args.image_file:
+            session.attach(path)
+        return session.loop()
+    except LoadFailed as failed:  # the command's error, as if it had loaded first
+        raise failed.error from None
+
+
+class LoadFailed(Exception):
+    """Loading the model failed: the session ends with that error (not a per-message problem)."""
+
+    def __init__(self, error: BaseException):
+        super().__init__(str(error))
+        self.error = error
+
+
+class LoadingAssistant:
+    """The ``Assistant``, loaded in a background thread; ``get()`` waits for it (with the busy line)."""
+
+    def __init__(self, args, io):
+        import threading
+        self.io, self.model_path, self._done = io, args.model_path, {}
+        self._thread = threading.Thread(target=self._load, args=(args,), daemon=True, name="easygen-load")
+        self._thread.start()
+
+    def _load(self, args) -> None:
+        from ..assistant import Assistant
+        from .engine_args import silence_libraries
+        try:
+            silence_libraries()
+            loaded, features, settings = load_engine(args)
+            self._done["assistant"] = Assistant(loaded, settings, out_dir=args.out_dir.resolve(), features=features)
+        except BaseException as e:  # handed to the main thread, which ends the session with it
+            self._done["error"] = e
+
+    def get(self):
+        if self._thread.is_alive():
+            with self.io.busy(f"loading {self.model_path}"):
+                self._thread.join()
+        if "error" in self._done:
+            raise LoadFailed(self._done["error"])
+        return self._done["assistant"]
+
+
 class ChatSession:
     """The chat loop over one ``Assistant``: slash commands, attached images, replies. Bad input
     gets a one-line message and the session goes on."""
 
     def __init__(self, assistant, io, json_mode: bool = False, force_image: bool = False):
-        self.assistant, self.io, self.json_mode, self.force_image = assistant, io, json_mode, force_image
+        self._assistant, self.io, self.json_mode, self.force_image = assistant, io, json_mode, force_image
         self.pending: list[str] = []  # images attached to the next message
         self.commands = {"/image": self.attach, "/reset": self.reset, "/save": self.save, "/load": self.load,
                          "/help": self.help}
+
+    @property
+    def assistant(self):
+        return self._assistant.get() if isinstance(self._assistant, LoadingAssistant) else self._assistant
 
     def loop(self) -> int:
         while True:

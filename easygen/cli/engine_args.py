@@ -183,6 +183,18 @@ def load_engine(args):
     return loaded, features, settings
 
 
+def silence_libraries() -> None:
+    """What ``quiet_libraries`` does, for the rest of the process (the chat's background load, in a
+    process of its own: nothing to restore)."""
+    warnings.simplefilter("ignore", FutureWarning)
+    warnings.simplefilter("ignore", DeprecationWarning)
+    import diffusers.utils.logging as dlog
+    import transformers.utils.logging as tlog
+    for m in (tlog, dlog):
+        m.set_verbosity_error()
+        m.disable_progress_bar()
+
+
 @contextlib.contextmanager
 def quiet_libraries():
     """Keep library chatter out of the chat (weight-loading progress bars, diffusers' float32
