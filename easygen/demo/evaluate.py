@@ -323,8 +323,8 @@ def check_readback(seed: int, n: int) -> dict:
     return {"images": n, "right": right, "seed": seed}
 
 
-def draw_requests(loaded, recipe, out_dir: Path, draws: int, total: int | None = None,
-                  seeds: list[int] = ()) -> list[dict]:
+def draw_requests(loaded, recipe, out_dir: Path, draws: int, seeds: list[int],
+                  total: int | None = None) -> list[dict]:
     """Ask the chat assistant for ``draws`` pictures of every colour and shape (each in a new
     conversation, the request's wording varied, drawing ``i`` with ``seeds[i]``); read each picture
     back. ``total``: only that many, every colour and shape once before any twice."""

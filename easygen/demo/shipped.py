@@ -84,7 +84,7 @@ def ship(built: DemoModel, dest: Path = SHIPPED_DIR, dtype: str = "float16", log
     write_inference_files(built, tmp, dtype)
     from .build_record import git_state
     doc = {"format": "easygen-demo-shipped", "recipe_version": VERSION, "recipe": built.recipe().to_json(),
-           "weights_dtype": dtype, "built_from": str(built.root), "build": record,
+           "weights_dtype": dtype, "build": record,
            "commands": [c for c in (record.get("command"), command) if c],
            "shipped_by": git_state()}  # the code that converted and evaluated the copy
     if run_eval:  # both evals measured on exactly the files shipped

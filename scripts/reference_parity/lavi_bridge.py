@@ -199,11 +199,11 @@ def main() -> None:
             adapter = TextAdapter.from_pretrained(os.path.join(ckpt_dir, "adapter"), **kw).to(torch_device)
             pad_ids[combo] = tokenizer.pad_token_id
 
-        monkeypatch_or_replace_lora_extended(vis, torch.load(os.path.join(ckpt_dir, "lora_vis.pt"),
-                                                                   weights_only=True), r=32,
+        lora_vis = torch.load(os.path.join(ckpt_dir, "lora_vis.pt"), weights_only=True)
+        monkeypatch_or_replace_lora_extended(vis, lora_vis, r=32,
                                              target_replace_module=VIS_REPLACE_MODULES)
-        monkeypatch_or_replace_lora_extended(text_encoder, torch.load(os.path.join(ckpt_dir, "lora_text.pt"),
-                                                                   weights_only=True), r=32,
+        lora_text = torch.load(os.path.join(ckpt_dir, "lora_text.pt"), weights_only=True)
+        monkeypatch_or_replace_lora_extended(text_encoder, lora_text, r=32,
                                              target_replace_module=TEXT_ENCODER_REPLACE_MODULES)
         vae.eval(), vis.eval(), text_encoder.eval(), adapter.eval()
 
