@@ -19,6 +19,7 @@ from pathlib import Path
 
 from .checkpoint import atomic_path
 from .errors import BiDiffuserError
+from .user_cache import user_cache_dir
 
 SIGNATURE_FILE = "easygen-signature.json"  # no DCP (.metadata, *.distcp) or DeepSpeed (*.pt) name
 KEY_ENV = "EASYGEN_CHECKPOINT_KEY_FILE"
@@ -29,7 +30,7 @@ def key_file() -> Path:
     """$EASYGEN_CHECKPOINT_KEY_FILE, else $XDG_CACHE_HOME/easygen/checkpoint.key (~/.cache without it)."""
     if os.environ.get(KEY_ENV):
         return Path(os.environ[KEY_ENV]).expanduser()
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "easygen" / "checkpoint.key"
+    return user_cache_dir() / "checkpoint.key"
 
 
 def _key() -> bytes:

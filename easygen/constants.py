@@ -1,4 +1,5 @@
 """Names shared by the prompt builder, the tokenizer side and the model, and where EasyGen caches."""
+from bidiffuser.user_cache import user_cache_dir  # noqa: F401  (one rule for easygen and bidiffuser)
 
 # The image marks are the conversation template's: <ImageHere> (an image's features), the
 # <Img><ImageHere></Img> slot of a user turn, and <Img>a red circle</Img> in an answer that draws.
@@ -6,10 +7,3 @@ from fastchat_ext.conversation import IMAGE_PLACEHOLDER, IMAGE_SLOT, IMG_CLOSE, 
 IMAGE_TOKEN_ID = -200                           # sentinel input id: one per image feature position
 IGNORE_INDEX = -100                             # label value the loss ignores
 NUM_IMAGE_TOKENS = 77                           # BiDiffuser text-latent length = image positions per image
-
-
-def user_cache_dir():
-    """EasyGen's folder in the user's cache: $XDG_CACHE_HOME/easygen, else ~/.cache/easygen."""
-    import os
-    from pathlib import Path
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "easygen"
