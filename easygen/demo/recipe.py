@@ -42,9 +42,9 @@ from . import world
 FORMAT = "easygen-demo-shapes"
 VERSION = 7  # the default folder's name carries it: a new recipe never meets an old cache
 Log = Callable[[str], None]
-# The full recipe's build time on a clean cache, 2-core CPU (docs/performance.md: v5 took 1165 s): what the
-# build messages promise.
-BUILD_MINUTES = 20
+# The full recipe's build time on a clean cache, 2-core CPU: what the build messages promise (docs/demo.md:
+# `easygen demo verify`'s rebuild of v7 took 1682 s on a quiet host).
+BUILD_MINUTES = 30
 FEATURE_SEED = 1234  # `easygen features`, `easygen train` and chat's default: one image, one feature
 
 
