@@ -1,6 +1,8 @@
 """A demo build is reproducible: the `ci` recipe, built by this test session, gives exactly the bytes that
 tests/fixtures/demo_ci_manifest.json recorded (`easygen demo verify`), and a build records what happened
 (its command, seconds per stage, commit, versions, threads), which `easygen demo ship` copies into the manifest.
+The fixture's bytes hold only on a machine like the one that recorded it (thread count, CPU kernels, library
+versions); a second ci build, compared with the session's, checks reproducibility on any machine.
 
 The fixture is regenerated when a change to the training code changes the ci build's weights (one thread,
 as tests/conftest.py runs the suite: the thread count changes the float bytes):
@@ -40,6 +42,17 @@ def test_the_ci_recipe_rebuilds_to_the_recorded_sha256(ci_demo, capsys):
     assert code == 0, f"the ci build differs from its recorded sha256 (regenerate the fixture if the training " \
                       f"code changed on purpose; see this module's docstring):\n{out}"
     assert f"all {len(_recorded()['sha256'])} files identical" in out
+
+
+def test_a_second_ci_build_on_this_machine_gives_the_same_bytes(ci_demo, tmp_path, capsys):
+    """Bit-reproducible here, whatever this machine's CPU (the test above runs only where the fixture was
+    recorded): the session's ci build, shipped, against a second build of the ci recipe in another folder."""
+    from easygen.demo.recipe import build
+    ship(ci_demo, tmp_path / "shipped", dtype="float16", log=lambda line: None, run_eval=False, command="ship")
+    again = build(tmp_path / "again", "ci", log=lambda line: None)
+    code = main(["demo", "verify", "--manifest", str(tmp_path / "shipped" / "MANIFEST.json"), "--model", str(again.root)])
+    out = capsys.readouterr().out
+    assert code == 0 and "files identical" in out, f"two ci builds on one machine differ:\n{out}"
 
 
 def test_verify_names_the_file_that_differs(ci_demo, tmp_path, capsys):
