@@ -7,6 +7,7 @@ import contextlib
 import os
 import re
 import select
+import signal
 import sys
 import time
 
@@ -35,6 +36,10 @@ class Terminal:
         if self.pid == 0:  # the child: the real command
             try:
                 os.chdir(cwd)
+                # Ctrl-C and Ctrl-\ act as in a user's shell, even when pytest itself was started in the
+                # background by a script (which leaves them ignored, and exec passes that on)
+                signal.signal(signal.SIGINT, signal.SIG_DFL)
+                signal.signal(signal.SIGQUIT, signal.SIG_DFL)
                 os.execvpe(argv[0], argv, {k: v for k, v in environ.items() if v is not None})
             finally:
                 os._exit(127)  # never run the rest of pytest in the child

@@ -7,6 +7,7 @@ import os
 import re
 from pathlib import Path
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -59,6 +60,14 @@ def same_pixels(a: Image.Image, b: Image.Image) -> bool:
     return a.size == b.size and a.convert("RGB").tobytes() == b.convert("RGB").tobytes()
 
 
+def same_drawing(batched: Image.Image, alone: Image.Image) -> bool:
+    """The eval draws a prompt's seeds in one batch; drawn one at a time, the float rounding may differ on
+    some CPU kernels (on AVX-512 one pixel value of 3072 came out one level off). Any other seed's picture
+    differs by about 48 levels on average, so 2 levels still tells which seed drew it."""
+    diff = np.abs(np.asarray(batched.convert("RGB"), dtype=int) - np.asarray(alone.convert("RGB"), dtype=int))
+    return batched.size == alone.size and int(diff.max()) <= 2
+
+
 def test_t2i_is_an_eval_subcommand_with_its_flags():
     rc, help_text, _ = easygen("eval", "t2i", "--help")
     flags = ["--benchmark", "--prompts", "--out", "--model-path", "--bidiffuser", "--device", "--dtype", "--steps",
@@ -81,7 +90,7 @@ def test_dpg_writes_one_2x2_grid_per_prompt_file(dpg_out, resolution, drawn):
         crops = [(0, 0, r, r), (r, 0, 2 * r, r), (0, r, r, 2 * r), (r, r, 2 * r, 2 * r)]
         prompt = txt.read_text().strip()
         for k, box in enumerate(crops):
-            assert same_pixels(grid.crop(box), drawn(prompt, SEED + k)), (txt.name, k)
+            assert same_drawing(grid.crop(box), drawn(prompt, SEED + k)), (txt.name, k)
     assert "3 of 3 prompts (3 drawn now, 0 already there)" in stdout
     assert f"bash dpg_bench/dist_eval.sh {out} {resolution}" in stdout
 
@@ -121,7 +130,7 @@ def test_geneval_layout(tiny_easygen_dir, tmp_path, resolution, drawn):
             im = Image.open(folder / "samples" / name)
             assert im.format == "PNG" and im.size == (resolution, resolution)
             if i == 1:
-                assert same_pixels(im, drawn(json.loads(line)["prompt"], SEED + k))
+                assert same_drawing(im, drawn(json.loads(line)["prompt"], SEED + k))
     assert "python evaluation/evaluate_images.py" in stdout
 
 
@@ -145,7 +154,7 @@ def test_paraprompts_layout(tiny_easygen_dir, tmp_path, resolution, drawn):
     for r in rows:
         im = Image.open(out / (Path(r["Image"]).stem + ".png"))
         assert im.format == "PNG" and im.size == (resolution, resolution)
-        assert same_pixels(im, drawn(r["Prompt"], SEED))
+        assert same_drawing(im, drawn(r["Prompt"], SEED))
     assert "1 sample a prompt" in stdout
 
 
