@@ -1,5 +1,4 @@
-"""Names shared by the prompt builder, the tokenizer side and the model, and where EasyGen caches."""
-from bidiffuser.user_cache import user_cache_dir  # noqa: F401  (one rule for easygen and bidiffuser)
+"""Names shared by the prompt builder, the tokenizer side and the model."""
 
 # The image marks are the conversation template's: <ImageHere> (an image's features), the
 # <Img><ImageHere></Img> slot of a user turn, and <Img>a red circle</Img> in an answer that draws.

@@ -95,7 +95,7 @@ def run(args) -> int:
         print(f"EasyGen directory: {demo.easygen}\nBiDiffuser directory: {demo.bidiffuser}")
         return 0
 
-    from ..constants import user_cache_dir
+    from bidiffuser.user_cache import user_cache_dir
     from ..demo.evaluate import evaluate, format_results
     from ..demo.shipped import SHIPPED_DIR, default_demo, ship
     from ..errors import EasyGenError

@@ -163,7 +163,7 @@ def load_engine(args):
     (after ``resolve_model``)."""
     from ..assistant import GenerationSettings
     from ..builder import load_pretrained
-    from ..constants import user_cache_dir
+    from bidiffuser.user_cache import user_cache_dir
     from ..features import ImageFeatureExtractor
 
     loaded = load_pretrained(args.model_path, model_base=args.model_base, lora=args.lora, projector=args.projector,

@@ -135,7 +135,7 @@ RECIPES = {
 
 def default_dir() -> Path:
     """Where the demo model lives unless told otherwise: $EASYGEN_DEMO_DIR, else the user cache."""
-    from ..constants import user_cache_dir
+    from bidiffuser.user_cache import user_cache_dir
     if os.environ.get("EASYGEN_DEMO_DIR"):
         return Path(os.environ["EASYGEN_DEMO_DIR"])
     return user_cache_dir() / f"demo-shapes-v{VERSION}"

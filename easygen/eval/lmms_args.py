@@ -89,7 +89,7 @@ def resolve(s: LmmsSettings) -> LmmsSettings:
     """Fill the model path (the demo when absent) and the BiDiffuser settings left unset, exactly as
     the chat does, and the default feature store."""
     from ..cli.engine_args import resolve_model
-    from ..constants import user_cache_dir
+    from bidiffuser.user_cache import user_cache_dir
 
     args = argparse.Namespace(model_path=s.pretrained, model_base=s.model_base, lora=s.lora,
                               projector=s.projector, bidiffuser=s.bidiffuser, bridge=None, steps=s.image_steps,
